@@ -1,0 +1,122 @@
+/* common.c — error names, number formatting, durations, clocks. */
+#include "common.h"
+
+#include <ctype.h>
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+#include <time.h>
+
+const char *pql_err_str(pql_err err)
+{
+    switch (err) {
+    case PQL_OK: return "ok";
+    case PQL_ERR_NOMEM: return "out-of-memory";
+    case PQL_ERR_ARG: return "bad-argument";
+    case PQL_ERR_PARSE: return "parse";
+    case PQL_ERR_TYPE: return "type";
+    case PQL_ERR_DECODE: return "decode";
+    case PQL_ERR_INVALID: return "invalid";
+    case PQL_ERR_LIMIT: return "limit";
+    case PQL_ERR_SCHEMA: return "schema";
+    case PQL_ERR_IO: return "io";
+    case PQL_ERR_FENCED: return "fenced";
+    case PQL_ERR_NOTFOUND: return "not-found";
+    }
+    return "unknown";
+}
+
+int pql_format_number(char *buf, size_t size, double d, pql_vfmt fmt)
+{
+    if (!isfinite(d)) return snprintf(buf, size, "n/a");
+    if (fmt == PQL_FMT_PERCENT) {
+        double p = d * 100.0;
+        if (fabs(p - round(p)) < 0.05) return snprintf(buf, size, "%.0f%%", round(p));
+        return snprintf(buf, size, "%.1f%%", p);
+    }
+    if (fabs(d) < 9.007199254740992e15 && d == floor(d)) return snprintf(buf, size, "%.0f", d);
+    int n = snprintf(buf, size, "%.2f", d);
+    /* trim trailing zeros: 0.50 -> 0.5 */
+    if (n > 0 && (size_t)n < size) {
+        while (n > 0 && buf[n - 1] == '0') buf[--n] = '\0';
+        if (n > 0 && buf[n - 1] == '.') buf[--n] = '\0';
+    }
+    return n;
+}
+
+int pql_parse_duration(const char *s, size_t len, int64_t *ms_out)
+{
+    size_t i = 0;
+    int64_t n = 0;
+    if (len == 0 || !isdigit((unsigned char)s[0])) return -1;
+    while (i < len && isdigit((unsigned char)s[i])) {
+        if (n > (INT64_MAX / 10) - 10) return -1;
+        n = n * 10 + (s[i++] - '0');
+    }
+    const char *unit = s + i;
+    size_t ulen = len - i;
+    int64_t mult;
+    if (ulen == 2 && memcmp(unit, "ms", 2) == 0) mult = 1;
+    else if (ulen == 1 && unit[0] == 's') mult = 1000;
+    else if (ulen == 1 && unit[0] == 'm') mult = PQL_MS_MINUTE;
+    else if (ulen == 1 && unit[0] == 'h') mult = PQL_MS_HOUR;
+    else if (ulen == 1 && unit[0] == 'd') mult = PQL_MS_DAY;
+    else if (ulen == 1 && unit[0] == 'w') mult = 7 * PQL_MS_DAY;
+    else return -1;
+    if (n > INT64_MAX / mult) return -1;
+    *ms_out = n * mult;
+    return 0;
+}
+
+int64_t pql_now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+#include <stdarg.h>
+#include <stdlib.h>
+
+static int buf_reserve(pql_buf *b, size_t extra)
+{
+    if (b->len + extra + 1 <= b->cap) return 0;
+    size_t cap = b->cap ? b->cap : 256;
+    while (cap < b->len + extra + 1) cap *= 2;
+    char *p = realloc(b->data, cap);
+    if (!p) return -1;
+    b->data = p;
+    b->cap = cap;
+    return 0;
+}
+
+int pql_buf_append(pql_buf *b, const void *p, size_t len)
+{
+    if (buf_reserve(b, len) < 0) return -1;
+    if (len) memcpy(b->data + b->len, p, len);
+    b->len += len;
+    b->data[b->len] = '\0';
+    return 0;
+}
+
+int pql_buf_printf(pql_buf *b, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(NULL, 0, fmt, ap);
+    va_end(ap);
+    if (n < 0 || buf_reserve(b, (size_t)n) < 0) return -1;
+    va_start(ap, fmt);
+    vsnprintf(b->data + b->len, (size_t)n + 1, fmt, ap);
+    va_end(ap);
+    b->len += (size_t)n;
+    return 0;
+}
+
+void pql_buf_free(pql_buf *b)
+{
+    if (!b) return;
+    free(b->data);
+    b->data = NULL;
+    b->len = b->cap = 0;
+}
