@@ -120,3 +120,23 @@ void pql_buf_free(pql_buf *b)
     b->data = NULL;
     b->len = b->cap = 0;
 }
+
+int pql_edit_distance(const char *a, size_t alen, const char *b, size_t blen)
+{
+    unsigned char row[256];
+    if (alen > 254 || blen > 254) return 255;
+    for (size_t j = 0; j <= blen; j++) row[j] = (unsigned char)j;
+    for (size_t i = 1; i <= alen; i++) {
+        unsigned char diag = row[0];
+        row[0] = (unsigned char)i;
+        for (size_t j = 1; j <= blen; j++) {
+            unsigned char up = row[j];
+            int best = diag + (a[i - 1] != b[j - 1]);
+            if (up + 1 < best) best = up + 1;
+            if (row[j - 1] + 1 < best) best = row[j - 1] + 1;
+            row[j] = (unsigned char)(best > 255 ? 255 : best);
+            diag = up;
+        }
+    }
+    return row[blen];
+}

@@ -92,6 +92,9 @@ int pql_format_number(char *buf, size_t size, double d, pql_vfmt fmt);
  *  @returns 0 on success, -1 if `s` is not a duration. */
 int pql_parse_duration(const char *s, size_t len, int64_t *ms_out);
 
+/** Edit distance between two strings (bytes), capped at 255. */
+int pql_edit_distance(const char *a, size_t alen, const char *b, size_t blen);
+
 /** Wall clock in milliseconds since the epoch. */
 int64_t pql_now_ms(void);
 

@@ -1,0 +1,707 @@
+/* account.c — an account's state, event application and rule firing.
+ * See account.h for the stored field layout and the firing state machine. */
+#include "account.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MAX_TRAITS 1024      /* traits kept per account; more are dropped */
+#define REASON_MAX 1024      /* a rendered reason, like a CRM long-text field */
+#define NO_TIME INT64_MIN
+
+typedef struct trait {
+    char *key;
+    size_t key_len;
+    pql_value value; /* strings owned (value.u.str.ptr malloc'd) */
+    int dirty;
+} trait;
+
+typedef struct rule_state {
+    unsigned seq;       /* how many times it fired: the arming sequence number */
+    int fired;          /* 1: FIRED (waiting for clear), 0: ARMED */
+    int64_t fired_at;   /* event time of the last fire, NO_TIME if never */
+    int64_t held_since; /* clock when `when` started holding, NO_TIME if not */
+    int dirty;
+} rule_state;
+
+struct pql_account {
+    const pql_rules *rules;
+    char *id;
+    size_t id_len;
+    int64_t clock;
+    int clock_dirty;
+    trait *traits;
+    size_t ntraits;
+    char **deleted; /* field names to delete at the next flush (traits, stale fields) */
+    size_t ndeleted;
+    pql_window **windows; /* per signal, created on first use */
+    rule_state *rstate;   /* per rule */
+    int64_t signed_up_at, converted_at, pql_at;
+    char *pql_rule;
+    int lifecycle_dirty;
+    /* per-evaluation cache of signal values */
+    pql_value *sigval;
+    unsigned char *sigval_ok;
+};
+
+/* What expression lookups see while an event is applied. */
+typedef struct eval_ctx {
+    pql_account *a;
+    const pql_event *ev; /* NULL when evaluating rules */
+} eval_ctx;
+
+static void *xmalloc(size_t n)
+{
+    void *p = malloc(n ? n : 1);
+    if (!p) abort(); /* see DESIGN: bounded cache; allocation failure is fatal */
+    return p;
+}
+
+static void *xcalloc(size_t n, size_t size)
+{
+    void *p = calloc(n ? n : 1, size);
+    if (!p) abort();
+    return p;
+}
+
+pql_account *pql_account_new(const pql_rules *r, const char *id, size_t id_len)
+{
+    pql_account *a = xcalloc(1, sizeof(*a));
+    size_t ns = pql_rules_nsignals(r), nr = pql_rules_nrules(r);
+    a->rules = r;
+    a->id = xmalloc(id_len + 1);
+    memcpy(a->id, id, id_len);
+    a->id[id_len] = '\0';
+    a->id_len = id_len;
+    a->clock = NO_TIME;
+    a->windows = xcalloc(ns, sizeof(*a->windows));
+    a->rstate = xcalloc(nr, sizeof(*a->rstate));
+    for (size_t i = 0; i < nr; i++) a->rstate[i].fired_at = a->rstate[i].held_since = NO_TIME;
+    a->signed_up_at = a->converted_at = a->pql_at = NO_TIME;
+    a->sigval = xcalloc(ns, sizeof(*a->sigval));
+    a->sigval_ok = xcalloc(ns, 1);
+    return a;
+}
+
+static void trait_free_value(trait *t)
+{
+    if (t->value.type == PQL_V_STR) free((char *)t->value.u.str.ptr);
+    t->value = pql_null();
+}
+
+void pql_account_destroy(pql_account *a)
+{
+    if (!a) return;
+    for (size_t i = 0; i < a->ntraits; i++) {
+        free(a->traits[i].key);
+        trait_free_value(&a->traits[i]);
+    }
+    free(a->traits);
+    for (size_t i = 0; i < a->ndeleted; i++) free(a->deleted[i]);
+    free(a->deleted);
+    for (size_t i = 0; i < pql_rules_nsignals(a->rules); i++) pql_window_destroy(a->windows[i]);
+    free(a->windows);
+    free(a->rstate);
+    free(a->pql_rule);
+    free(a->sigval);
+    free(a->sigval_ok);
+    free(a->id);
+    free(a);
+}
+
+const char *pql_account_id(const pql_account *a, size_t *len)
+{
+    if (len) *len = a->id_len;
+    return a->id;
+}
+
+int64_t pql_account_clock(const pql_account *a)
+{
+    return a->clock;
+}
+
+/* ---- traits ------------------------------------------------------------ */
+
+static trait *trait_find(const pql_account *a, const char *key, size_t len)
+{
+    for (size_t i = 0; i < a->ntraits; i++)
+        if (a->traits[i].key_len == len && memcmp(a->traits[i].key, key, len) == 0)
+            return &a->traits[i];
+    return NULL;
+}
+
+static void schedule_delete(pql_account *a, const char *prefix, const char *name, size_t len)
+{
+    size_t plen = strlen(prefix);
+    char *f = xmalloc(plen + len + 1);
+    memcpy(f, prefix, plen);
+    memcpy(f + plen, name, len);
+    f[plen + len] = '\0';
+    a->deleted = realloc(a->deleted, (a->ndeleted + 1) * sizeof(*a->deleted));
+    if (!a->deleted) abort();
+    a->deleted[a->ndeleted++] = f;
+}
+
+/* Sets (or, for null, deletes) a trait.  @returns 1 if anything changed. */
+static int trait_set(pql_account *a, const char *key, size_t len, pql_value v, int mark_dirty)
+{
+    trait *t = trait_find(a, key, len);
+    if (v.type == PQL_V_NULL) {
+        if (!t) return 0;
+        if (mark_dirty) schedule_delete(a, "t:", key, len);
+        free(t->key);
+        trait_free_value(t);
+        *t = a->traits[--a->ntraits];
+        return 1;
+    }
+    if (!t) {
+        if (a->ntraits >= MAX_TRAITS) return 0;
+        a->traits = realloc(a->traits, (a->ntraits + 1) * sizeof(*a->traits));
+        if (!a->traits) abort();
+        t = &a->traits[a->ntraits++];
+        memset(t, 0, sizeof(*t));
+        t->key = xmalloc(len + 1);
+        memcpy(t->key, key, len);
+        t->key[len] = '\0';
+        t->key_len = len;
+    } else if (t->value.type == v.type &&
+               ((v.type == PQL_V_NUM && t->value.u.num == v.u.num) ||
+                (v.type == PQL_V_BOOL && t->value.u.b == v.u.b) ||
+                (v.type == PQL_V_STR && t->value.u.str.len == v.u.str.len &&
+                 memcmp(t->value.u.str.ptr, v.u.str.ptr, v.u.str.len) == 0))) {
+        return 0;
+    } else {
+        trait_free_value(t);
+    }
+    if (v.type == PQL_V_STR) {
+        char *s = xmalloc(v.u.str.len + 1);
+        memcpy(s, v.u.str.ptr, v.u.str.len);
+        s[v.u.str.len] = '\0';
+        v.u.str.ptr = s;
+    }
+    v.fmt = PQL_FMT_PLAIN;
+    t->value = v;
+    t->dirty = mark_dirty;
+    return 1;
+}
+
+/* ---- lookups for expressions ------------------------------------------- */
+
+static pql_window *window_of(pql_account *a, size_t i)
+{
+    if (!a->windows[i]) {
+        a->windows[i] = pql_window_new(&pql_rules_signal(a->rules, i)->spec);
+        if (!a->windows[i]) abort();
+    }
+    return a->windows[i];
+}
+
+pql_value pql_account_signal(pql_account *a, size_t i)
+{
+    if (!a->sigval_ok[i]) {
+        if (a->windows[i]) {
+            a->sigval[i] = pql_window_value(a->windows[i], a->clock);
+        } else {
+            pql_agg agg = pql_rules_signal(a->rules, i)->spec.agg;
+            a->sigval[i] = (agg == PQL_AGG_MAX || agg == PQL_AGG_LAST) ? pql_null() : pql_num(0);
+        }
+        a->sigval_ok[i] = 1;
+    }
+    return a->sigval[i];
+}
+
+static const pql_prop *event_prop(const pql_event *ev, const char *key)
+{
+    size_t len = strlen(key);
+    for (size_t i = 0; i < ev->nprops; i++)
+        if (ev->props[i].key_len == len && memcmp(ev->props[i].key, key, len) == 0)
+            return &ev->props[i];
+    return NULL;
+}
+
+static pql_value lookup(void *opaque, int slot)
+{
+    eval_ctx *c = opaque;
+    int idx = PQL_SLOT_INDEX(slot);
+    switch (PQL_SLOT_KIND(slot)) {
+    case PQL_SLOT_SIGNAL:
+        return pql_account_signal(c->a, (size_t)idx);
+    case PQL_SLOT_TRAIT: {
+        const char *name = pql_rules_trait(c->a->rules, (size_t)idx);
+        trait *t = trait_find(c->a, name, strlen(name));
+        return t ? t->value : pql_null();
+    }
+    case PQL_SLOT_PROP: {
+        const pql_prop *p = c->ev ? event_prop(c->ev, pql_rules_prop(c->a->rules, (size_t)idx))
+                                  : NULL;
+        return p ? p->value : pql_null();
+    }
+    case PQL_SLOT_FIELD:
+        if (!c->ev) return pql_null();
+        if (idx == PQL_FIELD_EVENT) return pql_str(c->ev->event, c->ev->event_len);
+        if (idx == PQL_FIELD_USER_ID)
+            return c->ev->user_id ? pql_str(c->ev->user_id, c->ev->user_id_len) : pql_null();
+        if (idx == PQL_FIELD_EVENT_ID) return pql_str(c->ev->event_id, c->ev->event_id_len);
+    }
+    return pql_null();
+}
+
+static void invalidate_signals(pql_account *a)
+{
+    memset(a->sigval_ok, 0, pql_rules_nsignals(a->rules));
+}
+
+/* ---- applying events --------------------------------------------------- */
+
+static int streq(const char *a, size_t alen, const char *b)
+{
+    return b && strlen(b) == alen && memcmp(a, b, alen) == 0;
+}
+
+/* Adds the event to every signal it matches.  @returns the apply outcome. */
+static pql_apply observe(pql_account *a, const pql_event *ev)
+{
+    eval_ctx ctx = {a, ev};
+    int matched = 0, counted = 0;
+    for (size_t i = 0; i < pql_rules_nsignals(a->rules); i++) {
+        const pql_signal *s = pql_rules_signal(a->rules, i);
+        if (!(s->event[0] == '*' && s->event[1] == '\0') && !streq(ev->event, ev->event_len, s->event))
+            continue;
+        if (s->where && !pql_expr_test(s->where, lookup, &ctx)) continue;
+        double value = 1;
+        const char *member = NULL;
+        size_t member_len = 0;
+        if (s->source == PQL_SRC_PROPERTY) {
+            const pql_prop *p = event_prop(ev, pql_rules_prop(a->rules, (size_t)s->source_index));
+            if (!p) continue;
+            if (s->spec.agg == PQL_AGG_DISTINCT) {
+                if (p->value.type == PQL_V_STR) {
+                    member = p->value.u.str.ptr;
+                    member_len = p->value.u.str.len;
+                } else if (p->value.type == PQL_V_NUM) {
+                    static __thread char numbuf[32];
+                    member_len = (size_t)snprintf(numbuf, sizeof(numbuf), "%.17g", p->value.u.num);
+                    member = numbuf;
+                } else {
+                    continue;
+                }
+            } else if (p->value.type == PQL_V_NUM) {
+                value = p->value.u.num;
+            } else if (p->value.type == PQL_V_BOOL) {
+                value = p->value.u.b;
+            } else {
+                continue;
+            }
+        } else if (s->source == PQL_SRC_FIELD) {
+            if (s->source_index == PQL_FIELD_USER_ID) {
+                if (!ev->user_id) continue;
+                member = ev->user_id;
+                member_len = ev->user_id_len;
+            } else {
+                member = ev->event_id;
+                member_len = ev->event_id_len;
+            }
+        }
+        matched = 1;
+        int rc = pql_window_add(window_of(a, i), a->clock, ev->timestamp, value, member, member_len);
+        if (rc < 0) abort();
+        counted |= rc;
+    }
+    if (!matched) return PQL_APPLY_UNMATCHED;
+    return counted ? PQL_APPLIED : PQL_APPLY_LATE;
+}
+
+static int lifecycle(pql_account *a, const pql_event *ev)
+{
+    int64_t *slot = NULL;
+    if (streq(ev->event, ev->event_len, pql_rules_signup_event(a->rules))) slot = &a->signed_up_at;
+    else if (streq(ev->event, ev->event_len, pql_rules_conversion_event(a->rules)))
+        slot = &a->converted_at;
+    if (!slot) return 0;
+    if (*slot == NO_TIME || ev->timestamp < *slot) {
+        *slot = ev->timestamp;
+        a->lifecycle_dirty = 1;
+    }
+    return 1;
+}
+
+static int is_paid(pql_account *a)
+{
+    if (a->converted_at != NO_TIME) return 1;
+    const pql_expr *paid = pql_rules_paid_expr(a->rules);
+    eval_ctx ctx = {a, NULL};
+    return paid && pql_expr_test(paid, lookup, &ctx);
+}
+
+/* ---- firing ------------------------------------------------------------ */
+
+static void emit(pql_account *a, size_t ri, const pql_event *ev, int64_t now_ms, pql_alert_fn fn,
+                 void *opaque)
+{
+    const pql_rule *rule = pql_rules_rule(a->rules, ri);
+    rule_state *st = &a->rstate[ri];
+    eval_ctx ctx = {a, NULL};
+    char episode[24];
+    snprintf(episode, sizeof(episode), "%u", st->seq);
+
+    pql_alert al;
+    memset(&al, 0, sizeof(al));
+    pql_alert_id(a->id, a->id_len, rule->name, episode, al.alert_id);
+    al.account_id = a->id;
+    al.account_id_len = a->id_len;
+    al.kind = rule->kind;
+    al.rule = rule->name;
+    al.ruleset_version = pql_rules_version(a->rules);
+    al.model = "threshold";
+    al.triggered_at = ev->timestamp;
+    al.emitted_at = now_ms;
+
+    char reasons_buf[8][REASON_MAX];
+    const char *reasons[8];
+    size_t nr = rule->nreasons < 8 ? rule->nreasons : 8;
+    for (size_t i = 0; i < nr; i++) {
+        pql_template_render(rule->reasons[i], lookup, &ctx, reasons_buf[i], REASON_MAX);
+        reasons[i] = reasons_buf[i];
+    }
+    al.reasons = reasons;
+    al.nreasons = nr;
+
+    const char **names = xmalloc((rule->nsignals + 1) * sizeof(*names));
+    double *values = xmalloc((rule->nsignals + 1) * sizeof(*values));
+    size_t ns = 0;
+    for (size_t i = 0; i < rule->nsignals; i++) {
+        pql_value v = pql_account_signal(a, (size_t)rule->signals[i]);
+        if (v.type != PQL_V_NUM) continue;
+        names[ns] = pql_rules_signal(a->rules, (size_t)rule->signals[i])->name;
+        values[ns++] = v.u.num;
+    }
+    al.signal_names = names;
+    al.signal_values = values;
+    al.nsignals = ns;
+
+    const char **keys = xmalloc((a->ntraits + 1) * sizeof(*keys));
+    pql_value *vals = xmalloc((a->ntraits + 1) * sizeof(*vals));
+    for (size_t i = 0; i < a->ntraits; i++) {
+        keys[i] = a->traits[i].key;
+        vals[i] = a->traits[i].value;
+    }
+    al.trait_keys = keys;
+    al.trait_values = vals;
+    al.ntraits = a->ntraits;
+
+    if (a->signed_up_at != NO_TIME) {
+        al.has_signed_up_at = 1;
+        al.signed_up_at = a->signed_up_at;
+    }
+    if (rule->kind == PQL_ALERT_PQL && a->pql_at != NO_TIME && a->signed_up_at != NO_TIME) {
+        al.has_time_to_pql_ms = 1;
+        al.time_to_pql_ms = a->pql_at - a->signed_up_at;
+    }
+    fn(opaque, &al);
+    free(names);
+    free(values);
+    free(keys);
+    free(vals);
+}
+
+static int applies(pql_account *a, const pql_rule *rule, int paid)
+{
+    if (rule->applies_to == PQL_APPLIES_FREE && paid) return 0;
+    if (rule->applies_to == PQL_APPLIES_PAID && !paid) return 0;
+    eval_ctx ctx = {a, NULL};
+    return !rule->fit || pql_expr_test(rule->fit, lookup, &ctx);
+}
+
+static void evaluate(pql_account *a, const pql_event *ev, int64_t now_ms, pql_alert_fn fn,
+                     void *opaque)
+{
+    eval_ctx ctx = {a, NULL};
+    int paid = is_paid(a);
+    for (size_t i = 0; i < pql_rules_nrules(a->rules); i++) {
+        const pql_rule *rule = pql_rules_rule(a->rules, i);
+        rule_state *st = &a->rstate[i];
+        int holds = pql_expr_test(rule->when, lookup, &ctx);
+        if (st->fired) {
+            int clear = rule->clear ? pql_expr_test(rule->clear, lookup, &ctx) : !holds;
+            if (clear) {
+                st->fired = 0;
+                st->held_since = NO_TIME;
+                st->dirty = 1;
+            }
+            continue;
+        }
+        if (!holds || !applies(a, rule, paid)) {
+            if (st->held_since != NO_TIME) {
+                st->held_since = NO_TIME;
+                st->dirty = 1;
+            }
+            continue;
+        }
+        if (rule->held_for_ms > 0) {
+            if (st->held_since == NO_TIME) {
+                st->held_since = a->clock;
+                st->dirty = 1;
+            }
+            if (a->clock - st->held_since < rule->held_for_ms) continue;
+        }
+        if (rule->cooldown_ms > 0 && st->fired_at != NO_TIME &&
+            a->clock < st->fired_at + rule->cooldown_ms)
+            continue;
+        st->seq++;
+        st->fired = 1;
+        st->fired_at = ev->timestamp;
+        st->held_since = NO_TIME;
+        st->dirty = 1;
+        if (rule->kind == PQL_ALERT_PQL && a->pql_at == NO_TIME) {
+            a->pql_at = ev->timestamp;
+            free(a->pql_rule);
+            a->pql_rule = strdup(rule->name);
+            if (!a->pql_rule) abort();
+            a->lifecycle_dirty = 1;
+        }
+        emit(a, i, ev, now_ms, fn, opaque);
+    }
+}
+
+pql_apply pql_account_apply(pql_account *a, const pql_event *ev, int64_t now_ms, pql_alert_fn fn,
+                            void *opaque)
+{
+    pql_apply res = PQL_APPLY_UNMATCHED;
+    if (ev->timestamp > a->clock || a->clock == NO_TIME) {
+        a->clock = ev->timestamp;
+        a->clock_dirty = 1;
+    }
+    invalidate_signals(a);
+    if (ev->kind == PQL_INPUT_ACCOUNT) {
+        for (size_t i = 0; i < ev->nprops; i++)
+            if (trait_set(a, ev->props[i].key, ev->props[i].key_len, ev->props[i].value, 1))
+                res = PQL_APPLIED;
+    } else {
+        int marker = lifecycle(a, ev);
+        res = observe(a, ev);
+        if (marker && res == PQL_APPLY_UNMATCHED) res = PQL_APPLIED;
+    }
+    invalidate_signals(a);
+    evaluate(a, ev, now_ms, fn, opaque);
+    return res;
+}
+
+/* ---- persistence ------------------------------------------------------- */
+
+typedef struct flush_ctx {
+    pql_account *a;
+    pql_buf field;
+    size_t prefix_len;
+    pql_field_set_fn set;
+    pql_field_del_fn del;
+    void *opaque;
+} flush_ctx;
+
+static size_t fmt_num(char *buf, size_t size, double d)
+{
+    if (d == floor(d) && fabs(d) < 9.007199254740992e15) return (size_t)snprintf(buf, size, "%.0f", d);
+    return (size_t)snprintf(buf, size, "%.17g", d);
+}
+
+static void window_set(void *opaque, const char *f, size_t flen, double v)
+{
+    flush_ctx *c = opaque;
+    char num[40];
+    c->field.len = c->prefix_len;
+    pql_buf_append(&c->field, f, flen);
+    size_t n = fmt_num(num, sizeof(num), v);
+    c->set(c->opaque, c->field.data, c->field.len, num, n);
+}
+
+static void window_del(void *opaque, const char *f, size_t flen)
+{
+    flush_ctx *c = opaque;
+    c->field.len = c->prefix_len;
+    pql_buf_append(&c->field, f, flen);
+    c->del(c->opaque, c->field.data, c->field.len);
+}
+
+static void set_time(flush_ctx *c, const char *field, int64_t t)
+{
+    char num[24];
+    if (t == NO_TIME) return;
+    int n = snprintf(num, sizeof(num), "%lld", (long long)t);
+    c->set(c->opaque, field, strlen(field), num, (size_t)n);
+}
+
+void pql_account_flush(pql_account *a, pql_field_set_fn set, pql_field_del_fn del, void *opaque)
+{
+    flush_ctx c = {.a = a, .set = set, .del = del, .opaque = opaque};
+    char num[64];
+    if (a->clock_dirty) {
+        set_time(&c, "c", a->clock);
+        a->clock_dirty = 0;
+    }
+    for (size_t i = 0; i < a->ndeleted; i++) {
+        del(opaque, a->deleted[i], strlen(a->deleted[i]));
+        free(a->deleted[i]);
+    }
+    a->ndeleted = 0;
+    for (size_t i = 0; i < a->ntraits; i++) {
+        trait *t = &a->traits[i];
+        if (!t->dirty) continue;
+        pql_buf_reset(&c.field);
+        pql_buf_append(&c.field, "t:", 2);
+        pql_buf_append(&c.field, t->key, t->key_len);
+        pql_buf v = {0};
+        if (t->value.type == PQL_V_NUM) {
+            num[0] = 'n';
+            size_t n = fmt_num(num + 1, sizeof(num) - 1, t->value.u.num);
+            pql_buf_append(&v, num, n + 1);
+        } else if (t->value.type == PQL_V_BOOL) {
+            pql_buf_append(&v, t->value.u.b ? "b1" : "b0", 2);
+        } else {
+            pql_buf_append(&v, "s", 1);
+            pql_buf_append(&v, t->value.u.str.ptr, t->value.u.str.len);
+        }
+        set(opaque, c.field.data, c.field.len, v.data, v.len);
+        pql_buf_free(&v);
+        t->dirty = 0;
+    }
+    for (size_t i = 0; i < pql_rules_nsignals(a->rules); i++) {
+        pql_window *w = a->windows[i];
+        if (!w) continue;
+        if (a->clock != NO_TIME) pql_window_expire(w, a->clock);
+        if (!pql_window_dirty(w)) continue;
+        pql_buf_reset(&c.field);
+        pql_buf_printf(&c.field, "s:%s|", pql_rules_signal(a->rules, i)->key);
+        c.prefix_len = c.field.len;
+        pql_window_flush(w, window_set, window_del, &c);
+    }
+    for (size_t i = 0; i < pql_rules_nrules(a->rules); i++) {
+        rule_state *st = &a->rstate[i];
+        if (!st->dirty) continue;
+        pql_buf_reset(&c.field);
+        pql_buf_printf(&c.field, "r:%s", pql_rules_rule(a->rules, i)->name);
+        int n = snprintf(num, sizeof(num), "%u %d %lld %lld", st->seq, st->fired,
+                         (long long)st->fired_at, (long long)st->held_since);
+        set(opaque, c.field.data, c.field.len, num, (size_t)n);
+        st->dirty = 0;
+    }
+    if (a->lifecycle_dirty) {
+        set_time(&c, "l:signup", a->signed_up_at);
+        set_time(&c, "l:conversion", a->converted_at);
+        set_time(&c, "l:pql_at", a->pql_at);
+        if (a->pql_rule) set(opaque, "l:pql_rule", 10, a->pql_rule, strlen(a->pql_rule));
+        a->lifecycle_dirty = 0;
+    }
+    pql_buf_free(&c.field);
+}
+
+int pql_account_dirty(const pql_account *a)
+{
+    if (a->clock_dirty || a->lifecycle_dirty || a->ndeleted) return 1;
+    for (size_t i = 0; i < a->ntraits; i++)
+        if (a->traits[i].dirty) return 1;
+    for (size_t i = 0; i < pql_rules_nsignals(a->rules); i++)
+        if (a->windows[i] && pql_window_dirty(a->windows[i])) return 1;
+    for (size_t i = 0; i < pql_rules_nrules(a->rules); i++)
+        if (a->rstate[i].dirty) return 1;
+    return 0;
+}
+
+static int parse_i64(const char *s, size_t len, int64_t *out)
+{
+    char buf[32];
+    char *end;
+    if (len == 0 || len >= sizeof(buf)) return -1;
+    memcpy(buf, s, len);
+    buf[len] = '\0';
+    long long v = strtoll(buf, &end, 10);
+    if (*end) return -1;
+    *out = v;
+    return 0;
+}
+
+static int parse_double(const char *s, size_t len, double *out)
+{
+    char buf[64];
+    char *end;
+    if (len == 0 || len >= sizeof(buf)) return -1;
+    memcpy(buf, s, len);
+    buf[len] = '\0';
+    *out = strtod(buf, &end);
+    return *end ? -1 : 0;
+}
+
+int pql_account_load_field(pql_account *a, const char *f, size_t flen, const char *v, size_t vlen)
+{
+    if (flen == 1 && f[0] == 'c') return parse_i64(v, vlen, &a->clock);
+    if (flen > 2 && f[1] == ':' && f[0] == 't') {
+        pql_value val;
+        double d;
+        if (vlen >= 1 && v[0] == 'n' && parse_double(v + 1, vlen - 1, &d) == 0) val = pql_num(d);
+        else if (vlen == 2 && v[0] == 'b') val = pql_bool(v[1] == '1');
+        else if (vlen >= 1 && v[0] == 's') val = pql_str(v + 1, vlen - 1);
+        else return -1;
+        trait_set(a, f + 2, flen - 2, val, 0);
+        return 0;
+    }
+    if (flen > 2 && f[1] == ':' && f[0] == 's') {
+        const char *bar = memchr(f + 2, '|', flen - 2);
+        if (!bar) return -1;
+        int i = pql_rules_signal_by_key(a->rules, f + 2, (size_t)(bar - f - 2));
+        double d;
+        if (i < 0) { /* a signal whose definition changed or was removed */
+            schedule_delete(a, "", f, flen);
+            return 0;
+        }
+        if (parse_double(v, vlen, &d) < 0) return -1;
+        return pql_window_load(window_of(a, (size_t)i), bar + 1, flen - (size_t)(bar + 1 - f), d);
+    }
+    if (flen > 2 && f[1] == ':' && f[0] == 'r') {
+        int i = pql_rules_rule_by_name(a->rules, f + 2, flen - 2);
+        if (i < 0) return 0; /* a rule no longer in the set: kept, it may come back */
+        char buf[96];
+        if (vlen >= sizeof(buf)) return -1;
+        memcpy(buf, v, vlen);
+        buf[vlen] = '\0';
+        unsigned seq;
+        int fired;
+        long long fa, hs;
+        if (sscanf(buf, "%u %d %lld %lld", &seq, &fired, &fa, &hs) != 4) return -1;
+        a->rstate[i] = (rule_state){seq, fired, fa, hs, 0};
+        return 0;
+    }
+    if (flen > 2 && f[0] == 'l' && f[1] == ':') {
+        if (flen == 8 && memcmp(f, "l:signup", 8) == 0) return parse_i64(v, vlen, &a->signed_up_at);
+        if (flen == 12 && memcmp(f, "l:conversion", 12) == 0)
+            return parse_i64(v, vlen, &a->converted_at);
+        if (flen == 8 && memcmp(f, "l:pql_at", 8) == 0) return parse_i64(v, vlen, &a->pql_at);
+        if (flen == 10 && memcmp(f, "l:pql_rule", 10) == 0) {
+            free(a->pql_rule);
+            a->pql_rule = xmalloc(vlen + 1);
+            memcpy(a->pql_rule, v, vlen);
+            a->pql_rule[vlen] = '\0';
+            return 0;
+        }
+    }
+    return -1;
+}
+
+size_t pql_account_memory(const pql_account *a)
+{
+    size_t n = sizeof(*a) + a->id_len + 1;
+    size_t ns = pql_rules_nsignals(a->rules), nr = pql_rules_nrules(a->rules);
+    n += ns * (sizeof(pql_window *) + sizeof(pql_value) + 1) + nr * sizeof(rule_state);
+    for (size_t i = 0; i < a->ntraits; i++) {
+        n += sizeof(trait) + a->traits[i].key_len + 1;
+        if (a->traits[i].value.type == PQL_V_STR) n += a->traits[i].value.u.str.len + 1;
+    }
+    for (size_t i = 0; i < ns; i++)
+        if (a->windows[i]) n += pql_window_memory(a->windows[i]);
+    return n;
+}
+
+void pql_account_rule_state(const pql_account *a, size_t i, unsigned *seq, int *fired)
+{
+    if (seq) *seq = a->rstate[i].seq;
+    if (fired) *fired = a->rstate[i].fired;
+}

@@ -1,0 +1,82 @@
+/* account.h — one account's in-memory state and what an event does to it.
+ *
+ * Pure core: no Kafka, no Redis.  An account holds its clock (the largest
+ * event time seen), its traits, one window per signal, each rule's firing
+ * state and its lifecycle facts (signed up, converted, first qualified).
+ * Applying an event updates all of these and evaluates every rule; a rule
+ * that fires produces a pql_alert through a callback.  task.c owns accounts
+ * (cache, LRU) and persists them through pql_account_flush(): only the fields
+ * that changed since the last flush, as Redis hash fields:
+ *
+ *   c                      clock (ms)
+ *   t:<trait>              trait value: "n<number>" | "s<string>" | "b0" | "b1"
+ *   s:<signal key>|<field> a window pair (window.h), as a number
+ *   r:<rule>               "<seq> <state> <fired_at> <held_since>"
+ *   l:signup l:conversion l:pql_at   lifecycle times (ms);  l:pql_rule  rule name
+ *
+ * Firing (DESIGN §3), per (account, rule), edge-triggered:
+ *   ARMED --when true (held for held_for, past cooldown since the last fire)--> FIRED
+ *          emits an alert with episode = ++seq (so alert_id is stable)
+ *   FIRED --clear true (default: when false)--> ARMED
+ * A rule only fires for accounts it applies to (applies_to free/paid/all; paid
+ * = converted, or lifecycle.paid holds) and that pass its fit condition.
+ * Times in the firing logic are event times: held_for and cooldown are
+ * measured on the account clock. */
+#ifndef PQL_ACCOUNT_H
+#define PQL_ACCOUNT_H
+
+#include "alert.h"
+#include "common.h"
+#include "decode.h"
+#include "rules.h"
+
+typedef struct pql_account pql_account;
+
+/** @returns a new, empty account for rule set `r` (which must outlive it), or NULL. */
+pql_account *pql_account_new(const pql_rules *r, const char *id, size_t id_len);
+void pql_account_destroy(pql_account *a);
+
+const char *pql_account_id(const pql_account *a, size_t *len);
+int64_t pql_account_clock(const pql_account *a);
+
+/** Restores one stored field (see the layout above).  Fields of signals or
+ *  rules the rule set no longer has are scheduled for deletion at the next
+ *  flush.  @returns 0, or -1 for a field that cannot be parsed (ignored). */
+int pql_account_load_field(pql_account *a, const char *field, size_t field_len, const char *value,
+                           size_t value_len);
+
+typedef void (*pql_alert_fn)(void *opaque, const pql_alert *alert);
+
+typedef enum pql_apply {
+    PQL_APPLIED = 0, /* counted */
+    PQL_APPLY_LATE,  /* matched signals but was out of every one's reach */
+    PQL_APPLY_UNMATCHED, /* no signal, marker or trait concerned */
+} pql_apply;
+
+/** Applies a usage event or an account update (`ev->kind`), then evaluates
+ *  the rules; each alert fired is passed to fn (valid only during the call).
+ *  `now_ms` is the wall clock stamped as emitted_at. */
+pql_apply pql_account_apply(pql_account *a, const pql_event *ev, int64_t now_ms, pql_alert_fn fn,
+                            void *opaque);
+
+typedef void (*pql_field_set_fn)(void *opaque, const char *field, size_t field_len,
+                                 const char *value, size_t value_len);
+typedef void (*pql_field_del_fn)(void *opaque, const char *field, size_t field_len);
+
+/** Expires window state out of reach, then reports every field changed or
+ *  deleted since the last flush and marks the account clean. */
+void pql_account_flush(pql_account *a, pql_field_set_fn set, pql_field_del_fn del, void *opaque);
+
+/** @returns non-zero if the account has unflushed changes. */
+int pql_account_dirty(const pql_account *a);
+
+/** @returns an estimate of the heap bytes the account holds. */
+size_t pql_account_memory(const pql_account *a);
+
+/** The current value of signal i at the account clock (for tools and tests). */
+pql_value pql_account_signal(pql_account *a, size_t i);
+
+/** Rule i's firing state (for tools and tests). */
+void pql_account_rule_state(const pql_account *a, size_t i, unsigned *seq, int *fired);
+
+#endif

@@ -1,0 +1,823 @@
+/* rules.c — loads, validates and compiles rule files (see rules.h).
+ *
+ * Loading is two passes over the parsed YAML documents of a rule set:
+ *   1. declarations: version, lifecycle, and every signal's name, so a rule
+ *      may read a signal declared in another file of the same directory;
+ *   2. compilation: each signal's definition and `where` filter, then each
+ *      rule's expressions and reason templates, names resolved to slots.
+ * Every problem is reported (not just the first) with FILE:LINE:COL taken from
+ * the YAML node, plus the offset inside an expression, and the set is refused
+ * whole if there is any. */
+#include "rules.h"
+
+#include <dirent.h>
+#include <libfyaml.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+struct pql_rules {
+    char *version;
+    char *signup_event;
+    char *conversion_event;
+    pql_expr *paid;
+    pql_signal *signals;
+    size_t nsignals;
+    pql_rule *rules;
+    size_t nrules;
+    char **traits;
+    size_t ntraits;
+    char **props;
+    size_t nprops;
+    int64_t max_window;
+};
+
+/* One YAML file being loaded. */
+typedef struct rule_file {
+    char *name;
+    struct fy_document *doc;
+    struct fy_node *root;
+} rule_file;
+
+/* The loader: the set being built and where its errors go. */
+typedef struct loader {
+    pql_rules *r;
+    pql_buf *errors;
+    int nerrors;
+    const rule_file *file; /* the file being compiled */
+    struct fy_node *node;  /* the scalar holding the expression being compiled */
+} loader;
+
+static char *dup_n(const char *s, size_t n)
+{
+    char *p = malloc(n + 1);
+    if (!p) abort(); /* rule loading is start-up/reload time; no partial recovery */
+    memcpy(p, s, n);
+    p[n] = '\0';
+    return p;
+}
+
+static char *dup_s(const char *s)
+{
+    return dup_n(s, strlen(s));
+}
+
+/* ---- positions and errors ---------------------------------------------- */
+
+/* Finds a position for any node: a scalar's token, else its first child's. */
+static int node_mark(struct fy_node *n, int *line, int *col)
+{
+    if (!n) return -1;
+    if (fy_node_is_scalar(n)) {
+        struct fy_token *t = fy_node_get_scalar_token(n);
+        const struct fy_mark *m = t ? fy_token_start_mark(t) : NULL;
+        if (!m) return -1;
+        *line = m->line + 1;
+        *col = m->column + 1;
+        return 0;
+    }
+    void *it = NULL;
+    if (fy_node_is_mapping(n)) {
+        struct fy_node_pair *p = fy_node_mapping_iterate(n, &it);
+        return p ? node_mark(fy_node_pair_key(p), line, col) : -1;
+    }
+    struct fy_node *c = fy_node_sequence_iterate(n, &it);
+    return node_mark(c, line, col);
+}
+
+static void __attribute__((format(printf, 4, 5)))
+error_at(loader *l, struct fy_node *n, size_t offset, const char *fmt, ...)
+{
+    int line = 0, col = 0;
+    if (node_mark(n, &line, &col) == 0) {
+        enum fy_node_style st = fy_node_get_style(n);
+        if (st == FYNS_SINGLE_QUOTED || st == FYNS_DOUBLE_QUOTED) col += 1;
+        pql_buf_printf(l->errors, "%s:%d:%d: error: ", l->file->name, line, col + (int)offset);
+    } else {
+        pql_buf_printf(l->errors, "%s: error: ", l->file->name);
+    }
+    va_list ap;
+    va_start(ap, fmt);
+    char msg[1024];
+    vsnprintf(msg, sizeof(msg), fmt, ap);
+    va_end(ap);
+    pql_buf_printf(l->errors, "%s\n", msg);
+    l->nerrors++;
+}
+
+/* Appends " (did you mean 'x'?)" when a candidate is close to `name`. */
+static void did_you_mean(char *hint, size_t size, const char *name, size_t len,
+                         const char *const *cands, size_t ncands, const char *prefix)
+{
+    const char *best = NULL;
+    int bestd = 3;
+    for (size_t i = 0; i < ncands; i++) {
+        int d = pql_edit_distance(name, len, cands[i], strlen(cands[i]));
+        if (d < bestd) bestd = d, best = cands[i];
+    }
+    if (best) {
+        size_t n = strlen(hint);
+        snprintf(hint + n, size - n, " (did you mean '%s%s'?)", prefix, best);
+    }
+}
+
+static const char *scalar(struct fy_node *n)
+{
+    return n && fy_node_is_scalar(n) ? fy_node_get_scalar0(n) : NULL;
+}
+
+/* ---- name tables ------------------------------------------------------- */
+
+static int intern(char ***tab, size_t *n, const char *s, size_t len)
+{
+    for (size_t i = 0; i < *n; i++)
+        if (strlen((*tab)[i]) == len && memcmp((*tab)[i], s, len) == 0) return (int)i;
+    char **t = realloc(*tab, (*n + 1) * sizeof(*t));
+    if (!t) abort();
+    *tab = t;
+    t[*n] = dup_n(s, len);
+    return (int)(*n)++;
+}
+
+static int find_signal(const pql_rules *r, const char *name, size_t len)
+{
+    for (size_t i = 0; i < r->nsignals; i++)
+        if (strlen(r->signals[i].name) == len && memcmp(r->signals[i].name, name, len) == 0)
+            return (int)i;
+    return -1;
+}
+
+/* ---- resolvers --------------------------------------------------------- */
+
+static int is_ident(const char *s, size_t len)
+{
+    if (!len) return 0;
+    for (size_t i = 0; i < len; i++) {
+        char c = s[i];
+        int ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c == '_' ||
+                 (i && c >= '0' && c <= '9');
+        if (!ok) return 0;
+    }
+    return 1;
+}
+
+/* account.<trait>, shared by every context. */
+static int resolve_trait(loader *l, const char *name, size_t len, int *slot, pql_vtype *type)
+{
+    if (len > 8 && memcmp(name, "account.", 8) == 0) {
+        *slot = PQL_SLOT(PQL_SLOT_TRAIT, intern(&l->r->traits, &l->r->ntraits, name + 8, len - 8));
+        *type = PQL_V_NULL; /* traits are typed at run time */
+        return 1;
+    }
+    return 0;
+}
+
+/* Rule conditions and reasons: signals and traits. */
+static int resolve_rule(void *opaque, const char *name, size_t len, int *slot, pql_vtype *type,
+                        char *hint, size_t hint_size)
+{
+    loader *l = opaque;
+    if (resolve_trait(l, name, len, slot, type)) return 0;
+    int i = find_signal(l->r, name, len);
+    if (i >= 0) {
+        *slot = PQL_SLOT(PQL_SLOT_SIGNAL, i);
+        *type = PQL_V_NUM;
+        return 0;
+    }
+    snprintf(hint, hint_size, "unknown signal '%.*s'", (int)len, name);
+    const char **cands = malloc((l->r->nsignals + 1) * sizeof(*cands));
+    if (!cands) abort();
+    for (size_t k = 0; k < l->r->nsignals; k++) cands[k] = l->r->signals[k].name;
+    did_you_mean(hint, hint_size, name, len, cands, l->r->nsignals, "");
+    free(cands);
+    if (!strstr(hint, "did you mean")) {
+        size_t n = strlen(hint);
+        snprintf(hint + n, hint_size - n,
+                 " — declare it under 'signals:', or write account.%.*s for a trait", (int)len,
+                 name);
+    }
+    return -1;
+}
+
+/* `where` filters: the event's fields, its properties, and traits. */
+static int resolve_event(void *opaque, const char *name, size_t len, int *slot, pql_vtype *type,
+                         char *hint, size_t hint_size)
+{
+    loader *l = opaque;
+    static const char *const fields[] = {"event", "user_id", "event_id"};
+    if (resolve_trait(l, name, len, slot, type)) return 0;
+    for (int f = 0; f < 3; f++) {
+        if (strlen(fields[f]) == len && memcmp(fields[f], name, len) == 0) {
+            *slot = PQL_SLOT(PQL_SLOT_FIELD, f);
+            *type = PQL_V_STR;
+            return 0;
+        }
+    }
+    if (len > 11 && memcmp(name, "properties.", 11) == 0) {
+        *slot = PQL_SLOT(PQL_SLOT_PROP, intern(&l->r->props, &l->r->nprops, name + 11, len - 11));
+        *type = PQL_V_NULL;
+        return 0;
+    }
+    if (find_signal(l->r, name, len) >= 0)
+        snprintf(hint, hint_size,
+                 "a where filter reads the event, not signals: '%.*s' is a signal", (int)len, name);
+    else {
+        snprintf(hint, hint_size, "unknown name '%.*s' in a where filter", (int)len, name);
+        did_you_mean(hint, hint_size, name, len, fields, 3, "");
+        size_t n = strlen(hint);
+        if (!strstr(hint, "did you mean"))
+            snprintf(hint + n, hint_size - n,
+                     " — use event, user_id, event_id, properties.<key> or account.<trait>");
+    }
+    return -1;
+}
+
+/* lifecycle.paid: traits only. */
+static int resolve_traits_only(void *opaque, const char *name, size_t len, int *slot,
+                               pql_vtype *type, char *hint, size_t hint_size)
+{
+    loader *l = opaque;
+    if (resolve_trait(l, name, len, slot, type)) return 0;
+    snprintf(hint, hint_size, "'%.*s': only account.<trait> can be read here", (int)len, name);
+    return -1;
+}
+
+static pql_expr *compile_expr(loader *l, struct fy_node *n, pql_expr_resolve_fn fn, const char *what)
+{
+    const char *src = scalar(n);
+    if (!src || !*src) {
+        error_at(l, n, 0, "%s must be an expression (a string such as 'invites >= 1')", what);
+        return NULL;
+    }
+    char err[512];
+    size_t off = 0;
+    pql_expr *e = pql_expr_compile(src, fn, l, &off, err, sizeof(err));
+    if (!e) error_at(l, n, off, "in %s: %s", what, err);
+    return e;
+}
+
+/* ---- signals ----------------------------------------------------------- */
+
+static const struct {
+    const char *key;
+    pql_agg agg;
+} aggs[] = {
+    {"count", PQL_AGG_COUNT}, {"sum", PQL_AGG_SUM},   {"distinct", PQL_AGG_DISTINCT},
+    {"days_active", PQL_AGG_DAYS_ACTIVE}, {"max", PQL_AGG_MAX}, {"last", PQL_AGG_LAST},
+};
+#define NAGGS (sizeof(aggs) / sizeof(aggs[0]))
+
+static uint32_t fnv1a32(const char *s, uint32_t h)
+{
+    for (; *s; s++) h = (h ^ (unsigned char)*s) * 16777619u;
+    return h;
+}
+
+static void unknown_key(loader *l, struct fy_node *key, const char *const *known, size_t nknown,
+                        const char *where)
+{
+    char hint[256] = "";
+    const char *k = scalar(key);
+    did_you_mean(hint, sizeof(hint), k, strlen(k), known, nknown, "");
+    error_at(l, key, 0, "unknown key '%s' in %s%s", k, where, hint);
+}
+
+static void compile_signal(loader *l, pql_signal *s, struct fy_node *def)
+{
+    static const char *const known[] = {"count", "sum",   "distinct", "days_active", "max",
+                                        "last",  "where", "window",   "of"};
+    struct fy_node *aggval = NULL, *where = NULL, *window = NULL, *of = NULL;
+    int nagg = 0;
+    pql_agg agg = PQL_AGG_COUNT;
+    if (!fy_node_is_mapping(def)) {
+        error_at(l, def, 0,
+                 "signal '%s' must be a mapping such as { count: login, window: 7d }", s->name);
+        return;
+    }
+    void *it = NULL;
+    struct fy_node_pair *p;
+    while ((p = fy_node_mapping_iterate(def, &it))) {
+        struct fy_node *k = fy_node_pair_key(p), *v = fy_node_pair_value(p);
+        const char *ks = scalar(k);
+        size_t a;
+        for (a = 0; a < NAGGS; a++)
+            if (ks && strcmp(ks, aggs[a].key) == 0) break;
+        if (a < NAGGS) {
+            agg = aggs[a].agg;
+            aggval = v;
+            nagg++;
+        } else if (ks && strcmp(ks, "where") == 0) where = v;
+        else if (ks && strcmp(ks, "window") == 0) window = v;
+        else if (ks && strcmp(ks, "of") == 0) of = v;
+        else unknown_key(l, k, known, sizeof(known) / sizeof(*known), "a signal");
+    }
+    if (nagg != 1) {
+        error_at(l, def, 0,
+                 "signal '%s' needs exactly one of count, sum, distinct, days_active, max, last",
+                 s->name);
+        return;
+    }
+    const char *av = scalar(aggval);
+    if (!av || !*av) {
+        error_at(l, aggval ? aggval : def, 0, "signal '%s': the aggregate needs a value", s->name);
+        return;
+    }
+    /* count/days_active name the event; the others name a field and take `of`. */
+    const char *event = "*";
+    if (agg == PQL_AGG_COUNT || agg == PQL_AGG_DAYS_ACTIVE) {
+        event = av;
+        if (of) error_at(l, of, 0, "'of' is for sum, distinct, max and last; count names its event");
+    } else {
+        if (of) {
+            event = scalar(of);
+            if (!event || !*event) {
+                error_at(l, of, 0, "'of' must be an event name or \"*\"");
+                event = "*";
+            }
+        }
+        size_t len = strlen(av);
+        if (len > 11 && memcmp(av, "properties.", 11) == 0 && is_ident(av + 11, len - 11)) {
+            s->source = PQL_SRC_PROPERTY;
+            s->source_index = intern(&l->r->props, &l->r->nprops, av + 11, len - 11);
+        } else if (agg == PQL_AGG_DISTINCT && strcmp(av, "user_id") == 0) {
+            s->source = PQL_SRC_FIELD;
+            s->source_index = PQL_FIELD_USER_ID;
+        } else if (agg == PQL_AGG_DISTINCT && strcmp(av, "event_id") == 0) {
+            s->source = PQL_SRC_FIELD;
+            s->source_index = PQL_FIELD_EVENT_ID;
+        } else {
+            error_at(l, aggval, 0, "signal '%s': cannot aggregate '%s' — use %s", s->name, av,
+                     agg == PQL_AGG_DISTINCT ? "user_id, event_id or properties.<key>"
+                                             : "properties.<key>");
+        }
+    }
+    s->event = dup_s(event);
+    int64_t window_ms = 0;
+    const char *ws = scalar(window);
+    if (!window) {
+        error_at(l, def, 0, "signal '%s' needs a window: a duration (30m, 24h, 7d) or lifetime",
+                 s->name);
+    } else if (!ws || (strcmp(ws, "lifetime") != 0 &&
+                       pql_parse_duration(ws, strlen(ws), &window_ms) < 0)) {
+        error_at(l, window, 0, "window '%s' is not a duration (30m, 24h, 7d) or lifetime",
+                 ws ? ws : "");
+    } else {
+        char err[256];
+        if (pql_window_spec_init(&s->spec, agg, window_ms, err, sizeof(err)) < 0)
+            error_at(l, window, 0, "signal '%s': %s", s->name, err);
+        else if (window_ms > l->r->max_window)
+            l->r->max_window = window_ms;
+    }
+    s->spec.agg = agg;
+    if (where) s->where = compile_expr(l, where, resolve_event, "where");
+    /* The storage key changes whenever the definition does. */
+    char defn[1024];
+    snprintf(defn, sizeof(defn), "%d|%s|%s|%s|%lld", (int)agg, av, event,
+             where && scalar(where) ? scalar(where) : "", (long long)window_ms);
+    char key[300];
+    snprintf(key, sizeof(key), "%s#%08x", s->name, fnv1a32(defn, 2166136261u));
+    s->key = dup_s(key);
+}
+
+/* ---- rules ------------------------------------------------------------- */
+
+static void collect_slot(void *opaque, int slot)
+{
+    pql_rule *rule = opaque;
+    int **arr = NULL;
+    size_t *n = NULL;
+    if (PQL_SLOT_KIND(slot) == PQL_SLOT_SIGNAL) arr = &rule->signals, n = &rule->nsignals;
+    else if (PQL_SLOT_KIND(slot) == PQL_SLOT_TRAIT) arr = &rule->traits, n = &rule->ntraits;
+    else return;
+    int idx = PQL_SLOT_INDEX(slot);
+    for (size_t i = 0; i < *n; i++)
+        if ((*arr)[i] == idx) return;
+    int *a = realloc(*arr, (*n + 1) * sizeof(int));
+    if (!a) abort();
+    a[(*n)++] = idx;
+    *arr = a;
+}
+
+static int64_t duration_of(loader *l, struct fy_node *n, const char *what)
+{
+    const char *s = scalar(n);
+    int64_t ms = 0;
+    if (!s || pql_parse_duration(s, strlen(s), &ms) < 0) {
+        error_at(l, n, 0, "%s '%s' is not a duration (30m, 24h, 7d, 2w)", what, s ? s : "");
+        return 0;
+    }
+    return ms;
+}
+
+static void compile_rule(loader *l, pql_rule *rule, struct fy_node *def, pql_alert_kind kind)
+{
+    static const char *const known[] = {"name",     "model",      "when",     "clear",
+                                        "fit",      "applies_to", "cooldown", "held_for",
+                                        "reasons",  "description"};
+    rule->kind = kind;
+    rule->applies_to = kind == PQL_ALERT_PQL ? PQL_APPLIES_FREE : PQL_APPLIES_PAID;
+    struct fy_node *when = NULL, *reasons = NULL;
+    void *it = NULL;
+    struct fy_node_pair *p;
+    while ((p = fy_node_mapping_iterate(def, &it))) {
+        struct fy_node *k = fy_node_pair_key(p), *v = fy_node_pair_value(p);
+        const char *ks = scalar(k);
+        if (!ks) continue;
+        if (!strcmp(ks, "name") || !strcmp(ks, "description")) {
+            continue; /* name read by the caller */
+        } else if (!strcmp(ks, "model")) {
+            const char *m = scalar(v);
+            if (m && !strcmp(m, "threshold")) rule->model = PQL_MODEL_THRESHOLD;
+            else if (m && (!strcmp(m, "weighted") || !strcmp(m, "logistic")))
+                error_at(l, v, 0,
+                         "model '%s' is not available in this version: use threshold with a "
+                         "'when' condition",
+                         m);
+            else
+                error_at(l, v, 0, "unknown model '%s': use threshold", m ? m : "");
+        } else if (!strcmp(ks, "when")) {
+            when = v;
+            rule->when = compile_expr(l, v, resolve_rule, "when");
+        } else if (!strcmp(ks, "clear")) {
+            rule->clear = compile_expr(l, v, resolve_rule, "clear");
+        } else if (!strcmp(ks, "fit")) {
+            rule->fit = compile_expr(l, v, resolve_traits_only, "fit");
+        } else if (!strcmp(ks, "applies_to")) {
+            const char *a = scalar(v);
+            if (a && !strcmp(a, "free")) rule->applies_to = PQL_APPLIES_FREE;
+            else if (a && !strcmp(a, "paid")) rule->applies_to = PQL_APPLIES_PAID;
+            else if (a && !strcmp(a, "all")) rule->applies_to = PQL_APPLIES_ALL;
+            else error_at(l, v, 0, "applies_to '%s' must be free, paid or all", a ? a : "");
+        } else if (!strcmp(ks, "cooldown")) {
+            rule->cooldown_ms = duration_of(l, v, "cooldown");
+        } else if (!strcmp(ks, "held_for")) {
+            rule->held_for_ms = duration_of(l, v, "held_for");
+        } else if (!strcmp(ks, "reasons")) {
+            reasons = v;
+        } else {
+            unknown_key(l, k, known, sizeof(known) / sizeof(*known), "a rule");
+        }
+    }
+    if (!when) error_at(l, def, 0, "rule '%s' needs a 'when' condition", rule->name);
+    if (reasons && !fy_node_is_sequence(reasons)) {
+        error_at(l, reasons, 0, "reasons must be a list of strings");
+    } else if (reasons) {
+        int n = fy_node_sequence_item_count(reasons);
+        rule->reasons = calloc((size_t)n + 1, sizeof(*rule->reasons));
+        if (!rule->reasons) abort();
+        it = NULL;
+        struct fy_node *item;
+        while ((item = fy_node_sequence_iterate(reasons, &it))) {
+            const char *src = scalar(item);
+            char err[512];
+            size_t off = 0;
+            pql_template *t = src ? pql_template_compile(src, resolve_rule, l, &off, err, sizeof(err))
+                                  : NULL;
+            if (!src) error_at(l, item, 0, "a reason must be a string");
+            else if (!t) error_at(l, item, off, "in reason: %s", err);
+            else rule->reasons[rule->nreasons++] = t;
+        }
+    }
+    /* Every signal and trait the rule reads: the alert's signals map. */
+    if (rule->when) pql_expr_foreach_slot(rule->when, collect_slot, rule);
+    if (rule->clear) pql_expr_foreach_slot(rule->clear, collect_slot, rule);
+    for (size_t i = 0; i < rule->nreasons; i++)
+        pql_template_foreach_slot(rule->reasons[i], collect_slot, rule);
+}
+
+/* ---- files ------------------------------------------------------------- */
+
+static void declare(loader *l, const rule_file *f, int *have_lifecycle)
+{
+    static const char *const known[] = {"version", "lifecycle", "signals", "pql", "expansion",
+                                        "description"};
+    l->file = f;
+    if (!f->root || !fy_node_is_mapping(f->root)) {
+        error_at(l, f->root, 0, "a rule file is a mapping with version, signals, pql, expansion");
+        return;
+    }
+    void *it = NULL;
+    struct fy_node_pair *p;
+    while ((p = fy_node_mapping_iterate(f->root, &it))) {
+        struct fy_node *k = fy_node_pair_key(p), *v = fy_node_pair_value(p);
+        const char *ks = scalar(k);
+        if (!ks) continue;
+        if (!strcmp(ks, "version")) {
+            const char *vs = scalar(v);
+            if (!vs || !*vs) {
+                error_at(l, v, 0, "version must be a number or a string");
+                continue;
+            }
+            if (!l->r->version) l->r->version = dup_s(vs);
+            else {
+                char *nv = malloc(strlen(l->r->version) + strlen(vs) + 2);
+                if (!nv) abort();
+                sprintf(nv, "%s+%s", l->r->version, vs);
+                free(l->r->version);
+                l->r->version = nv;
+            }
+        } else if (!strcmp(ks, "lifecycle")) {
+            if ((*have_lifecycle)++) {
+                error_at(l, k, 0, "lifecycle is declared in more than one file of the rule set");
+                continue;
+            }
+            if (!fy_node_is_mapping(v)) {
+                error_at(l, v, 0, "lifecycle must be a mapping { signup: EVENT, conversion: EVENT }");
+                continue;
+            }
+            void *it2 = NULL;
+            struct fy_node_pair *q;
+            while ((q = fy_node_mapping_iterate(v, &it2))) {
+                const char *lk = scalar(fy_node_pair_key(q));
+                struct fy_node *lv = fy_node_pair_value(q);
+                if (lk && !strcmp(lk, "signup") && scalar(lv))
+                    l->r->signup_event = dup_s(scalar(lv));
+                else if (lk && !strcmp(lk, "conversion") && scalar(lv))
+                    l->r->conversion_event = dup_s(scalar(lv));
+                else if (lk && !strcmp(lk, "paid"))
+                    ; /* compiled in pass 2: it reads traits */
+                else {
+                    static const char *const lkn[] = {"signup", "conversion", "paid"};
+                    unknown_key(l, fy_node_pair_key(q), lkn, 3, "lifecycle");
+                }
+            }
+        } else if (!strcmp(ks, "signals")) {
+            if (!fy_node_is_mapping(v)) {
+                error_at(l, v, 0, "signals must be a mapping of name: definition");
+                continue;
+            }
+            void *it2 = NULL;
+            struct fy_node_pair *q;
+            while ((q = fy_node_mapping_iterate(v, &it2))) {
+                struct fy_node *nk = fy_node_pair_key(q);
+                const char *name = scalar(nk);
+                if (!name || !is_ident(name, strlen(name))) {
+                    error_at(l, nk, 0,
+                             "signal name '%s' must be letters, digits and _ (not starting with a "
+                             "digit)",
+                             name ? name : "");
+                    continue;
+                }
+                if (find_signal(l->r, name, strlen(name)) >= 0) {
+                    error_at(l, nk, 0, "signal '%s' is declared twice", name);
+                    continue;
+                }
+                pql_signal *s = realloc(l->r->signals, (l->r->nsignals + 1) * sizeof(*s));
+                if (!s) abort();
+                l->r->signals = s;
+                memset(&s[l->r->nsignals], 0, sizeof(*s));
+                s[l->r->nsignals++].name = dup_s(name);
+            }
+        } else if (!strcmp(ks, "pql") || !strcmp(ks, "expansion")) {
+            if (!fy_node_is_sequence(v)) error_at(l, v, 0, "%s must be a list of rules", ks);
+        } else {
+            unknown_key(l, k, known, sizeof(known) / sizeof(*known), "a rule file");
+        }
+    }
+}
+
+static void compile_file(loader *l, const rule_file *f)
+{
+    l->file = f;
+    if (!f->root || !fy_node_is_mapping(f->root)) return;
+    struct fy_node *lc = fy_node_mapping_lookup_by_string(f->root, "lifecycle", FY_NT);
+    struct fy_node *paid = lc && fy_node_is_mapping(lc)
+                               ? fy_node_mapping_lookup_by_string(lc, "paid", FY_NT)
+                               : NULL;
+    if (paid) l->r->paid = compile_expr(l, paid, resolve_traits_only, "lifecycle.paid");
+
+    struct fy_node *sigs = fy_node_mapping_lookup_by_string(f->root, "signals", FY_NT);
+    if (sigs && fy_node_is_mapping(sigs)) {
+        void *it = NULL;
+        struct fy_node_pair *q;
+        while ((q = fy_node_mapping_iterate(sigs, &it))) {
+            const char *name = scalar(fy_node_pair_key(q));
+            int i = name ? find_signal(l->r, name, strlen(name)) : -1;
+            if (i >= 0 && !l->r->signals[i].key)
+                compile_signal(l, &l->r->signals[i], fy_node_pair_value(q));
+        }
+    }
+    static const char *const sections[] = {"pql", "expansion"};
+    for (int sec = 0; sec < 2; sec++) {
+        struct fy_node *list = fy_node_mapping_lookup_by_string(f->root, sections[sec], FY_NT);
+        if (!list || !fy_node_is_sequence(list)) continue;
+        void *it = NULL;
+        struct fy_node *def;
+        while ((def = fy_node_sequence_iterate(list, &it))) {
+            if (!fy_node_is_mapping(def)) {
+                error_at(l, def, 0, "a rule must be a mapping with name and when");
+                continue;
+            }
+            struct fy_node *nn = fy_node_mapping_lookup_by_string(def, "name", FY_NT);
+            const char *name = scalar(nn);
+            if (!name || !*name) {
+                error_at(l, def, 0, "every rule needs a name");
+                continue;
+            }
+            if (pql_rules_rule_by_name(l->r, name, strlen(name)) >= 0) {
+                error_at(l, nn, 0, "rule '%s' is declared twice", name);
+                continue;
+            }
+            pql_rule *r = realloc(l->r->rules, (l->r->nrules + 1) * sizeof(*r));
+            if (!r) abort();
+            l->r->rules = r;
+            memset(&r[l->r->nrules], 0, sizeof(*r));
+            r[l->r->nrules].name = dup_s(name);
+            compile_rule(l, &r[l->r->nrules++], def, sec ? PQL_ALERT_EXPANSION : PQL_ALERT_PQL);
+        }
+    }
+}
+
+static int parse_file(rule_file *f, const char *name, const char *text, pql_buf *errors)
+{
+    struct fy_diag_cfg dcfg;
+    fy_diag_cfg_default(&dcfg);
+    dcfg.fp = NULL;
+    dcfg.colorize = false;
+    struct fy_diag *diag = fy_diag_create(&dcfg);
+    if (diag) fy_diag_set_collect_errors(diag, true);
+    struct fy_parse_cfg cfg = {.flags = FYPCF_QUIET, .diag = diag};
+    f->name = dup_s(name);
+    f->doc = text ? fy_document_build_from_string(&cfg, text, FY_NT)
+                  : fy_document_build_from_file(&cfg, name);
+    int rc = 0;
+    if (!f->doc) {
+        void *it = NULL;
+        struct fy_diag_error *e;
+        int n = 0;
+        while (diag && (e = fy_diag_errors_iterate(diag, &it))) {
+            pql_buf_printf(errors, "%s:%d:%d: error: %s\n", name, e->line + 1, e->column + 1,
+                           e->msg);
+            n++;
+        }
+        if (!n) pql_buf_printf(errors, "%s: error: cannot read or parse this YAML file\n", name);
+        rc = -1;
+    } else {
+        f->root = fy_document_root(f->doc);
+    }
+    fy_diag_destroy(diag);
+    return rc;
+}
+
+static pql_rules *load_files(rule_file *files, size_t nfiles, pql_buf *errors)
+{
+    pql_rules *r = calloc(1, sizeof(*r));
+    if (!r) abort();
+    loader l = {.r = r, .errors = errors};
+    int have_lifecycle = 0;
+    for (size_t i = 0; i < nfiles; i++) declare(&l, &files[i], &have_lifecycle);
+    for (size_t i = 0; i < nfiles; i++) compile_file(&l, &files[i]);
+    if (!r->version) r->version = dup_s("0");
+    if (l.nerrors) {
+        pql_rules_destroy(r);
+        return NULL;
+    }
+    return r;
+}
+
+static void free_files(rule_file *files, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        free(files[i].name);
+        fy_document_destroy(files[i].doc);
+    }
+    free(files);
+}
+
+static int yaml_name(const char *n)
+{
+    size_t len = strlen(n);
+    return n[0] != '.' && ((len > 5 && !strcmp(n + len - 5, ".yaml")) ||
+                           (len > 4 && !strcmp(n + len - 4, ".yml")));
+}
+
+static int cmp_str(const void *a, const void *b)
+{
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+pql_rules *pql_rules_load(const char *path, pql_buf *errors)
+{
+    struct stat st;
+    char **names = NULL;
+    size_t n = 0;
+    if (stat(path, &st) < 0) {
+        pql_buf_printf(errors, "%s: error: no such rule file or directory (set PQLSTREAM_RULES or --rules)\n", path);
+        return NULL;
+    }
+    if (S_ISDIR(st.st_mode)) {
+        DIR *d = opendir(path);
+        struct dirent *de;
+        while (d && (de = readdir(d))) {
+            if (!yaml_name(de->d_name)) continue;
+            char **nn = realloc(names, (n + 1) * sizeof(*nn));
+            if (!nn) abort();
+            names = nn;
+            names[n] = malloc(strlen(path) + strlen(de->d_name) + 2);
+            if (!names[n]) abort();
+            sprintf(names[n++], "%s/%s", path, de->d_name);
+        }
+        if (d) closedir(d);
+        if (!n) {
+            pql_buf_printf(errors, "%s: error: no .yaml rule files in this directory\n", path);
+            return NULL;
+        }
+        qsort(names, n, sizeof(*names), cmp_str);
+    } else {
+        names = malloc(sizeof(*names));
+        if (!names) abort();
+        names[n++] = dup_s(path);
+    }
+    rule_file *files = calloc(n, sizeof(*files));
+    if (!files) abort();
+    int bad = 0;
+    for (size_t i = 0; i < n; i++) bad |= parse_file(&files[i], names[i], NULL, errors) < 0;
+    pql_rules *r = bad ? NULL : load_files(files, n, errors);
+    free_files(files, n);
+    for (size_t i = 0; i < n; i++) free(names[i]);
+    free(names);
+    return r;
+}
+
+pql_rules *pql_rules_load_string(const char *yaml, const char *name, pql_buf *errors)
+{
+    rule_file *f = calloc(1, sizeof(*f));
+    if (!f) abort();
+    pql_rules *r = parse_file(f, name, yaml, errors) < 0 ? NULL : load_files(f, 1, errors);
+    free_files(f, 1);
+    return r;
+}
+
+void pql_rules_destroy(pql_rules *r)
+{
+    if (!r) return;
+    for (size_t i = 0; i < r->nsignals; i++) {
+        free(r->signals[i].name);
+        free(r->signals[i].key);
+        free(r->signals[i].event);
+        pql_expr_destroy(r->signals[i].where);
+    }
+    for (size_t i = 0; i < r->nrules; i++) {
+        pql_rule *u = &r->rules[i];
+        free(u->name);
+        pql_expr_destroy(u->when);
+        pql_expr_destroy(u->clear);
+        pql_expr_destroy(u->fit);
+        for (size_t k = 0; k < u->nreasons; k++) pql_template_destroy(u->reasons[k]);
+        free(u->reasons);
+        free(u->signals);
+        free(u->traits);
+    }
+    for (size_t i = 0; i < r->ntraits; i++) free(r->traits[i]);
+    for (size_t i = 0; i < r->nprops; i++) free(r->props[i]);
+    free(r->traits);
+    free(r->props);
+    free(r->signals);
+    free(r->rules);
+    free(r->version);
+    free(r->signup_event);
+    free(r->conversion_event);
+    pql_expr_destroy(r->paid);
+    free(r);
+}
+
+/* ---- accessors --------------------------------------------------------- */
+
+const char *pql_rules_version(const pql_rules *r) { return r->version; }
+size_t pql_rules_nsignals(const pql_rules *r) { return r->nsignals; }
+const pql_signal *pql_rules_signal(const pql_rules *r, size_t i) { return &r->signals[i]; }
+size_t pql_rules_nrules(const pql_rules *r) { return r->nrules; }
+const pql_rule *pql_rules_rule(const pql_rules *r, size_t i) { return &r->rules[i]; }
+size_t pql_rules_ntraits(const pql_rules *r) { return r->ntraits; }
+const char *pql_rules_trait(const pql_rules *r, size_t i) { return r->traits[i]; }
+size_t pql_rules_nprops(const pql_rules *r) { return r->nprops; }
+const char *pql_rules_prop(const pql_rules *r, size_t i) { return r->props[i]; }
+const char *pql_rules_signup_event(const pql_rules *r) { return r->signup_event; }
+const char *pql_rules_conversion_event(const pql_rules *r) { return r->conversion_event; }
+const pql_expr *pql_rules_paid_expr(const pql_rules *r) { return r->paid; }
+int64_t pql_rules_max_window(const pql_rules *r) { return r->max_window; }
+
+int pql_rules_signal_by_key(const pql_rules *r, const char *key, size_t len)
+{
+    for (size_t i = 0; i < r->nsignals; i++)
+        if (strlen(r->signals[i].key) == len && memcmp(r->signals[i].key, key, len) == 0)
+            return (int)i;
+    return -1;
+}
+
+int pql_rules_rule_by_name(const pql_rules *r, const char *name, size_t len)
+{
+    for (size_t i = 0; i < r->nrules; i++)
+        if (strlen(r->rules[i].name) == len && memcmp(r->rules[i].name, name, len) == 0)
+            return (int)i;
+    return -1;
+}
+
+int pql_rules_trait_index(const pql_rules *r, const char *name, size_t len)
+{
+    for (size_t i = 0; i < r->ntraits; i++)
+        if (strlen(r->traits[i]) == len && memcmp(r->traits[i], name, len) == 0) return (int)i;
+    return -1;
+}
