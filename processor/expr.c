@@ -29,6 +29,9 @@
 #define MAX_DEPTH 100
 #define MAX_NODES 4096
 
+/* Levels of the binary operators, lowest precedence first. */
+enum { LVL_OR, LVL_AND, LVL_CMP, LVL_ADD, LVL_MUL };
+
 /* Token kinds; operator tokens double as the kinds of the nodes they build. */
 /* clang-format off */
 typedef enum kind {
@@ -112,7 +115,7 @@ typedef struct parser {
     size_t pos, end;      /* lexing position and end of this expression */
     const char *end_desc; /* what the end is called: "end of input" or "'}'" */
     token tok, prev;
-    int has_prev, depth, nnodes, failed;
+    int depth, nnodes, failed;
     pql_expr_resolve_fn resolve;
     void *opaque;
     pql_expr *e;
@@ -292,10 +295,7 @@ static int lex(parser *p)
     size_t i = p->pos;
     while (i < p->end && (s[i] == ' ' || s[i] == '\t' || s[i] == '\n' || s[i] == '\r'))
         i++;
-    if (p->tok.len > 0) {
-        p->prev = p->tok;
-        p->has_prev = 1;
-    }
+    if (p->tok.len > 0) p->prev = p->tok; /* prev.len 0: no token yet */
     token t = {K_END, i, 0, 0};
     char c = i < p->end ? s[i] : '\0', next = i + 1 < p->end ? s[i + 1] : '\0';
     if (i >= p->end) {
@@ -333,8 +333,7 @@ static int lex(parser *p)
 
 /* ---- parser ---- */
 
-static node *new_node(parser *p, kind kind, pql_vtype type, size_t start, size_t end,
-                      size_t text_size)
+static node *new_node(parser *p, kind k, pql_vtype type, size_t start, size_t end, size_t text_size)
 {
     node *n = NULL;
     if (++p->nnodes > MAX_NODES)
@@ -342,7 +341,7 @@ static node *new_node(parser *p, kind kind, pql_vtype type, size_t start, size_t
     else if (!(n = calloc(1, sizeof *n + text_size)))
         fail(p, start, "out of memory");
     if (!n) return NULL;
-    n->kind = kind;
+    n->kind = k;
     n->type = type;
     n->start = start;
     n->end = end;
@@ -351,9 +350,9 @@ static node *new_node(parser *p, kind kind, pql_vtype type, size_t start, size_t
     return n;
 }
 
-static node *binary(parser *p, kind kind, pql_vtype type, node *l, node *r)
+static node *binary(parser *p, kind k, pql_vtype type, node *l, node *r)
 {
-    node *n = new_node(p, kind, type, l->start, r ? r->end : l->end, 0);
+    node *n = new_node(p, k, type, l->start, r ? r->end : l->end, 0);
     if (n) {
         n->u.bin.l = l;
         n->u.bin.r = r;
@@ -529,7 +528,7 @@ static node *parse_primary(parser *p)
         break;
     default:
         f = describe(p, &p->tok, found, sizeof found);
-        if (p->has_prev)
+        if (p->prev.len > 0)
             fail(p, t.start, "expected an expression after '%.*s' but found %s", (int)p->prev.len,
                  p->src + p->prev.start, f);
         else
@@ -551,50 +550,64 @@ static node *parse_unary(parser *p)
     return n;
 }
 
-/* add (level 1) and mul (level 0): left-associative chains. */
-static node *parse_arith(parser *p, int level)
+/* Binary operators by level, lowest first; -1 for anything else. */
+static int level_of(kind k)
 {
-    node *l = level ? parse_arith(p, 0) : parse_unary(p);
-    kind first = level ? K_ADD : K_MUL, second = level ? K_SUB : K_DIV;
-    while (l && (p->tok.kind == first || p->tok.kind == second)) {
-        kind op = p->tok.kind;
-        char what[8];
-        snprintf(what, sizeof what, "'%c'", p->src[p->tok.start]);
-        if (check_number(p, l, what) < 0 || lex(p) < 0) return NULL;
-        node *r = level ? parse_arith(p, 0) : parse_unary(p);
-        if (!r || check_number(p, r, what) < 0) return NULL;
-        l = binary(p, op, PQL_V_NUM, l, r);
+    if (k == K_OR) return LVL_OR;
+    if (k == K_AND) return LVL_AND;
+    if (k >= K_EQ && k <= K_GE) return LVL_CMP;
+    if (k == K_ADD || k == K_SUB) return LVL_ADD;
+    if (k == K_MUL || k == K_DIV) return LVL_MUL;
+    return -1;
+}
+
+/* Static checks of `l op r`: arithmetic wants numbers, comparisons like types. */
+static int check_operands(parser *p, token op, const node *l, const node *r)
+{
+    char what[8], lt[48], rt[48];
+    if (level_of(op.kind) >= LVL_ADD) {
+        snprintf(what, sizeof what, "'%c'", p->src[op.start]);
+        return check_number(p, l, what) < 0 ? -1 : check_number(p, r, what);
+    }
+    if (level_of(op.kind) != LVL_CMP) return 0;
+    if (l->type != PQL_V_NULL && r->type != PQL_V_NULL && l->type != r->type)
+        return fail(p, l->start, "cannot compare %s (%s) with %s (%s)", type_name(l->type),
+                    snippet(p, l->start, l->end, lt, sizeof lt), type_name(r->type),
+                    snippet(p, r->start, r->end, rt, sizeof rt));
+    if ((l->type == PQL_V_BOOL || r->type == PQL_V_BOOL) && op.kind != K_EQ && op.kind != K_NE)
+        return fail(p, op.start, "cannot order booleans with '%.*s' (only == and != apply)",
+                    (int)op.len, p->src + op.start);
+    if (level_of(p->tok.kind) == LVL_CMP)
+        return fail(p, p->tok.start, "comparisons cannot be chained: write 'a < b and b < c'");
+    return 0;
+}
+
+static node *parse_not(parser *p);
+static node *parse_binary(parser *p, int level);
+
+/* An operand of the operators of `level`: the next level up. */
+static node *parse_operand(parser *p, int level)
+{
+    if (level == LVL_AND) return parse_not(p); /* `not` sits between and and comparisons */
+    return level == LVL_MUL ? parse_unary(p) : parse_binary(p, level + 1);
+}
+
+/* A left-associative chain of the operators of `level`. */
+static node *parse_binary(parser *p, int level)
+{
+    node *l = parse_operand(p, level), *r;
+    while (l && level_of(p->tok.kind) == level) {
+        token op = p->tok;
+        if (lex(p) < 0 || !(r = parse_operand(p, level)) || check_operands(p, op, l, r) < 0)
+            return NULL;
+        l = binary(p, op.kind, level >= LVL_ADD ? PQL_V_NUM : PQL_V_BOOL, l, r);
     }
     return l;
 }
 
-static int is_comparison(kind k)
-{
-    return k >= K_EQ && k <= K_GE;
-}
-
-static node *parse_cmp(parser *p)
-{
-    node *l = parse_arith(p, 1), *r;
-    if (!l || !is_comparison(p->tok.kind)) return l;
-    token op = p->tok;
-    if (lex(p) < 0 || !(r = parse_arith(p, 1))) return NULL;
-    char lt[48], rt[48];
-    if (l->type != PQL_V_NULL && r->type != PQL_V_NULL && l->type != r->type)
-        fail(p, l->start, "cannot compare %s (%s) with %s (%s)", type_name(l->type),
-             snippet(p, l->start, l->end, lt, sizeof lt), type_name(r->type),
-             snippet(p, r->start, r->end, rt, sizeof rt));
-    else if (l->type == PQL_V_BOOL && r->type == PQL_V_BOOL && op.kind != K_EQ && op.kind != K_NE)
-        fail(p, op.start, "cannot order booleans with '%.*s' (only == and != apply)", (int)op.len,
-             p->src + op.start);
-    else if (is_comparison(p->tok.kind))
-        fail(p, p->tok.start, "comparisons cannot be chained: write 'a < b and b < c'");
-    return p->failed ? NULL : binary(p, op.kind, PQL_V_BOOL, l, r);
-}
-
 static node *parse_not(parser *p)
 {
-    if (p->tok.kind != K_NOT) return parse_cmp(p);
+    if (p->tok.kind != K_NOT) return parse_binary(p, LVL_CMP);
     size_t start = p->tok.start;
     if (enter(p) < 0 || lex(p) < 0) return NULL;
     node *operand = parse_not(p), *n;
@@ -604,21 +617,9 @@ static node *parse_not(parser *p)
     return n;
 }
 
-/* and (level 0) and or (level 1): left-associative chains. */
-static node *parse_logic(parser *p, int level)
-{
-    kind op = level ? K_OR : K_AND;
-    node *l = level ? parse_logic(p, 0) : parse_not(p);
-    while (l && p->tok.kind == op) {
-        node *r = lex(p) < 0 ? NULL : level ? parse_logic(p, 0) : parse_not(p);
-        l = r ? binary(p, op, PQL_V_BOOL, l, r) : NULL;
-    }
-    return l;
-}
-
 static node *parse_or(parser *p)
 {
-    return parse_logic(p, 1);
+    return parse_binary(p, LVL_OR);
 }
 
 /* Compiles src[start..end); offsets in messages are relative to src. */
@@ -789,7 +790,7 @@ static pql_value eval(const node *n, pql_expr_lookup_fn lookup, void *ctx)
     case K_CALL:
         return call(n, lookup, ctx);
     default:
-        if (!is_comparison(n->kind)) return pql_null(); /* K_NULL */
+        if (level_of(n->kind) != LVL_CMP) return pql_null(); /* K_NULL */
         a = eval(n->u.bin.l, lookup, ctx);
         b = eval(n->u.bin.r, lookup, ctx);
         return pql_bool(compare(n->kind, a, b));

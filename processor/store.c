@@ -9,22 +9,32 @@
  *         nput x (id, payload) | ndel x id | per counter hash: n, n x (field,
  *         delta) | per account: ttl_ms nruns, per run r then r x (field, value)
  *         to HSET (r > 0) or -r fields to HDEL (r < 0), keeping call order.
- * It is run with EVALSHA; the SHA comes from SCRIPT LOAD at open and the script
+ * It runs with EVALSHA; the SHA comes from SCRIPT LOAD at open, and the script
  * is loaded again when a reply says NOSCRIPT (a restarted or flushed server).
  *
  * A claim is MULTI, HINCRBY epoch, HGET seq, HMGET off:<topic>…, EXEC sent as
- * one pipeline: atomic (all keys are the meta hash) and one round trip.
+ * one pipeline: atomic (one key) and one round trip.
  *
- * Memory.  A batch keeps every byte it will send in one pql_buf and spans
+ * Memory.  A batch keeps every byte it will send in one pql_buf plus spans
  * (offset, length) into it; at commit the argv arrays are built in arrays the
- * store keeps, so a warmed-up batch and store allocate nothing per field.
+ * store keeps, so a warmed-up batch and store allocate nothing per field.  A
+ * failed allocation is sticky: the batch reports it at every later call and
+ * at commit.
  *
- * Errors never contain the password: messages name "host:port" or the socket
- * path, and every message passes through redact() as a second guard. */
+ * Connection.  Opened (with AUTH and SELECT) by pql_store_open() so a bad
+ * address or password shows at start; after an I/O error it is dropped and
+ * the next call reconnects.  Errors never contain the password: messages name
+ * "host:port" or the socket path, and redact() masks it as a second guard. */
 #include "store.h"
 
+/* embedded.h's first comment has a slash-star inside it (-Wcomment); remove this
+ * guard once that header is fixed. */
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wcomment"
 #include "embedded.h"
+#pragma GCC diagnostic pop
 
+#include <ctype.h>
 #include <hiredis/hiredis.h>
 #include <limits.h>
 #include <stdarg.h>
@@ -35,31 +45,31 @@
 #include <sys/un.h>
 
 #define NO_NEXT SIZE_MAX
+#define VEC(T)                                                                                     \
+    struct {                                                                                       \
+        T *v;                                                                                      \
+        size_t n, cap;                                                                             \
+    }
 
 typedef struct span {
     size_t off, len;
 } span;
-
 typedef struct pair {
     span k, v;
 } pair;
-
 typedef struct incr_rec {
     span field, delta;
-    size_t next; /* next increment of the same counter hash, or NO_NEXT */
+    size_t next; /* the next increment of the same counter hash, or NO_NEXT */
 } incr_rec;
-
 typedef struct ctr_rec {
     span key, name;
     size_t n, head, tail;
 } ctr_rec;
-
 typedef struct acct_rec {
     span key;
     int64_t ttl_ms;
-    size_t first, nops;
+    size_t first, nops; /* its ops: ops[first .. first+nops) */
 } acct_rec;
-
 typedef struct op_rec {
     span field, value;
     int del;
@@ -70,53 +80,30 @@ struct pql_store_batch {
     pql_buf prefix; /* "pql:{g:p}:" */
     span meta_key, outbox_key;
     int64_t epoch, seq;
-    pql_err err; /* sticky: set when building failed (out of memory, bad group) */
+    pql_err err; /* sticky: out of memory, or a group with braces */
     size_t last_ctr;
-    struct {
-        pair *v;
-        size_t n, cap;
-    } offs, puts;
-    struct {
-        span *v;
-        size_t n, cap;
-    } dels;
-    struct {
-        ctr_rec *v;
-        size_t n, cap;
-    } ctrs;
-    struct {
-        incr_rec *v;
-        size_t n, cap;
-    } incrs;
-    struct {
-        acct_rec *v;
-        size_t n, cap;
-    } accts;
-    struct {
-        op_rec *v;
-        size_t n, cap;
-    } ops;
+    VEC(pair) offs, puts;
+    VEC(span) dels;
+    VEC(ctr_rec) ctrs;
+    VEC(incr_rec) incrs;
+    VEC(acct_rec) accts;
+    VEC(op_rec) ops;
 };
 
 struct pql_store {
     redisContext *ctx; /* NULL: connect on the next call */
     int is_unix;
     char *host; /* host name, or the socket path */
-    int port;
+    int port, db, timeout_ms;
     char *user, *pass; /* NULL when absent */
-    int db;
-    int timeout_ms;
-    char where[128]; /* "host:port" or the socket path, for messages */
+    char where[128];   /* "host:port" or "unix:/path", for messages */
     const char *script;
     size_t script_len;
     char sha[41];
-    struct {
-        span *v;
-        size_t n, cap;
-    } args; /* commit argv as spans */
+    VEC(span) args; /* a commit's argv as spans into the batch's bytes */
+    int args_oom;
     const char **argv;
-    size_t *argvlen;
-    size_t argv_cap;
+    size_t *argvlen, argv_cap;
     unsigned char *pending;
     size_t pending_cap;
     pql_buf scratch;
@@ -147,24 +134,21 @@ static void *vec_grow(void *v, size_t *cap, size_t need, size_t size)
 
 /* ---- errors and the connection ------------------------------------------ */
 
-static void redact(char *msg, const char *secret)
+/* Formats the reason into errstr (password masked) and returns err. */
+__attribute__((format(printf, 5, 6))) static pql_err
+fail(const pql_store *s, char *errstr, size_t size, pql_err err, const char *fmt, ...)
 {
-    if (!secret || !*secret) return;
-    size_t n = strlen(secret);
-    for (char *p = msg; (p = strstr(p, secret)) != NULL; p += n)
-        memset(p, '*', n);
-}
-
-static void set_err(const pql_store *s, char *errstr, size_t size, const char *fmt, ...)
-    __attribute__((format(printf, 4, 5)));
-static void set_err(const pql_store *s, char *errstr, size_t size, const char *fmt, ...)
-{
-    if (!errstr || size == 0) return;
+    if (!errstr || size == 0) return err;
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(errstr, size, fmt, ap);
     va_end(ap);
-    if (s) redact(errstr, s->pass);
+    if (s && s->pass && *s->pass) {
+        size_t n = strlen(s->pass);
+        for (char *p = errstr; (p = strstr(p, s->pass)) != NULL; p += n)
+            memset(p, '*', n);
+    }
+    return err;
 }
 
 static void drop(pql_store *s)
@@ -173,11 +157,11 @@ static void drop(pql_store *s)
     s->ctx = NULL;
 }
 
-/* The connection failed: report why, drop it so the next call reconnects. */
+/* The connection failed: report why and drop it, so the next call reconnects. */
 static pql_err io_fail(pql_store *s, char *errstr, size_t size, const char *what)
 {
     const char *why = s->ctx && s->ctx->err ? s->ctx->errstr : "connection failed";
-    set_err(s, errstr, size, "redis %s: %s: %s", s->where, what, why);
+    fail(s, errstr, size, PQL_ERR_IO, "redis %s: %s: %s", s->where, what, why);
     drop(s);
     return PQL_ERR_IO;
 }
@@ -185,8 +169,7 @@ static pql_err io_fail(pql_store *s, char *errstr, size_t size, const char *what
 static redisReply *get_reply(pql_store *s)
 {
     void *r = NULL;
-    if (redisGetReply(s->ctx, &r) != REDIS_OK) return NULL;
-    return r;
+    return redisGetReply(s->ctx, &r) == REDIS_OK ? r : NULL;
 }
 
 static pql_err store_connect(pql_store *s, char *errstr, size_t size)
@@ -199,7 +182,7 @@ static pql_err store_connect(pql_store *s, char *errstr, size_t size)
     if (redisSetTimeout(s->ctx, tv) != REDIS_OK) return io_fail(s, errstr, size, "set timeout");
     const char *what[2];
     int n = 0;
-    if (s->pass) {
+    if (s->pass) { /* "AUTH user pass" or "AUTH pass" */
         const char *av[3] = {"AUTH", s->user ? s->user : s->pass, s->pass};
         size_t al[3] = {4, strlen(av[1]), strlen(s->pass)};
         redisAppendCommandArgv(s->ctx, s->user ? 3 : 2, av, al);
@@ -209,41 +192,38 @@ static pql_err store_connect(pql_store *s, char *errstr, size_t size)
         redisAppendCommand(s->ctx, "SELECT %d", s->db);
         what[n++] = "SELECT";
     }
-    if (n == 0) return PQL_OK;
-    s->round_trips++;
+    if (n) s->round_trips++;
     s->commands += (uint64_t)n;
     for (int i = 0; i < n; i++) {
         redisReply *r = get_reply(s);
         if (!r) return io_fail(s, errstr, size, what[i]);
-        if (r->type == REDIS_REPLY_ERROR) {
-            set_err(s, errstr, size, "redis %s: %s refused: %s", s->where, what[i], r->str);
-            freeReplyObject(r);
-            drop(s);
-            return PQL_ERR_IO;
-        }
+        pql_err err = r->type != REDIS_REPLY_ERROR
+                          ? PQL_OK
+                          : fail(s, errstr, size, PQL_ERR_IO, "redis %s: %s refused: %s", s->where,
+                                 what[i], r->str);
         freeReplyObject(r);
+        if (err) {
+            drop(s);
+            return err;
+        }
     }
     return PQL_OK;
 }
 
-/* One command, one round trip.  @returns the reply (not an error reply) or NULL. */
+/* One command, one round trip.  @returns the reply (never an error reply) or NULL. */
 static redisReply *command(pql_store *s, int argc, const char **argv, const size_t *lens,
                            const char *what, pql_err *err, char *errstr, size_t size)
 {
-    *err = store_connect(s, errstr, size);
-    if (*err) return NULL;
+    if ((*err = store_connect(s, errstr, size)) != PQL_OK) return NULL;
     s->round_trips++;
     s->commands++;
     redisReply *r = redisCommandArgv(s->ctx, argc, argv, lens);
     if (!r) {
         *err = io_fail(s, errstr, size, what);
-        return NULL;
-    }
-    if (r->type == REDIS_REPLY_ERROR) {
-        set_err(s, errstr, size, "redis %s: %s: %s", s->where, what, r->str);
+    } else if (r->type == REDIS_REPLY_ERROR) {
+        *err = fail(s, errstr, size, PQL_ERR_IO, "redis %s: %s: %s", s->where, what, r->str);
         freeReplyObject(r);
-        *err = PQL_ERR_IO;
-        return NULL;
+        r = NULL;
     }
     return r;
 }
@@ -255,50 +235,36 @@ static pql_err load_script(pql_store *s, char *errstr, size_t size)
     pql_err err;
     redisReply *r = command(s, 3, av, al, "SCRIPT LOAD", &err, errstr, size);
     if (!r) return err;
-    if (r->type != REDIS_REPLY_STRING || r->len != 40) {
-        set_err(s, errstr, size, "redis %s: SCRIPT LOAD: unexpected reply", s->where);
-        freeReplyObject(r);
-        return PQL_ERR_IO;
-    }
-    memcpy(s->sha, r->str, 40);
-    s->sha[40] = '\0';
+    if (r->type == REDIS_REPLY_STRING && r->len == 40)
+        memcpy(s->sha, r->str, 41);
+    else
+        err = fail(s, errstr, size, PQL_ERR_IO, "redis %s: SCRIPT LOAD: bad reply", s->where);
     freeReplyObject(r);
-    return PQL_OK;
+    return err;
 }
 
-/* ---- URLs ------------------------------------------------------------------ */
-
-static int hexval(char c)
-{
-    if (c >= '0' && c <= '9') return c - '0';
-    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
-    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
-    return -1;
-}
+/* ---- URLs (error messages never echo the URL: it may hold a password) ------ */
 
 /* Percent-decodes p[0..len) into a new string; NULL on a bad escape or %00. */
 static char *decode_part(const char *p, size_t len)
 {
     char *out = malloc(len + 1), *o = out;
-    if (!out) return NULL;
-    for (size_t i = 0; i < len; i++) {
-        if (p[i] != '%') {
+    for (size_t i = 0; out && i < len; i++) {
+        unsigned v;
+        if (p[i] != '%')
             *o++ = p[i];
-            continue;
-        }
-        int hi = i + 2 < len ? hexval(p[i + 1]) : -1, lo = hi >= 0 ? hexval(p[i + 2]) : -1;
-        if (lo < 0 || (hi | lo) == 0) {
-            free(out);
-            return NULL;
-        }
-        *o++ = (char)(hi * 16 + lo);
-        i += 2;
+        else if (i + 2 < len && isxdigit((unsigned char)p[i + 1]) &&
+                 isxdigit((unsigned char)p[i + 2]) && sscanf(p + i + 1, "%2x", &v) == 1 && v)
+            *o++ = (char)v, i += 2;
+        else
+            free(out), out = NULL;
     }
-    *o = '\0';
+    if (out) *o = '\0';
     return out;
 }
 
-static int parse_uint(const char *p, size_t len, long max, long *out)
+/* Parses len > 0 decimal digits, at most `max`. */
+static int parse_uint(const char *p, size_t len, long max, int *out)
 {
     long v = 0;
     if (len == 0 || len > 9) return -1;
@@ -307,119 +273,79 @@ static int parse_uint(const char *p, size_t len, long max, long *out)
         v = v * 10 + (p[i] - '0');
     }
     if (v > max) return -1;
-    *out = v;
+    *out = (int)v;
     return 0;
 }
 
-/* Fills s->user/pass from "user:password", ":password" (never echoes them). */
-static int parse_userinfo(pql_store *s, const char *p, size_t len, char *errstr, size_t size)
+/* Fills s->user/pass from "user:password" or ":password". */
+static pql_err parse_userinfo(pql_store *s, const char *p, size_t len, char *errstr, size_t size)
 {
     const char *colon = memchr(p, ':', len);
-    if (!colon) {
-        set_err(NULL, errstr, size,
-                "Redis URL: credentials need a password (user:password@ or :password@)");
-        return -1;
-    }
+    if (!colon)
+        return fail(NULL, errstr, size, PQL_ERR_ARG,
+                    "Redis URL: credentials need a password (user:password@ or :password@)");
     size_t ulen = (size_t)(colon - p);
-    if (ulen && !(s->user = decode_part(p, ulen))) goto bad;
-    if (!(s->pass = decode_part(colon + 1, len - ulen - 1))) goto bad;
-    return 0;
-bad:
-    set_err(NULL, errstr, size, "Redis URL: bad %%-escape in user or password");
-    return -1;
+    if ((ulen && !(s->user = decode_part(p, ulen))) ||
+        !(s->pass = decode_part(colon + 1, len - ulen - 1)))
+        return fail(NULL, errstr, size, PQL_ERR_ARG, "Redis URL: bad %%-escape in credentials");
+    return PQL_OK;
 }
 
-static int parse_url(pql_store *s, const char *url, char *errstr, size_t size)
+static pql_err parse_unix(pql_store *s, const char *rest, char *errstr, size_t size)
 {
-    long v;
-    if (strncmp(url, "rediss://", 9) == 0) {
-        set_err(NULL, errstr, size,
-                "Redis URL: rediss:// (TLS) is not supported by hiredis 0.14; use a TLS "
-                "proxy such as stunnel, or redis:// on a trusted network");
-        return -1;
+    const char *path = rest, *at = strchr(rest, '@');
+    s->is_unix = 1;
+    if (*rest != '/') {
+        if (!at || at[1] != '/')
+            return fail(NULL, errstr, size, PQL_ERR_ARG, "Redis URL: unix:// needs a full path");
+        if (parse_userinfo(s, rest, (size_t)(at - rest), errstr, size)) return PQL_ERR_ARG;
+        path = at + 1;
     }
-    if (strncmp(url, "unix://", 7) == 0) {
-        const char *rest = url + 7, *path = rest;
-        s->is_unix = 1;
-        if (*rest != '/') {
-            const char *at = strchr(rest, '@');
-            if (!at || at[1] != '/') {
-                set_err(NULL, errstr, size, "Redis URL: unix:// needs an absolute socket path");
-                return -1;
-            }
-            if (parse_userinfo(s, rest, (size_t)(at - rest), errstr, size) < 0) return -1;
-            path = at + 1;
-        }
-        const char *q = strchr(path, '?');
-        size_t plen = q ? (size_t)(q - path) : strlen(path);
-        if (plen >= sizeof(((struct sockaddr_un *)0)->sun_path)) {
-            set_err(NULL, errstr, size, "Redis URL: unix socket path longer than %zu bytes",
-                    sizeof(((struct sockaddr_un *)0)->sun_path) - 1);
-            return -1;
-        }
-        if (q) {
-            if (strncmp(q, "?db=", 4) != 0 || parse_uint(q + 4, strlen(q + 4), INT_MAX, &v) < 0) {
-                set_err(NULL, errstr, size, "Redis URL: unix:// accepts only ?db=N");
-                return -1;
-            }
-            s->db = (int)v;
-        }
-        if (!(s->host = strndup(path, plen))) goto nomem;
-        snprintf(s->where, sizeof s->where, "unix:%s", s->host);
-        return 0;
-    }
-    if (strncmp(url, "redis://", 8) != 0) {
-        set_err(NULL, errstr, size, "Redis URL must start with redis:// or unix://");
-        return -1;
-    }
+    const char *q = strchr(path, '?');
+    size_t plen = q ? (size_t)(q - path) : strlen(path);
+    if (plen >= sizeof(((struct sockaddr_un *)0)->sun_path))
+        return fail(NULL, errstr, size, PQL_ERR_ARG, "Redis URL: socket path over 107 bytes");
+    if (q && (strncmp(q, "?db=", 4) != 0 || parse_uint(q + 4, strlen(q + 4), INT_MAX, &s->db)))
+        return fail(NULL, errstr, size, PQL_ERR_ARG, "Redis URL: unix:// takes only ?db=N");
+    if (!(s->host = strndup(path, plen))) return PQL_ERR_NOMEM;
+    snprintf(s->where, sizeof s->where, "unix:%.100s", s->host);
+    return PQL_OK;
+}
+
+static pql_err parse_url(pql_store *s, const char *url, char *errstr, size_t size)
+{
+    if (strncmp(url, "rediss://", 9) == 0)
+        return fail(NULL, errstr, size, PQL_ERR_ARG,
+                    "Redis URL: rediss:// (TLS) needs hiredis >= 1.0; this build has 0.14. "
+                    "Use a TLS proxy (stunnel) or redis:// on a trusted network");
+    if (strncmp(url, "unix://", 7) == 0) return parse_unix(s, url + 7, errstr, size);
+    if (strncmp(url, "redis://", 8) != 0)
+        return fail(NULL, errstr, size, PQL_ERR_ARG,
+                    "Redis URL must start with redis:// or unix://");
     const char *rest = url + 8, *at = strrchr(rest, '@');
     if (at) {
-        if (parse_userinfo(s, rest, (size_t)(at - rest), errstr, size) < 0) return -1;
+        if (parse_userinfo(s, rest, (size_t)(at - rest), errstr, size)) return PQL_ERR_ARG;
         rest = at + 1;
     }
     const char *slash = strchr(rest, '/'), *end = slash ? slash : rest + strlen(rest);
     const char *hend = end, *port = NULL;
-    if (*rest == '[') { /* [v6 address] */
-        const char *rb = memchr(rest, ']', (size_t)(end - rest));
-        if (!rb) goto bad_host;
-        hend = rb;
+    if (*rest == '[') { /* [IPv6]:port */
+        if (!(hend = memchr(rest, ']', (size_t)(end - rest))) || (hend + 1 < end && hend[1] != ':'))
+            return fail(NULL, errstr, size, PQL_ERR_ARG, "Redis URL: bad [IPv6] host");
+        port = hend + 1 < end ? hend + 2 : NULL;
         rest++;
-        if (rb + 1 < end) {
-            if (rb[1] != ':') goto bad_host;
-            port = rb + 2;
-        }
-    } else {
-        const char *colon = memchr(rest, ':', (size_t)(end - rest));
-        if (colon) {
-            hend = colon;
-            port = colon + 1;
-        }
+    } else if ((port = memchr(rest, ':', (size_t)(end - rest))) != NULL) {
+        hend = port++;
     }
     s->port = 6379;
-    if (port) {
-        if (parse_uint(port, (size_t)(end - port), 65535, &v) < 0 || v == 0) {
-            set_err(NULL, errstr, size, "Redis URL: bad port (1-65535)");
-            return -1;
-        }
-        s->port = (int)v;
-    }
-    if (slash && slash[1]) {
-        if (parse_uint(slash + 1, strlen(slash + 1), INT_MAX, &v) < 0) {
-            set_err(NULL, errstr, size, "Redis URL: bad database number after '/'");
-            return -1;
-        }
-        s->db = (int)v;
-    }
+    if (port && (parse_uint(port, (size_t)(end - port), 65535, &s->port) || s->port == 0))
+        return fail(NULL, errstr, size, PQL_ERR_ARG, "Redis URL: bad port (1-65535)");
+    if (slash && slash[1] && parse_uint(slash + 1, strlen(slash + 1), INT_MAX, &s->db))
+        return fail(NULL, errstr, size, PQL_ERR_ARG, "Redis URL: bad database number after /");
     s->host = hend > rest ? strndup(rest, (size_t)(hend - rest)) : strdup("127.0.0.1");
-    if (!s->host) goto nomem;
+    if (!s->host) return PQL_ERR_NOMEM;
     snprintf(s->where, sizeof s->where, "%.100s:%d", s->host, s->port);
-    return 0;
-bad_host:
-    set_err(NULL, errstr, size, "Redis URL: bad host (IPv6 as [addr]:port)");
-    return -1;
-nomem:
-    set_err(NULL, errstr, size, "Redis URL: out of memory");
-    return -1;
+    return PQL_OK;
 }
 
 /* ---- open, close, simple commands ------------------------------------------ */
@@ -427,21 +353,24 @@ nomem:
 pql_store *pql_store_open(const char *url, int timeout_ms, char *errstr, size_t errstr_size)
 {
     pql_store *s = calloc(1, sizeof *s);
-    if (!s) {
-        set_err(NULL, errstr, errstr_size, "redis: out of memory");
-        return NULL;
-    }
+    pql_err err = PQL_ERR_NOMEM;
+    if (!s) goto fail;
     s->timeout_ms = timeout_ms > 0 ? timeout_ms : 5000;
     s->script = pql_embedded_get("store.lua", &s->script_len);
     if (!s->script) {
-        set_err(NULL, errstr, errstr_size, "redis: store.lua is not embedded (build error)");
+        fail(NULL, errstr, errstr_size, PQL_ERR_ARG, "store.lua is not embedded (build error)");
         goto fail;
     }
-    if (!url || parse_url(s, url, errstr, errstr_size) < 0) goto fail;
-    if (store_connect(s, errstr, errstr_size) != PQL_OK) goto fail;
-    if (load_script(s, errstr, errstr_size) != PQL_OK) goto fail;
+    if (!url)
+        err = fail(NULL, errstr, errstr_size, PQL_ERR_ARG, "Redis URL missing");
+    else
+        err = parse_url(s, url, errstr, errstr_size);
+    if (err || (err = store_connect(s, errstr, errstr_size)) ||
+        (err = load_script(s, errstr, errstr_size)))
+        goto fail;
     return s;
 fail:
+    if (err == PQL_ERR_NOMEM) fail(NULL, errstr, errstr_size, err, "redis: out of memory");
     pql_store_close(s);
     return NULL;
 }
@@ -450,10 +379,10 @@ void pql_store_close(pql_store *s)
 {
     if (!s) return;
     drop(s);
-    free(s->host);
-    free(s->user);
     if (s->pass) memset(s->pass, 0, strlen(s->pass));
     free(s->pass);
+    free(s->user);
+    free(s->host);
     free(s->args.v);
     free(s->argv);
     free(s->argvlen);
@@ -468,7 +397,7 @@ pql_err pql_store_ping(pql_store *s, char *errstr, size_t errstr_size)
     size_t al[1] = {4};
     pql_err err;
     redisReply *r = command(s, 1, av, al, "PING", &err, errstr, errstr_size);
-    if (r) freeReplyObject(r);
+    freeReplyObject(r);
     return err;
 }
 
@@ -478,18 +407,21 @@ void pql_store_stats(const pql_store *s, uint64_t *round_trips, uint64_t *comman
     if (commands) *commands = s->commands;
 }
 
-static int append_prefix(pql_buf *out, const char *group, int32_t partition)
+/* Appends "pql:{group:partition}:" + tag + name[0..len) to out. */
+static int append_key(pql_buf *out, const char *group, int32_t partition, const char *tag,
+                      const char *name, size_t len)
 {
-    return pql_buf_printf(out, "pql:{%s:%d}:", group, (int)partition);
+    if (pql_buf_printf(out, "pql:{%s:%d}:%s", group, (int)partition, tag) < 0) return -1;
+    return pql_buf_append(out, name, len);
 }
 
 void pql_store_account_key(pql_buf *out, const char *group, int32_t partition, const char *account,
                            size_t account_len)
 {
-    if (append_prefix(out, group, partition) == 0 && pql_buf_append(out, "a:", 2) == 0)
-        pql_buf_append(out, account, account_len);
+    append_key(out, group, partition, "a:", account, account_len);
 }
 
+/* Braces in the group would move the hash tag. */
 static int bad_group(const char *group)
 {
     return !group || strpbrk(group, "{}") != NULL;
@@ -497,41 +429,54 @@ static int bad_group(const char *group)
 
 static int parse_i64(const redisReply *r, int64_t *out)
 {
-    if (r->type == REDIS_REPLY_INTEGER) {
-        *out = r->integer;
-        return 0;
-    }
-    if (r->type != REDIS_REPLY_STRING || r->len == 0 || r->len > 20) return -1;
     char tmp[24], *end;
+    if (r->type == REDIS_REPLY_INTEGER) return *out = r->integer, 0;
+    if (r->type != REDIS_REPLY_STRING || r->len == 0 || r->len > 20) return -1;
     memcpy(tmp, r->str, r->len);
     tmp[r->len] = '\0';
-    long long v = strtoll(tmp, &end, 10);
-    if (*end) return -1;
-    *out = v;
-    return 0;
+    *out = strtoll(tmp, &end, 10);
+    return *end ? -1 : 0;
 }
 
 /* ---- claim ------------------------------------------------------------------- */
+
+/* Checks the EXEC reply [epoch, seq|nil, [off|nil …]] and fills out. */
+static int parse_claim(const redisReply *r, size_t ntopics, pql_claim *out)
+{
+    if (r->type != REDIS_REPLY_ARRAY || r->elements != (ntopics ? 3u : 2u)) return -1;
+    const redisReply *seq = r->element[1], *offs = ntopics ? r->element[2] : NULL;
+    out->seq = 0;
+    if (parse_i64(r->element[0], &out->epoch) ||
+        (seq->type != REDIS_REPLY_NIL && parse_i64(seq, &out->seq)))
+        return -1;
+    if (offs && (offs->type != REDIS_REPLY_ARRAY || offs->elements != ntopics)) return -1;
+    for (size_t i = 0; i < 4; i++) {
+        out->offsets[i] = -1;
+        const redisReply *o = i < ntopics ? offs->element[i] : NULL;
+        if (o && o->type != REDIS_REPLY_NIL && parse_i64(o, &out->offsets[i])) return -1;
+    }
+    return 0;
+}
 
 pql_err pql_store_claim(pql_store *s, const char *group, int32_t partition,
                         const char *const *topics, size_t ntopics, pql_claim *out, char *errstr,
                         size_t errstr_size)
 {
-    if (ntopics > 4 || bad_group(group)) {
-        set_err(s, errstr, errstr_size, "claim: at most 4 topics; no '{' or '}' in the group");
-        return PQL_ERR_ARG;
-    }
-    pql_err err = store_connect(s, errstr, errstr_size);
-    if (err) return err;
-    pql_buf *k = &s->scratch; /* key, then "off:<topic>" fields */
+    if (ntopics > 4 || bad_group(group))
+        return fail(s, errstr, errstr_size, PQL_ERR_ARG,
+                    "claim: at most 4 topics, and no '{' or '}' in the group name");
+    pql_buf *k = &s->scratch; /* the meta key, then the "off:<topic>" fields */
     size_t offs[5];
     pql_buf_reset(k);
-    if (append_prefix(k, group, partition) < 0 || pql_buf_append(k, "meta", 4) < 0) goto nomem;
+    int oom = append_key(k, group, partition, "meta", "", 0);
     offs[0] = k->len;
     for (size_t i = 0; i < ntopics; i++) {
-        if (pql_buf_printf(k, "off:%s", topics[i]) < 0) goto nomem;
+        oom |= pql_buf_printf(k, "off:%s", topics[i]);
         offs[i + 1] = k->len;
     }
+    if (oom) return fail(s, errstr, errstr_size, PQL_ERR_NOMEM, "claim: out of memory");
+    pql_err err = store_connect(s, errstr, errstr_size);
+    if (err) return err;
     const char *av[6] = {"HINCRBY", k->data, "epoch", "1"};
     size_t al[6] = {7, offs[0], 5, 1};
     redisAppendCommand(s->ctx, "MULTI");
@@ -539,46 +484,23 @@ pql_err pql_store_claim(pql_store *s, const char *group, int32_t partition,
     av[0] = "HGET", al[0] = 4, av[2] = "seq", al[2] = 3;
     redisAppendCommandArgv(s->ctx, 3, av, al);
     av[0] = "HMGET", al[0] = 5;
-    for (size_t i = 0; i < ntopics; i++) {
-        av[2 + i] = k->data + offs[i];
-        al[2 + i] = offs[i + 1] - offs[i];
-    }
-    int ncmd = ntopics ? 5 : 4;
+    for (size_t i = 0; i < ntopics; i++)
+        av[2 + i] = k->data + offs[i], al[2 + i] = offs[i + 1] - offs[i];
     if (ntopics) redisAppendCommandArgv(s->ctx, 2 + (int)ntopics, av, al);
     redisAppendCommand(s->ctx, "EXEC");
+    int ncmd = ntopics ? 5 : 4;
     s->round_trips++;
     s->commands += (uint64_t)ncmd;
     redisReply *r = NULL;
     for (int i = 0; i < ncmd; i++) {
-        if (r) freeReplyObject(r);
+        freeReplyObject(r);
         if (!(r = get_reply(s))) return io_fail(s, errstr, errstr_size, "claim");
     }
-    err = PQL_ERR_IO;
-    if (r->type != REDIS_REPLY_ARRAY || r->elements != (ntopics ? 3u : 2u)) goto bad;
-    if (parse_i64(r->element[0], &out->epoch) < 0) goto bad;
-    out->seq = 0;
-    if (r->element[1]->type != REDIS_REPLY_NIL && parse_i64(r->element[1], &out->seq) < 0) goto bad;
-    for (size_t i = 0; i < 4; i++)
-        out->offsets[i] = -1;
-    for (size_t i = 0; i < ntopics; i++) {
-        const redisReply *o =
-            r->element[2]->type == REDIS_REPLY_ARRAY && r->element[2]->elements == ntopics
-                ? r->element[2]->element[i]
-                : NULL;
-        if (!o) goto bad;
-        if (o->type != REDIS_REPLY_NIL && parse_i64(o, &out->offsets[i]) < 0) goto bad;
-    }
-    freeReplyObject(r);
-    return PQL_OK;
-bad:
-    set_err(s, errstr, errstr_size, "redis %s: claim of %s:%d: unexpected reply%s%s", s->where,
-            group, (int)partition, r->type == REDIS_REPLY_ERROR ? ": " : "",
-            r->type == REDIS_REPLY_ERROR ? r->str : "");
+    if (parse_claim(r, ntopics, out))
+        err = fail(s, errstr, errstr_size, PQL_ERR_IO, "redis %s: claim %s:%d: bad reply %s",
+                   s->where, group, (int)partition, r->type == REDIS_REPLY_ERROR ? r->str : "");
     freeReplyObject(r);
     return err;
-nomem:
-    set_err(s, errstr, errstr_size, "claim: out of memory");
-    return PQL_ERR_NOMEM;
 }
 
 /* ---- reads ------------------------------------------------------------------- */
@@ -591,26 +513,22 @@ pql_err pql_store_outbox_scan(pql_store *s, const char *group, int32_t partition
     pql_buf *k = &s->scratch;
     char cursor[32] = "0";
     pql_buf_reset(k);
-    if (append_prefix(k, group, partition) < 0 || pql_buf_append(k, "outbox", 6) < 0) {
-        set_err(s, errstr, errstr_size, "outbox scan: out of memory");
-        return PQL_ERR_NOMEM;
-    }
-    do {
+    if (append_key(k, group, partition, "outbox", "", 0))
+        return fail(s, errstr, errstr_size, PQL_ERR_NOMEM, "outbox scan: out of memory");
+    do { /* HSCAN, not HGETALL: a large outbox must not block the server */
         const char *av[5] = {"HSCAN", k->data, cursor, "COUNT", "1000"};
         size_t al[5] = {5, k->len, strlen(cursor), 5, 4};
         pql_err err;
         redisReply *r = command(s, 5, av, al, "HSCAN outbox", &err, errstr, errstr_size);
         if (!r) return err;
-        if (r->type != REDIS_REPLY_ARRAY || r->elements != 2 ||
-            r->element[0]->type != REDIS_REPLY_STRING || r->element[0]->len >= sizeof cursor ||
-            r->element[1]->type != REDIS_REPLY_ARRAY || r->element[1]->elements % 2) {
-            set_err(s, errstr, errstr_size, "redis %s: HSCAN: unexpected reply", s->where);
+        const redisReply *c = r->elements == 2 ? r->element[0] : NULL;
+        const redisReply *kv = c ? r->element[1] : NULL;
+        if (r->type != REDIS_REPLY_ARRAY || !c || c->type != REDIS_REPLY_STRING ||
+            c->len >= sizeof cursor || kv->type != REDIS_REPLY_ARRAY || kv->elements % 2) {
             freeReplyObject(r);
-            return PQL_ERR_IO;
+            return fail(s, errstr, errstr_size, PQL_ERR_IO, "redis %s: HSCAN: bad reply", s->where);
         }
-        memcpy(cursor, r->element[0]->str, r->element[0]->len);
-        cursor[r->element[0]->len] = '\0';
-        const redisReply *kv = r->element[1];
+        memcpy(cursor, c->str, c->len + 1);
         for (size_t i = 0; i + 1 < kv->elements; i += 2)
             fn(opaque, kv->element[i]->str, kv->element[i]->len, kv->element[i + 1]->str,
                kv->element[i + 1]->len);
@@ -633,12 +551,12 @@ pql_err pql_store_load_accounts(pql_store *s, const char *group, int32_t partiti
                                            size_t field_len, const char *value, size_t value_len),
                                 void *opaque, char *errstr, size_t errstr_size)
 {
-    if (n == 0) return PQL_OK;
-    pql_err err = store_connect(s, errstr, errstr_size);
-    if (err) return err;
+    pql_err err = n ? store_connect(s, errstr, errstr_size) : PQL_OK;
+    if (n == 0 || err) return err;
     for (size_t i = 0; i < n; i++) { /* hiredis copies the arguments at append */
         pql_buf_reset(&s->scratch);
-        pql_store_account_key(&s->scratch, group, partition, ids[i], id_lens[i]);
+        if (append_key(&s->scratch, group, partition, "a:", ids[i], id_lens[i]))
+            return io_fail(s, errstr, errstr_size, "HGETALL: out of memory");
         const char *av[2] = {"HGETALL", s->scratch.data};
         size_t al[2] = {7, s->scratch.len};
         if (redisAppendCommandArgv(s->ctx, 2, av, al) != REDIS_OK)
@@ -649,15 +567,12 @@ pql_err pql_store_load_accounts(pql_store *s, const char *group, int32_t partiti
     for (size_t i = 0; i < n; i++) {
         redisReply *r = get_reply(s);
         if (!r) return io_fail(s, errstr, errstr_size, "HGETALL");
-        if (!is_flat_pairs(r)) {
-            set_err(s, errstr, errstr_size, "redis %s: HGETALL account %zu: %s", s->where, i,
-                    r->type == REDIS_REPLY_ERROR ? r->str : "unexpected reply");
-            err = PQL_ERR_IO; /* keep reading: the pipeline stays in step */
-        } else if (!err) {
-            for (size_t j = 0; j < r->elements; j += 2)
-                fn(opaque, i, r->element[j]->str, r->element[j]->len, r->element[j + 1]->str,
-                   r->element[j + 1]->len);
-        }
+        if (!is_flat_pairs(r)) /* keep reading: the pipeline stays in step */
+            err = fail(s, errstr, errstr_size, PQL_ERR_IO, "redis %s: HGETALL account %zu: %s",
+                       s->where, i, r->type == REDIS_REPLY_ERROR ? r->str : "bad reply");
+        for (size_t j = 0; !err && j < r->elements; j += 2)
+            fn(opaque, i, r->element[j]->str, r->element[j]->len, r->element[j + 1]->str,
+               r->element[j + 1]->len);
         freeReplyObject(r);
     }
     return err;
@@ -670,26 +585,24 @@ pql_err pql_store_counters(pql_store *s, const char *group, int32_t partition, c
 {
     pql_buf *k = &s->scratch;
     pql_buf_reset(k);
-    if (append_prefix(k, group, partition) < 0 || pql_buf_printf(k, "c:%s", name) < 0) {
-        set_err(s, errstr, errstr_size, "counters: out of memory");
-        return PQL_ERR_NOMEM;
-    }
+    if (append_key(k, group, partition, "c:", name, strlen(name)))
+        return fail(s, errstr, errstr_size, PQL_ERR_NOMEM, "counters: out of memory");
     const char *av[2] = {"HGETALL", k->data};
     size_t al[2] = {7, k->len};
     pql_err err;
     redisReply *r = command(s, 2, av, al, "HGETALL counters", &err, errstr, errstr_size);
     if (!r) return err;
-    if (!is_flat_pairs(r)) err = PQL_ERR_IO;
-    for (size_t j = 0; !err && j < r->elements; j += 2) {
+    int bad = !is_flat_pairs(r);
+    for (size_t j = 0; !bad && j < r->elements; j += 2) {
         int64_t v;
-        if (parse_i64(r->element[j + 1], &v) < 0)
-            err = PQL_ERR_IO;
-        else
+        if (!(bad = parse_i64(r->element[j + 1], &v)))
             fn(opaque, r->element[j]->str, r->element[j]->len, v);
     }
-    if (err) set_err(s, errstr, errstr_size, "redis %s: counters %s: bad reply", s->where, name);
     freeReplyObject(r);
-    return err;
+    if (bad)
+        return fail(s, errstr, errstr_size, PQL_ERR_IO, "redis %s: counters %s: bad reply",
+                    s->where, name);
+    return PQL_OK;
 }
 
 /* ---- batches ----------------------------------------------------------------- */
@@ -715,31 +628,34 @@ void pql_store_batch_destroy(pql_store_batch *b)
 }
 
 /* Appends p[0..len) (never memory of b->bytes itself) and sets *out to it. */
-static int put(pql_store_batch *b, span *out, const void *p, size_t len)
+static void put(pql_store_batch *b, span *out, const void *p, size_t len)
 {
     out->off = b->bytes.len;
     out->len = len;
-    if (pql_buf_append(&b->bytes, p, len) == 0) return 0;
-    b->err = PQL_ERR_NOMEM;
-    return -1;
+    if (pql_buf_append(&b->bytes, p, len)) b->err = PQL_ERR_NOMEM;
 }
 
-static int put_int(pql_store_batch *b, span *out, long long v)
+static void put_int(pql_store_batch *b, span *out, long long v)
 {
     char tmp[24];
-    return put(b, out, tmp, (size_t)snprintf(tmp, sizeof tmp, "%lld", v));
+    put(b, out, tmp, (size_t)snprintf(tmp, sizeof tmp, "%lld", v));
 }
 
 /* Appends prefix + tag + name as one span. */
-static int put_key(pql_store_batch *b, span *out, const char *tag, const void *name, size_t len)
+static void put_key(pql_store_batch *b, span *out, const char *tag, const void *name, size_t len)
 {
-    span a, c;
-    if (put(b, out, b->prefix.data, b->prefix.len) || put(b, &a, tag, strlen(tag)) ||
-        put(b, &c, name, len))
-        return -1;
+    span unused;
+    put(b, out, b->prefix.data, b->prefix.len);
+    put(b, &unused, tag, strlen(tag));
+    put(b, &unused, name, len);
     out->len = b->bytes.len - out->off;
-    return 0;
 }
+
+#define PUSH_OR_FAIL(vec, out)                                                                     \
+    do {                                                                                           \
+        VEC_PUSH(vec, out);                                                                        \
+        if (!(out)) return b->err = PQL_ERR_NOMEM;                                                 \
+    } while (0)
 
 void pql_store_batch_begin(pql_store_batch *b, const char *group, int32_t partition, int64_t epoch,
                            int64_t seq)
@@ -751,41 +667,36 @@ void pql_store_batch_begin(pql_store_batch *b, const char *group, int32_t partit
     b->seq = seq;
     b->last_ctr = 0;
     b->err = PQL_OK;
-    if (bad_group(group)) {
+    if (bad_group(group))
         b->err = PQL_ERR_ARG;
-        return;
-    }
-    if (append_prefix(&b->prefix, group, partition) < 0)
+    else if (append_key(&b->prefix, group, partition, "", "", 0))
         b->err = PQL_ERR_NOMEM;
-    else
-        put_key(b, &b->meta_key, "meta", "", 0) == 0 && put_key(b, &b->outbox_key, "outbox", "", 0);
+    put_key(b, &b->meta_key, "meta", "", 0);
+    put_key(b, &b->outbox_key, "outbox", "", 0);
 }
 
 pql_err pql_store_batch_account(pql_store_batch *b, const char *id, size_t id_len, int64_t ttl_ms)
 {
     acct_rec *a;
-    VEC_PUSH(b->accts, a);
-    if (!a) return b->err = PQL_ERR_NOMEM;
+    PUSH_OR_FAIL(b->accts, a);
     a->ttl_ms = ttl_ms;
     a->first = b->ops.n;
     a->nops = 0;
-    if (put_key(b, &a->key, "a:", id, id_len)) return PQL_ERR_NOMEM;
-    return PQL_OK;
+    put_key(b, &a->key, "a:", id, id_len);
+    return b->err;
 }
 
 static pql_err account_op(pql_store_batch *b, const char *field, size_t field_len,
                           const char *value, size_t value_len, int del)
 {
-    if (b->accts.n == 0) return PQL_ERR_ARG; /* no pql_store_batch_account() yet */
     op_rec *o;
-    VEC_PUSH(b->ops, o);
-    if (!o) return b->err = PQL_ERR_NOMEM;
+    if (b->accts.n == 0) return PQL_ERR_ARG; /* no pql_store_batch_account() yet */
+    PUSH_OR_FAIL(b->ops, o);
     o->del = del;
-    o->value.off = o->value.len = 0;
-    if (put(b, &o->field, field, field_len) || (!del && put(b, &o->value, value, value_len)))
-        return PQL_ERR_NOMEM;
+    put(b, &o->field, field, field_len);
+    put(b, &o->value, value, del ? 0 : value_len);
     b->accts.v[b->accts.n - 1].nops++;
-    return PQL_OK;
+    return b->err;
 }
 
 pql_err pql_store_batch_hset(pql_store_batch *b, const char *field, size_t field_len,
@@ -796,82 +707,77 @@ pql_err pql_store_batch_hset(pql_store_batch *b, const char *field, size_t field
 
 pql_err pql_store_batch_hdel(pql_store_batch *b, const char *field, size_t field_len)
 {
-    return account_op(b, field, field_len, NULL, 0, 1);
+    return account_op(b, field, field_len, "", 0, 1);
 }
 
 pql_err pql_store_batch_offset(pql_store_batch *b, const char *topic, int64_t next_offset)
 {
     pair *p;
     span t;
-    VEC_PUSH(b->offs, p);
-    if (!p) return b->err = PQL_ERR_NOMEM;
-    if (put(b, &p->k, "off:", 4) || put(b, &t, topic, strlen(topic)) ||
-        put_int(b, &p->v, next_offset))
-        return PQL_ERR_NOMEM;
+    PUSH_OR_FAIL(b->offs, p);
+    put(b, &p->k, "off:", 4);
+    put(b, &t, topic, strlen(topic));
     p->k.len += t.len;
-    return PQL_OK;
+    put_int(b, &p->v, next_offset);
+    return b->err;
 }
 
 pql_err pql_store_batch_outbox_put(pql_store_batch *b, const char *id, const void *payload,
                                    size_t payload_len)
 {
     pair *p;
-    VEC_PUSH(b->puts, p);
-    if (!p) return b->err = PQL_ERR_NOMEM;
-    if (put(b, &p->k, id, strlen(id)) || put(b, &p->v, payload, payload_len)) return PQL_ERR_NOMEM;
-    return PQL_OK;
+    PUSH_OR_FAIL(b->puts, p);
+    put(b, &p->k, id, strlen(id));
+    put(b, &p->v, payload, payload_len);
+    return b->err;
 }
 
 pql_err pql_store_batch_outbox_del(pql_store_batch *b, const char *id)
 {
     span *d;
-    VEC_PUSH(b->dels, d);
-    if (!d) return b->err = PQL_ERR_NOMEM;
-    return put(b, d, id, strlen(id)) ? PQL_ERR_NOMEM : PQL_OK;
+    PUSH_OR_FAIL(b->dels, d);
+    put(b, d, id, strlen(id));
+    return b->err;
 }
 
-static ctr_rec *find_counter(pql_store_batch *b, const char *name)
+/* @returns the index of counter hash `name`, added if new; SIZE_MAX when out of memory. */
+static size_t find_counter(pql_store_batch *b, const char *name)
 {
     size_t len = strlen(name);
     for (size_t k = 0; k < b->ctrs.n; k++) {
         size_t i = (b->last_ctr + k) % b->ctrs.n; /* the last one used first */
         const ctr_rec *c = &b->ctrs.v[i];
-        if (c->name.len == len && memcmp(b->bytes.data + c->name.off, name, len) == 0) {
-            b->last_ctr = i;
-            return &b->ctrs.v[i];
-        }
+        if (c->name.len == len && memcmp(b->bytes.data + c->name.off, name, len) == 0)
+            return b->last_ctr = i;
     }
     ctr_rec *c;
     VEC_PUSH(b->ctrs, c);
-    if (!c) return NULL;
-    if (put_key(b, &c->key, "c:", name, len)) return NULL;
+    if (!c) return SIZE_MAX;
+    put_key(b, &c->key, "c:", name, len);
     c->name.off = c->key.off + c->key.len - len;
     c->name.len = len;
     c->n = 0;
     c->head = c->tail = NO_NEXT;
-    b->last_ctr = b->ctrs.n - 1;
-    return c;
+    return b->last_ctr = b->ctrs.n - 1;
 }
 
 pql_err pql_store_batch_incr(pql_store_batch *b, const char *name, const char *field, int64_t delta)
 {
-    ctr_rec *c = find_counter(b, name);
     incr_rec *r;
-    if (!c) return b->err = PQL_ERR_NOMEM;
-    size_t ci = (size_t)(c - b->ctrs.v);
-    VEC_PUSH(b->incrs, r);
-    if (!r) return b->err = PQL_ERR_NOMEM;
-    if (put(b, &r->field, field, strlen(field)) || put_int(b, &r->delta, delta))
-        return PQL_ERR_NOMEM;
+    size_t ci = find_counter(b, name);
+    if (ci == SIZE_MAX) return b->err = PQL_ERR_NOMEM;
+    PUSH_OR_FAIL(b->incrs, r);
+    put(b, &r->field, field, strlen(field));
+    put_int(b, &r->delta, delta);
     r->next = NO_NEXT;
+    ctr_rec *c = &b->ctrs.v[ci];
     size_t ri = b->incrs.n - 1;
-    c = &b->ctrs.v[ci];
     if (c->n++ == 0)
         c->head = ri;
     else
         b->incrs.v[c->tail].next = ri;
     c->tail = ri;
-    return PQL_OK;
+    return b->err;
 }
 
 int pql_store_batch_empty(const pql_store_batch *b)
@@ -881,19 +787,21 @@ int pql_store_batch_empty(const pql_store_batch *b)
 
 /* ---- commit ------------------------------------------------------------------ */
 
-static int arg(pql_store *s, span sp)
+static void arg(pql_store *s, span sp)
 {
     span *a;
     VEC_PUSH(s->args, a);
-    if (!a) return -1;
-    *a = sp;
-    return 0;
+    if (a)
+        *a = sp;
+    else
+        s->args_oom = 1;
 }
 
-static int arg_int(pql_store *s, pql_store_batch *b, long long v)
+static void arg_int(pql_store *s, pql_store_batch *b, long long v)
 {
     span sp;
-    return put_int(b, &sp, v) || arg(s, sp);
+    put_int(b, &sp, v);
+    arg(s, sp);
 }
 
 /* Builds the EVALSHA of `b` in s->argv (numbers are appended to b->bytes; the
@@ -902,14 +810,18 @@ static int build(pql_store *s, pql_store_batch *b)
 {
     span sp;
     s->args.n = 0;
-    if (put(b, &sp, "EVALSHA", 7) || arg(s, sp) || put(b, &sp, s->sha, 40) || arg(s, sp) ||
-        arg_int(s, b, (long long)(2 + b->ctrs.n + b->accts.n)) || arg(s, b->meta_key) ||
-        arg(s, b->outbox_key))
-        return -1;
+    s->args_oom = 0;
+    put(b, &sp, "EVALSHA", 7);
+    arg(s, sp);
+    put(b, &sp, s->sha, 40);
+    arg(s, sp);
+    arg_int(s, b, (long long)(2 + b->ctrs.n + b->accts.n));
+    arg(s, b->meta_key);
+    arg(s, b->outbox_key);
     for (size_t i = 0; i < b->ctrs.n; i++)
-        if (arg(s, b->ctrs.v[i].key)) return -1;
+        arg(s, b->ctrs.v[i].key);
     for (size_t i = 0; i < b->accts.n; i++)
-        if (arg(s, b->accts.v[i].key)) return -1;
+        arg(s, b->accts.v[i].key);
     long long head[7] = {b->epoch,
                          b->seq,
                          (long long)b->ctrs.n,
@@ -918,17 +830,17 @@ static int build(pql_store *s, pql_store_batch *b)
                          (long long)b->puts.n,
                          (long long)b->dels.n};
     for (size_t i = 0; i < 7; i++)
-        if (arg_int(s, b, head[i])) return -1;
+        arg_int(s, b, head[i]);
     for (size_t i = 0; i < b->offs.n; i++)
-        if (arg(s, b->offs.v[i].k) || arg(s, b->offs.v[i].v)) return -1;
+        arg(s, b->offs.v[i].k), arg(s, b->offs.v[i].v);
     for (size_t i = 0; i < b->puts.n; i++)
-        if (arg(s, b->puts.v[i].k) || arg(s, b->puts.v[i].v)) return -1;
+        arg(s, b->puts.v[i].k), arg(s, b->puts.v[i].v);
     for (size_t i = 0; i < b->dels.n; i++)
-        if (arg(s, b->dels.v[i])) return -1;
+        arg(s, b->dels.v[i]);
     for (size_t i = 0; i < b->ctrs.n; i++) {
-        if (arg_int(s, b, (long long)b->ctrs.v[i].n)) return -1;
+        arg_int(s, b, (long long)b->ctrs.v[i].n);
         for (size_t r = b->ctrs.v[i].head; r != NO_NEXT; r = b->incrs.v[r].next)
-            if (arg(s, b->incrs.v[r].field) || arg(s, b->incrs.v[r].delta)) return -1;
+            arg(s, b->incrs.v[r].field), arg(s, b->incrs.v[r].delta);
     }
     for (size_t i = 0; i < b->accts.n; i++) {
         const acct_rec *a = &b->accts.v[i];
@@ -936,23 +848,24 @@ static int build(pql_store *s, pql_store_batch *b)
         size_t nruns = 0;
         for (size_t j = 0; j < a->nops; j++)
             nruns += j == 0 || ops[j].del != ops[j - 1].del;
-        if (arg_int(s, b, a->ttl_ms) || arg_int(s, b, (long long)nruns)) return -1;
-        for (size_t j = 0; j < a->nops;) {
-            size_t e = j;
-            while (e < a->nops && ops[e].del == ops[j].del)
-                e++;
-            if (arg_int(s, b, ops[j].del ? -(long long)(e - j) : (long long)(e - j))) return -1;
-            for (; j < e; j++)
-                if (arg(s, ops[j].field) || (!ops[j].del && arg(s, ops[j].value))) return -1;
+        arg_int(s, b, a->ttl_ms);
+        arg_int(s, b, (long long)nruns);
+        for (size_t j = 0, e; j < a->nops; j = e) { /* a run: ops of one kind */
+            for (e = j; e < a->nops && ops[e].del == ops[j].del; e++)
+                ;
+            arg_int(s, b, ops[j].del ? -(long long)(e - j) : (long long)(e - j));
+            for (size_t o = j; o < e; o++) {
+                arg(s, ops[o].field);
+                if (!ops[o].del) arg(s, ops[o].value);
+            }
         }
     }
-    if (s->args.n > (size_t)INT_MAX) return -1;
+    if (s->args_oom || b->err || s->args.n > INT_MAX) return -1;
     if (s->argv_cap < s->args.n) {
         size_t cap = s->argv_cap, cap2 = s->argv_cap;
         const char **av = vec_grow(s->argv, &cap, s->args.n, sizeof *av);
-        if (!av) return -1;
-        s->argv = av;
-        size_t *al = vec_grow(s->argvlen, &cap2, s->args.n, sizeof *al);
+        if (av) s->argv = av;
+        size_t *al = av ? vec_grow(s->argvlen, &cap2, s->args.n, sizeof *al) : NULL;
         if (!al) return -1;
         s->argvlen = al;
         s->argv_cap = cap;
@@ -964,22 +877,30 @@ static int build(pql_store *s, pql_store_batch *b)
     return (int)s->args.n;
 }
 
-static int starts_with(const char *s, const char *prefix)
+/* Maps one EVALSHA reply; @returns 1 on NOSCRIPT (run it again), else 0. */
+static int map_reply(pql_store *s, const pql_store_batch *b, const redisReply *r, pql_err *result,
+                     char *errstr, size_t size)
 {
-    return strncmp(s, prefix, strlen(prefix)) == 0;
+    if (r->type != REDIS_REPLY_ERROR) {
+        *result = r->type == REDIS_REPLY_INTEGER ? PQL_OK : PQL_ERR_IO;
+        return 0;
+    }
+    if (strncmp(r->str, "NOSCRIPT", 8) == 0) return 1;
+    int fenced = strncmp(r->str, "FENCED", 6) == 0 || strncmp(r->str, "ERR FENCED", 10) == 0;
+    *result = fail(s, errstr, size, fenced ? PQL_ERR_FENCED : PQL_ERR_IO, "redis %s: %.*s: %s",
+                   s->where, (int)b->meta_key.len, b->bytes.data + b->meta_key.off, r->str);
+    return 0;
 }
 
 pql_err pql_store_commit(pql_store *s, pql_store_batch *const *batches, size_t n, pql_err *results,
                          char *errstr, size_t errstr_size)
 {
-    if (n == 0) return PQL_OK;
     if (n > s->pending_cap) {
         unsigned char *p = vec_grow(s->pending, &s->pending_cap, n, 1);
         if (!p) {
             for (size_t i = 0; i < n; i++)
                 results[i] = PQL_ERR_NOMEM;
-            set_err(s, errstr, errstr_size, "commit: out of memory");
-            return PQL_ERR_NOMEM;
+            return fail(s, errstr, errstr_size, PQL_ERR_NOMEM, "commit: out of memory");
         }
         s->pending = p;
     }
@@ -988,26 +909,25 @@ pql_err pql_store_commit(pql_store *s, pql_store_batch *const *batches, size_t n
         s->pending[i] = batches[i]->err == PQL_OK;
     }
     for (int attempt = 0; attempt < 2; attempt++) {
-        pql_err err = store_connect(s, errstr, errstr_size);
-        if (err) return err;
         size_t sent = 0, noscript = 0;
         for (size_t i = 0; i < n; i++) {
             if (!s->pending[i]) continue;
+            pql_err err = store_connect(s, errstr, errstr_size);
+            if (err) return err;
             pql_store_batch *b = batches[i];
             size_t mark = b->bytes.len;
             int argc = build(s, b);
             int ok =
-                argc < 0 || redisAppendCommandArgv(s->ctx, argc, s->argv, s->argvlen) == REDIS_OK;
+                argc >= 0 && redisAppendCommandArgv(s->ctx, argc, s->argv, s->argvlen) == REDIS_OK;
             b->bytes.len = mark;
+            b->err = PQL_OK; /* only the numbers appended by build() can have failed */
             if (argc < 0) {
-                results[i] = PQL_ERR_NOMEM;
+                results[i] = fail(s, errstr, errstr_size, PQL_ERR_NOMEM, "commit: out of memory");
                 s->pending[i] = 0;
-                set_err(s, errstr, errstr_size, "commit: out of memory");
             } else if (!ok) {
                 return io_fail(s, errstr, errstr_size, "EVALSHA");
-            } else {
-                sent++;
             }
+            sent += ok;
         }
         if (sent == 0) return PQL_OK;
         s->round_trips++;
@@ -1016,25 +936,14 @@ pql_err pql_store_commit(pql_store *s, pql_store_batch *const *batches, size_t n
             if (!s->pending[i]) continue;
             redisReply *r = get_reply(s);
             if (!r) return io_fail(s, errstr, errstr_size, "EVALSHA");
-            const span *mk = &batches[i]->meta_key;
-            const char *key = batches[i]->bytes.data + mk->off;
-            if (r->type == REDIS_REPLY_ERROR && starts_with(r->str, "NOSCRIPT")) {
-                noscript++;
-            } else if (r->type == REDIS_REPLY_ERROR) {
-                int fenced = starts_with(r->str, "FENCED") || starts_with(r->str, "ERR FENCED");
-                results[i] = fenced ? PQL_ERR_FENCED : PQL_ERR_IO;
-                set_err(s, errstr, errstr_size, "redis %s: %.*s: %s", s->where, (int)mk->len, key,
-                        r->str);
-                s->pending[i] = 0;
-            } else {
-                results[i] = r->type == REDIS_REPLY_INTEGER ? PQL_OK : PQL_ERR_IO;
-                s->pending[i] = 0;
-            }
+            int again = map_reply(s, batches[i], r, &results[i], errstr, errstr_size);
             freeReplyObject(r);
+            noscript += again;
+            s->pending[i] = (unsigned char)again;
         }
         if (noscript == 0) return PQL_OK;
-        if (attempt == 0 && (err = load_script(s, errstr, errstr_size)) != PQL_OK) return err;
+        pql_err err = attempt == 0 ? load_script(s, errstr, errstr_size) : PQL_OK;
+        if (err) return err;
     }
-    set_err(s, errstr, errstr_size, "redis %s: EVALSHA: NOSCRIPT after SCRIPT LOAD", s->where);
-    return PQL_OK;
+    return fail(s, errstr, errstr_size, PQL_OK, "redis %s: NOSCRIPT after SCRIPT LOAD", s->where);
 }

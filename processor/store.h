@@ -28,7 +28,16 @@
  *
  * Connection.  hiredis synchronous context with connect/command timeouts.
  * After an I/O error the context is dropped and the next call reconnects; the
- * caller decides on back-off.  Credentials are never logged. */
+ * caller decides on back-off (a call does not retry by itself, so the first
+ * call after a server restart usually fails with PQL_ERR_IO).  hiredis writes
+ * with write(2): the program must ignore SIGPIPE.  Credentials are never
+ * logged or put in error messages.  pql_store_open() connects (AUTH, SELECT,
+ * SCRIPT LOAD) so a wrong address or password shows at start.
+ *
+ * Group names must not contain '{' or '}' (they would move the hash tag):
+ * claim returns PQL_ERR_ARG and a batch aimed at such a group commits as
+ * PQL_ERR_ARG.  A batch whose building ran out of memory commits as
+ * PQL_ERR_NOMEM (its calls returned it already). */
 #ifndef PQL_STORE_H
 #define PQL_STORE_H
 

@@ -5,8 +5,10 @@
  *
  * Buckets (DESIGN §5): the bucket size follows the window so a 30-day window
  * is 30 fields, not 43,200:
- *   - lifetime (window_ms == 0): one bucket, index 0;
+ *   - lifetime (window_ms == 0): one bucket, index 0 (bucket_ms 0, nbuckets 1);
  *   - days_active: always day buckets (UTC days), window rounded up to days;
+ *     over a lifetime it keeps every active day (bucket_ms 1d, nbuckets 0 =
+ *     unbounded; nothing is ever out of reach);
  *   - otherwise the coarsest of day (window > 2d), hour (window > 1h),
  *     minute that divides the window exactly, falling back to finer sizes
  *     (90m → minutes, 36h → hours).  A window must be whole minutes.
@@ -16,6 +18,9 @@
  * An observation whose bucket is at or before bucket(C) - nbuckets is out of
  * reach: it is not counted (pql_window_add returns 0) and the caller counts it
  * as late.  Out-of-order events within reach count in their own bucket.
+ * Values read all state not out of reach at the clock they are asked for; a
+ * bucket after bucket(C) can exist only if asked at a clock earlier than the
+ * account clock (it then counts, as LAST cannot tell it apart).
  *
  * Aggregates:
  *   COUNT        number of observations            (empty → 0)
@@ -61,7 +66,7 @@ int pql_window_spec_init(pql_window_spec *spec, pql_agg agg, int64_t window_ms, 
                          size_t errstr_size);
 
 /** Bucket index of event time `ts` under `spec` (floor division, correct for
- *  negative ts; always 0 for lifetime). */
+ *  negative ts; always 0 when bucket_ms is 0, i.e. lifetime except days_active). */
 int64_t pql_window_bucket(const pql_window_spec *spec, int64_t ts);
 
 typedef struct pql_window pql_window;

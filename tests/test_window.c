@@ -637,12 +637,23 @@ static size_t member_bytes(int id, char *buf)
     return (size_t)sprintf(buf, "member-%d", id);
 }
 
-enum { NMEMBERS = 40 };
+enum { NMEMBERS = 150 };
+
+/* The model's own bucket arithmetic (not pql_window_bucket). */
+static int64_t model_bucket(const pql_window_spec *s, int64_t ts)
+{
+    return s->bucket_ms ? (int64_t)floor((double)ts / (double)s->bucket_ms) : 0;
+}
+
+/** @returns the first bucket in reach at clock (INT64_MIN for lifetime). */
+static int64_t model_first(const pql_window_spec *s, int64_t clock)
+{
+    return s->window_ms ? model_bucket(s, clock) - s->nbuckets + 1 : INT64_MIN;
+}
 
 static int in_reach(const pql_window_spec *s, int64_t clock, int64_t ts)
 {
-    if (s->window_ms == 0) return 1;
-    return pql_window_bucket(s, ts) > pql_window_bucket(s, clock) - s->nbuckets;
+    return model_bucket(s, ts) >= model_first(s, clock);
 }
 
 static int cmp_i64(const void *a, const void *b)
@@ -680,7 +691,7 @@ static pql_value model_value(const model *m, int64_t clock)
             seen[o->member] = 1;
             break;
         case PQL_AGG_DAYS_ACTIVE:
-            days[ndays++] = pql_window_bucket(&m->spec, o->ts);
+            days[ndays++] = model_bucket(&m->spec, o->ts);
             break;
         case PQL_AGG_MAX:
             acc = any && acc > o->value ? acc : o->value;
@@ -698,6 +709,88 @@ static pql_value model_value(const model *m, int64_t clock)
     free(days);
     if (m->spec.agg == PQL_AGG_MAX && !any) return pql_null();
     return pql_num(acc);
+}
+
+/** The exact pairs the store must hold after a flush, `first` being the first
+ *  bucket in reach at the last expire. */
+static pairs model_pairs(const model *m, int64_t first)
+{
+    pairs p = {0};
+    char field[64];
+    if (m->spec.agg == PQL_AGG_LAST) {
+        const obs *best = NULL;
+        for (size_t i = 0; i < m->len; i++)
+            if (!best || m->v[i].ts >= best->ts) best = &m->v[i];
+        if (best && model_bucket(&m->spec, best->ts) >= first) {
+            pairs_push(&p, "t", 1, (double)best->ts, 0);
+            pairs_push(&p, "v", 1, best->value, 0);
+        }
+        return p;
+    }
+    if (m->spec.agg == PQL_AGG_DISTINCT) {
+        int64_t lastseen[NMEMBERS];
+        for (int k = 0; k < NMEMBERS; k++)
+            lastseen[k] = INT64_MIN;
+        for (size_t i = 0; i < m->len; i++) {
+            int64_t b = model_bucket(&m->spec, m->v[i].ts);
+            if (b > lastseen[m->v[i].member]) lastseen[m->v[i].member] = b;
+        }
+        for (int k = 0; k < NMEMBERS; k++) {
+            if (lastseen[k] == INT64_MIN || lastseen[k] < first) continue;
+            memcpy(field, "m:", 2);
+            size_t n = member_bytes(k, field + 2);
+            pairs_push(&p, field, n + 2, (double)lastseen[k], 0);
+        }
+        return p;
+    }
+    for (size_t i = 0; i < m->len; i++) {
+        const obs *o = &m->v[i];
+        int64_t b = model_bucket(&m->spec, o->ts);
+        if (b < first) continue;
+        int n = snprintf(field, sizeof field, "%" PRId64, b);
+        pair *e = pairs_find(&p, field, (size_t)n);
+        if (!e) {
+            double init = m->spec.agg == PQL_AGG_MAX ? o->value : 0;
+            pairs_push(&p, field, (size_t)n, init, 0);
+            e = &p.v[p.len - 1];
+        }
+        switch (m->spec.agg) {
+        case PQL_AGG_COUNT:
+            e->value += 1;
+            break;
+        case PQL_AGG_SUM:
+            e->value += o->value;
+            break;
+        case PQL_AGG_DAYS_ACTIVE:
+            e->value = 1;
+            break;
+        case PQL_AGG_MAX:
+            e->value = e->value > o->value ? e->value : o->value;
+            break;
+        default:
+            break;
+        }
+    }
+    return p;
+}
+
+static void check_store(const model *m, int64_t first, pairs *store, int step)
+{
+    pairs want = model_pairs(m, first);
+    for (size_t i = 0; i < want.len; i++) {
+        pair *got = pairs_find(store, want.v[i].field, want.v[i].len);
+        cr_assert_not_null(got, "agg %d window %" PRId64 " step %d: store lacks %.*s",
+                           (int)m->spec.agg, m->spec.window_ms, step, (int)want.v[i].len,
+                           want.v[i].field);
+        cr_assert_eq(got->value, want.v[i].value,
+                     "agg %d window %" PRId64 " step %d: store %.*s = %g, want %g",
+                     (int)m->spec.agg, m->spec.window_ms, step, (int)want.v[i].len, want.v[i].field,
+                     got->value, want.v[i].value);
+    }
+    cr_assert_eq(store->len, want.len,
+                 "agg %d window %" PRId64 " step %d: store has %zu pairs, want %zu",
+                 (int)m->spec.agg, m->spec.window_ms, step, store->len, want.len);
+    free(want.v);
 }
 
 static void check_values(const pql_window *w, const model *m, int64_t clock, const char *what,
@@ -728,6 +821,8 @@ static void run_random(pql_agg agg, int64_t window_ms, int steps)
     pairs store = {0};
     int64_t reach = window_ms ? window_ms : 10 * DAY;
     int64_t clock = -(int64_t)rng_range(3 * reach) - 1; /* start in negative time */
+    int64_t last_ts = clock;
+    int64_t first = INT64_MIN; /* first bucket in reach at the last expire */
     for (int step = 0; step < steps; step++) {
         int64_t r = rng_range(100);
         if (r < 70) {
@@ -739,6 +834,14 @@ static void run_random(pql_agg agg, int64_t window_ms, int steps)
                 ts = clock - rng_range(reach + reach / 2); /* some late */
             else
                 ts = clock + rng_range(reach / 3 + 1); /* moves the clock */
+            int64_t snap = rng_range(10);
+            if (snap < 3)
+                ts -= ts % MIN; /* bucket edges (also for negative ts) */
+            else if (snap < 4)
+                ts = last_ts; /* ties */
+            else if (snap < 5)
+                ts = ts - ts % MIN - 1;
+            last_ts = ts;
             clock = ts > clock ? ts : clock;
             double value = (double)(rng_range(41) - 10);
             if (rng_range(50) == 0) value = rng_range(2) ? NAN : -INFINITY;
@@ -762,10 +865,12 @@ static void run_random(pql_agg agg, int64_t window_ms, int steps)
             check_values(w, &m, clock, "query", step);
         } else if (r < 87) {
             pql_window_expire(w, clock);
+            first = model_first(&m.spec, clock);
             check_values(w, &m, clock, "expire", step);
         } else if (r < 95) {
             pql_window_flush(w, store_set, store_del, &store);
             cr_assert_eq(pql_window_dirty(w), 0);
+            check_store(&m, first, &store, step);
             pairs again = flush_log(w);
             cr_assert_eq(again.len, 0, "step %d: a second flush reported %zu pairs", step,
                          again.len);
@@ -776,6 +881,7 @@ static void run_random(pql_agg agg, int64_t window_ms, int steps)
             /* continue with a window loaded from the store, as after eviction */
             pql_window_flush(w, store_set, store_del, &store);
             pql_window_destroy(w);
+            check_store(&m, first, &store, step);
             w = load_copy(&m.spec, &store);
             check_values(w, &m, clock, "reloaded", step);
         }

@@ -1,0 +1,32 @@
+/* cache.h — a task's in-memory accounts: hash map by account id + LRU order.
+ *
+ * Pure core.  The cache owns its accounts.  Eviction only ever drops clean
+ * accounts (everything flushed to Redis), least recently used first, so
+ * write-behind never loses a change. */
+#ifndef PQL_CACHE_H
+#define PQL_CACHE_H
+
+#include "account.h"
+
+typedef struct pql_cache pql_cache;
+
+pql_cache *pql_cache_new(void);
+/** Destroys the cache and every account in it.  NULL is fine. */
+void pql_cache_destroy(pql_cache *c);
+
+/** @returns the account and marks it most recently used, or NULL. */
+pql_account *pql_cache_get(pql_cache *c, const char *id, size_t len);
+
+/** Adds `a` (not present yet); the cache takes ownership. */
+void pql_cache_put(pql_cache *c, pql_account *a);
+
+size_t pql_cache_count(const pql_cache *c);
+
+/** Evicts clean least-recently-used accounts until at most `max` remain (or
+ *  only dirty ones are left).  @returns how many were evicted. */
+size_t pql_cache_evict(pql_cache *c, size_t max);
+
+/** Calls fn for every account, most recently used first. */
+void pql_cache_foreach(pql_cache *c, void (*fn)(void *opaque, pql_account *a), void *opaque);
+
+#endif

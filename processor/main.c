@@ -1,0 +1,210 @@
+/* main.c — the pqlstream program: subcommands over the core library.
+ *
+ *   pqlstream run [--key=value …]     the main job (embedded default when no
+ *                                     brokers / redis are configured)
+ *   pqlstream rules check FILE|DIR…  validate rule files, file:line:col errors
+ *   pqlstream version
+ */
+#include "config.h"
+#include "embedded_kafka.h"
+#include "log.h"
+#include "pipeline.h"
+#include "redis_child.h"
+#include "rules.h"
+#include "sample.h"
+
+#include <errno.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+extern char **environ;
+
+static volatile sig_atomic_t stop_requested;
+
+static void on_stop(int sig)
+{
+    (void)sig;
+    stop_requested = 1;
+}
+
+static void usage(FILE *out)
+{
+    fprintf(out,
+            "pqlstream %s — product-qualified-lead and expansion alerts from product usage\n\n"
+            "usage:\n"
+            "  pqlstream run [--option=value …]   run the stream processor\n"
+            "  pqlstream run --help               list every option, its environment variable and default\n"
+            "  pqlstream rules check PATH…        validate rule files or directories\n"
+            "  pqlstream version                  print the version\n\n"
+            "With no brokers configured (PQLSTREAM_BROKERS) `run` starts an embedded Kafka (librdkafka's\n"
+            "mock cluster) and with no Redis (PQLSTREAM_REDIS) a private redis-server, and drives a\n"
+            "sample workload so alerts appear within seconds.\n",
+            PQL_VERSION);
+}
+
+static int cmd_rules_check(int argc, char **argv)
+{
+    if (argc < 1) {
+        fprintf(stderr, "usage: pqlstream rules check FILE|DIR…\n");
+        return 2;
+    }
+    int bad = 0;
+    for (int i = 0; i < argc; i++) {
+        pql_buf errors = {0};
+        pql_rules *r = pql_rules_load(argv[i], &errors);
+        if (r) {
+            printf("%s: ok — version %s, %zu signals, %zu rules\n", argv[i], pql_rules_version(r),
+                   pql_rules_nsignals(r), pql_rules_nrules(r));
+            pql_rules_destroy(r);
+        } else {
+            fputs(errors.data ? errors.data : "unknown error\n", stderr);
+            bad = 1;
+        }
+        pql_buf_free(&errors);
+    }
+    return bad ? 1 : 0;
+}
+
+static int cmd_run(int argc, char **argv)
+{
+    for (int i = 1; i < argc; i++)
+        if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
+            printf("usage: pqlstream run [--option=value …]\n\n"
+                   "Options (YAML file via --config FILE or PQLSTREAM_CONFIG; environment\n"
+                   "overrides the file, flags override both):\n\n");
+            pql_config_usage(stdout);
+            return 0;
+        }
+    pql_config cfg;
+    char err[1024];
+    int argi = 0, rc = 1;
+    pql_embedded_kafka *kafka = NULL;
+    pql_redis_child *redis = NULL;
+    pql_sample *sample = NULL;
+    pql_rules *rules = NULL;
+    pql_pipeline *p = NULL;
+
+    if (pql_config_load_all(&cfg, argc, argv, environ, &argi, err, sizeof(err)) < 0) {
+        fprintf(stderr, "pqlstream: %s\n", err);
+        pql_config_term(&cfg);
+        return 2;
+    }
+    if (argi < argc) {
+        fprintf(stderr, "pqlstream: unexpected argument '%s' (see pqlstream run --help)\n", argv[argi]);
+        pql_config_term(&cfg);
+        return 2;
+    }
+    if (pql_log_set_level(cfg.log_level) < 0) {
+        fprintf(stderr, "pqlstream: log.level '%s' must be debug, info, warn or error\n", cfg.log_level);
+        pql_config_term(&cfg);
+        return 2;
+    }
+
+    pql_buf errors = {0};
+    rules = pql_rules_load(cfg.rules_path, &errors);
+    if (!rules) {
+        fprintf(stderr, "pqlstream: the rule set is invalid; nothing started:\n%s", errors.data);
+        pql_buf_free(&errors);
+        goto out;
+    }
+    pql_buf_free(&errors);
+    pql_info("rules loaded", "path=%s version=%s signals=%zu rules=%zu", cfg.rules_path,
+             pql_rules_version(rules), pql_rules_nsignals(rules), pql_rules_nrules(rules));
+
+    const char *redis_url = cfg.redis_url;
+    if (!redis_url[0]) {
+        char dir[1024];
+        mkdir(cfg.data_dir, 0700);
+        snprintf(dir, sizeof(dir), "%s/redis", cfg.data_dir);
+        pql_redis_child_opts ro = {.dir = dir, .appendonly = 1};
+        redis = pql_redis_child_start(&ro, err, sizeof(err));
+        if (!redis) {
+            fprintf(stderr, "pqlstream: cannot start the private redis-server: %s\n", err);
+            goto out;
+        }
+        redis_url = pql_redis_child_url(redis);
+        pql_info("embedded redis started", "url=%s data_dir=%s", redis_url, dir);
+    }
+    const char *brokers = cfg.brokers;
+    int embedded = !brokers[0];
+    if (embedded) {
+        const char *topics[] = {cfg.topic_usage, cfg.topic_accounts, cfg.topic_alerts,
+                                cfg.topic_metrics, cfg.topic_dlq, NULL};
+        kafka = pql_embedded_kafka_start(3, topics, cfg.embedded_partitions, err, sizeof(err));
+        if (!kafka) {
+            fprintf(stderr, "pqlstream: cannot start the embedded Kafka: %s\n", err);
+            goto out;
+        }
+        brokers = pql_embedded_kafka_bootstraps(kafka);
+        printf("\nEmbedded Kafka (librdkafka mock cluster) at %s\n"
+               "  watch the alerts:  kcat -b %s -t %s -C -s value=avro … or -f '%%k %%s\\n'\n"
+               "  topics: %s, %s → %s (dead letters: %s)\n\n",
+               brokers, brokers, cfg.topic_alerts, cfg.topic_usage, cfg.topic_accounts,
+               cfg.topic_alerts, cfg.topic_dlq);
+        fflush(stdout);
+    }
+
+    p = pql_pipeline_new(&cfg, brokers, redis_url, rules, err, sizeof(err));
+    if (!p) {
+        fprintf(stderr, "pqlstream: %s\n", err);
+        goto out;
+    }
+    if (embedded) {
+        pql_pipeline_print_alerts(p, 1);
+        if (cfg.sample) {
+            pql_sample_opts so = {.bootstraps = brokers, .usage_topic = cfg.topic_usage,
+                                  .accounts_topic = cfg.topic_accounts, .rate = cfg.sample_rate,
+                                  .accounts = 200};
+            sample = pql_sample_start(&so, err, sizeof(err));
+            if (!sample) {
+                fprintf(stderr, "pqlstream: cannot start the sample workload: %s\n", err);
+                goto out;
+            }
+            printf("Sample workload: %d events/s over 200 accounts; alerts print below as they fire.\n"
+                   "Press Ctrl-C to stop.\n",
+                   cfg.sample_rate);
+            fflush(stdout);
+        }
+    }
+    struct sigaction sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = on_stop;
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
+    signal(SIGPIPE, SIG_IGN);
+
+    rc = pql_pipeline_run(p, &stop_requested);
+    if (sample)
+        pql_info("sample workload stopped", "events=%lld", (long long)pql_sample_produced(sample));
+out:
+    pql_sample_stop(sample);
+    pql_pipeline_destroy(p);
+    pql_embedded_kafka_stop(kafka);
+    pql_redis_child_stop(redis);
+    pql_rules_destroy(rules);
+    pql_config_term(&cfg);
+    if (rc == 0) pql_info("stopped", "%s", "");
+    return rc;
+}
+
+int main(int argc, char **argv)
+{
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    if (argc < 2 || !strcmp(argv[1], "help") || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h")) {
+        usage(argc < 2 ? stderr : stdout);
+        return argc < 2 ? 2 : 0;
+    }
+    if (!strcmp(argv[1], "version") || !strcmp(argv[1], "--version")) {
+        printf("pqlstream %s (librdkafka %s)\n", PQL_VERSION, rd_kafka_version_str());
+        return 0;
+    }
+    if (!strcmp(argv[1], "run")) return cmd_run(argc - 1, argv + 1);
+    if (!strcmp(argv[1], "rules") && argc >= 3 && !strcmp(argv[2], "check"))
+        return cmd_rules_check(argc - 3, argv + 3);
+    fprintf(stderr, "pqlstream: unknown command '%s'\n\n", argv[1]);
+    usage(stderr);
+    return 2;
+}

@@ -1,0 +1,620 @@
+/* pipeline.c — the run loop: consumer, rebalances, batches.  See pipeline.h. */
+#include "pipeline.h"
+
+#include "account.h"
+#include "decode.h"
+#include "log.h"
+#include "sink.h"
+#include "store.h"
+#include "task.h"
+
+#include <librdkafka/rdkafka.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#define MAX_BACKOFF_MS 5000
+
+struct pql_pipeline {
+    const pql_config *cfg;
+    pql_rules *rules;
+    rd_kafka_t *consumer;
+    pql_sink *sink;
+    pql_store *store;
+    pql_decoder *decoders[PQL_NTOPICS];
+    const char *topics[PQL_NTOPICS];
+    int32_t npartitions;
+    pql_task **tasks; /* by partition number; NULL when not ours */
+    uint64_t generation;
+    rd_kafka_message_t **msgs;
+    int print_alerts;
+    int64_t ttl_ms;
+    int reset_latest; /* auto.offset.reset=latest: start there when Redis has no offset */
+};
+
+static void sleep_ms(int ms)
+{
+    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
+    nanosleep(&ts, NULL);
+}
+
+static int topic_index(const pql_pipeline *p, const char *name)
+{
+    for (int i = 0; i < PQL_NTOPICS; i++)
+        if (strcmp(p->topics[i], name) == 0) return i;
+    return -1;
+}
+
+static pql_task *task_of(pql_pipeline *p, int32_t partition, uint64_t generation)
+{
+    if (partition < 0 || partition >= p->npartitions) return NULL;
+    pql_task *t = p->tasks[partition];
+    return t && (generation == 0 || t->generation == generation) ? t : NULL;
+}
+
+/* ---- delivery callbacks ------------------------------------------------ */
+
+static void print_alert(const char *payload, size_t len, int json_payload)
+{
+    char err[256];
+    json_t *j = json_payload ? json_loadb(payload, len, 0, NULL)
+                             : pql_alert_avro_to_json(payload, len, err, sizeof(err));
+    if (!j) return;
+    const char *kind = json_string_value(json_object_get(j, "kind"));
+    printf("\n  %s %-9s %-20s account=%s\n", kind && !strcmp(kind, "PQL") ? "★" : "▲",
+           kind ? kind : "?", json_string_value(json_object_get(j, "rule")),
+           json_string_value(json_object_get(j, "account_id")));
+    size_t i;
+    json_t *v;
+    json_array_foreach(json_object_get(j, "reasons"), i, v) printf("      · %s\n", json_string_value(v));
+    const char *k;
+    printf("      signals:");
+    json_object_foreach(json_object_get(j, "signals"), k, v) printf(" %s=%g", k, json_number_value(v));
+    printf("\n      alert_id=%s ruleset=%s\n", json_string_value(json_object_get(j, "alert_id")),
+           json_string_value(json_object_get(j, "ruleset_version")));
+    fflush(stdout);
+    json_decref(j);
+}
+
+static void on_alert_delivered(void *opaque, int32_t partition, uint64_t generation,
+                               const char *alert_id, const char *payload, size_t len)
+{
+    pql_pipeline *p = opaque;
+    pql_task *t = task_of(p, partition, generation);
+    if (t) pql_task_delivered(t, alert_id);
+    if (p->print_alerts) print_alert(payload, len, p->cfg->output_json);
+}
+
+static void on_dlq_done(void *opaque, int32_t partition, uint64_t generation, int ok)
+{
+    pql_pipeline *p = opaque;
+    pql_task *t = task_of(p, partition, generation);
+    if (!t) return;
+    t->dlq_outstanding--;
+    if (!ok) t->dlq_failed = 1;
+}
+
+/* ---- assignment -------------------------------------------------------- */
+
+static void resend_outbox_item(void *opaque, const char *id, size_t id_len, const char *payload,
+                               size_t payload_len)
+{
+    pql_task *t = ((void **)opaque)[0];
+    pql_pipeline *p = ((void **)opaque)[1];
+    char err[256], aid[PQL_ALERT_ID_LEN + 1];
+    snprintf(aid, sizeof(aid), "%.*s", (int)id_len, id);
+    /* the key is the account id, which the alert carries */
+    json_t *j = p->cfg->output_json ? json_loadb(payload, payload_len, 0, NULL)
+                                    : pql_alert_avro_to_json(payload, payload_len, err, sizeof(err));
+    const char *acct = j ? json_string_value(json_object_get(j, "account_id")) : NULL;
+    pql_sink_alert(p->sink, t->partition, t->generation, aid, acct ? acct : "", acct ? strlen(acct) : 0,
+                   payload, payload_len);
+    json_decref(j);
+}
+
+/* Claims partition `part` in Redis, retrying while Redis is unavailable. */
+static pql_task *claim_task(pql_pipeline *p, int32_t part)
+{
+    pql_task *t = pql_task_new(part, ++p->generation);
+    if (!t) abort();
+    pql_claim claim;
+    char err[512];
+    int backoff = 100;
+    while (pql_store_claim(p->store, p->cfg->group, part, p->topics, PQL_NTOPICS, &claim, err,
+                           sizeof(err)) != PQL_OK) {
+        pql_warn("claim failed, retrying", "partition=%d error=\"%s\" retry_ms=%d", part, err,
+                 backoff);
+        sleep_ms(backoff);
+        backoff = backoff * 2 > MAX_BACKOFF_MS ? MAX_BACKOFF_MS : backoff * 2;
+    }
+    pql_task_claimed(t, &claim);
+    void *ctx[2] = {t, p};
+    if (pql_store_outbox_scan(p->store, p->cfg->group, part, resend_outbox_item, ctx, err,
+                              sizeof(err)) != PQL_OK)
+        pql_warn("outbox scan failed; it is retried at the next assignment", "partition=%d error=\"%s\"",
+                 part, err);
+    pql_info("partition assigned", "partition=%d epoch=%lld seq=%lld usage_offset=%lld accounts_offset=%lld",
+             part, (long long)claim.epoch, (long long)claim.seq, (long long)claim.offsets[0],
+             (long long)claim.offsets[1]);
+    return t;
+}
+
+static void drop_task(pql_pipeline *p, int32_t part, const char *why)
+{
+    pql_task *t = task_of(p, part, 0);
+    if (!t) return;
+    pql_info("partition released", "partition=%d reason=%s", part, why);
+    pql_task_destroy(t);
+    p->tasks[part] = NULL;
+}
+
+static void on_assign(pql_pipeline *p, rd_kafka_topic_partition_list_t *parts)
+{
+    for (int i = 0; i < parts->cnt; i++) {
+        rd_kafka_topic_partition_t *tp = &parts->elems[i];
+        int ti = topic_index(p, tp->topic);
+        if (ti < 0 || tp->partition >= p->npartitions) continue;
+        pql_task *t = task_of(p, tp->partition, 0);
+        if (!t) t = p->tasks[tp->partition] = claim_task(p, tp->partition);
+        int64_t off = t->committed[ti];
+        tp->offset = off >= 0 ? off : (p->reset_latest ? RD_KAFKA_OFFSET_END : RD_KAFKA_OFFSET_BEGINNING);
+    }
+}
+
+static void flush_batches(pql_pipeline *p); /* below */
+
+static void rebalance_cb(rd_kafka_t *rk, rd_kafka_resp_err_t err,
+                         rd_kafka_topic_partition_list_t *parts, void *opaque)
+{
+    pql_pipeline *p = opaque;
+    int cooperative = !strcmp(rd_kafka_rebalance_protocol(rk), "COOPERATIVE");
+    if (err == RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS) {
+        on_assign(p, parts);
+        if (cooperative) rd_kafka_incremental_assign(rk, parts);
+        else rd_kafka_assign(rk, parts);
+        return;
+    }
+    /* Revoke: everything applied so far is already written (batches are
+       flushed before every poll), so finishing means flushing deliveries. */
+    flush_batches(p);
+    for (int i = 0; i < parts->cnt; i++) drop_task(p, parts->elems[i].partition, "revoked");
+    if (cooperative) rd_kafka_incremental_unassign(rk, parts);
+    else rd_kafka_assign(rk, NULL);
+}
+
+/* ---- batches ----------------------------------------------------------- */
+
+typedef struct load_ctx {
+    pql_pipeline *p;
+    pql_account **accts;
+} load_ctx;
+
+static void load_field(void *opaque, size_t i, const char *f, size_t flen, const char *v, size_t vlen)
+{
+    load_ctx *c = opaque;
+    pql_account_load_field(c->accts[i], f, flen, v, vlen);
+}
+
+/* Loads (one round trip per task) the accounts of the batch that are not in
+ * cache, keyed by the message key (= account_id).  @returns 0 or -1 (Redis). */
+static int prefetch(pql_pipeline *p, pql_task *t, rd_kafka_message_t **msgs, size_t n)
+{
+    const char **ids = malloc(n * sizeof(*ids));
+    size_t *lens = malloc(n * sizeof(*lens));
+    pql_account **accts = malloc(n * sizeof(*accts));
+    if (!ids || !lens || !accts) abort();
+    size_t k = 0;
+    for (size_t i = 0; i < n; i++) {
+        rd_kafka_message_t *m = msgs[i];
+        if (m->partition != t->partition || !m->key || !m->key_len) continue;
+        if (pql_task_account(t, m->key, m->key_len)) continue;
+        int dup = 0;
+        for (size_t j = 0; j < k && !dup; j++)
+            dup = lens[j] == m->key_len && !memcmp(ids[j], m->key, m->key_len);
+        if (dup) continue;
+        ids[k] = m->key;
+        lens[k] = m->key_len;
+        accts[k] = pql_account_new(p->rules, m->key, m->key_len);
+        k++;
+    }
+    int rc = 0;
+    if (k) {
+        char err[512];
+        load_ctx c = {p, accts};
+        if (pql_store_load_accounts(p->store, p->cfg->group, t->partition, ids, lens, k, load_field,
+                                    &c, err, sizeof(err)) != PQL_OK) {
+            pql_warn("account load failed", "partition=%d error=\"%s\"", t->partition, err);
+            for (size_t i = 0; i < k; i++) pql_account_destroy(accts[i]);
+            rc = -1;
+        } else {
+            for (size_t i = 0; i < k; i++) pql_task_adopt(t, accts[i]);
+        }
+    }
+    free(ids);
+    free(lens);
+    free(accts);
+    return rc;
+}
+
+/* An account whose id differs from the message key (or no key): load alone. */
+static int ensure_account(pql_pipeline *p, pql_task *t, const pql_event *ev)
+{
+    if (pql_task_account(t, ev->account_id, ev->account_id_len)) return 0;
+    pql_account *a = pql_account_new(p->rules, ev->account_id, ev->account_id_len);
+    pql_account *accts[1] = {a};
+    const char *ids[1] = {ev->account_id};
+    size_t lens[1] = {ev->account_id_len};
+    load_ctx c = {p, accts};
+    char err[512];
+    if (pql_store_load_accounts(p->store, p->cfg->group, t->partition, ids, lens, 1, load_field, &c,
+                                err, sizeof(err)) != PQL_OK) {
+        pql_account_destroy(a);
+        return -1;
+    }
+    pql_task_adopt(t, a);
+    return 0;
+}
+
+static void dead_letter(pql_pipeline *p, pql_task *t, rd_kafka_message_t *m, int ti, pql_err code,
+                        const char *reason)
+{
+    pql_warn("dead-lettered", "topic=%s partition=%d offset=%lld code=%s reason=\"%s\"",
+             p->topics[ti], m->partition, (long long)m->offset, pql_err_str(code), reason);
+    if (pql_sink_dlq(p->sink, t->generation, m, code, reason) != PQL_OK) {
+        t->dlq_failed = 1;
+        return;
+    }
+    t->dlq_outstanding++;
+    pql_task_skip(t, ti, m->offset, 1);
+}
+
+static void process_message(pql_pipeline *p, pql_task *t, rd_kafka_message_t *m, int ti, int64_t now)
+{
+    pql_event ev;
+    char err[512];
+    pql_err rc = pql_decoder_decode(p->decoders[ti], m->payload, m->len, &ev, err, sizeof(err));
+    if (rc != PQL_OK) {
+        dead_letter(p, t, m, ti, rc, err);
+        return;
+    }
+    if (ev.timestamp > now + p->cfg->max_future_skew_ms) {
+        snprintf(err, sizeof(err),
+                 "timestamp %lld is %lld ms ahead of the wall clock (processing.max_future_skew=%lld ms): "
+                 "fix the producer's clock",
+                 (long long)ev.timestamp, (long long)(ev.timestamp - now),
+                 (long long)p->cfg->max_future_skew_ms);
+        dead_letter(p, t, m, ti, PQL_ERR_INVALID, err);
+        return;
+    }
+    if (ensure_account(p, t, &ev) < 0) {
+        t->dlq_failed = 1; /* Redis failed: abandon the batch, retry later */
+        return;
+    }
+    pql_task_apply(t, p->rules, &ev, ti, m->offset, now, p->cfg->output_json);
+}
+
+/* Writes every task's batch to Redis in one round trip, retrying while Redis
+ * is unavailable; then produces the alerts and commits offsets to Kafka. */
+static void flush_batches(pql_pipeline *p)
+{
+    pql_store_batch **batches = malloc((size_t)p->npartitions * sizeof(*batches));
+    pql_task **owners = malloc((size_t)p->npartitions * sizeof(*owners));
+    pql_err *results = malloc((size_t)p->npartitions * sizeof(*results));
+    if (!batches || !owners || !results) abort();
+    int backoff = 100, paused = 0;
+    for (;;) {
+        /* dead letters must be acknowledged before the offset moves past them */
+        int waiting = 0;
+        for (int32_t i = 0; i < p->npartitions; i++)
+            if (p->tasks[i] && p->tasks[i]->dlq_outstanding) waiting = 1;
+        if (waiting) pql_sink_flush(p->sink, 10000);
+        size_t n = 0;
+        for (int32_t i = 0; i < p->npartitions; i++) {
+            pql_task *t = p->tasks[i];
+            if (!t || t->state != PQL_TASK_RUNNING) continue;
+            if (t->dlq_failed || t->dlq_outstanding) {
+                pql_warn("batch abandoned: a dead letter was not delivered; re-reading",
+                         "partition=%d", t->partition);
+                pql_task_abandon(t);
+                for (int k = 0; k < PQL_NTOPICS; k++) {
+                    if (t->committed[k] < 0) continue;
+                    rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(1);
+                    rd_kafka_topic_partition_list_add(l, p->topics[k], t->partition)->offset =
+                        t->committed[k];
+                    rd_kafka_error_t *e = rd_kafka_seek_partitions(p->consumer, l, 5000);
+                    if (e) rd_kafka_error_destroy(e);
+                    rd_kafka_topic_partition_list_destroy(l);
+                }
+                continue;
+            }
+            if (pql_task_build_batch(t, p->cfg->group, p->topics, p->ttl_ms)) {
+                batches[n] = t->batch;
+                owners[n++] = t;
+            }
+        }
+        if (!n) break;
+        char err[512];
+        pql_err rc = pql_store_commit(p->store, batches, n, results, err, sizeof(err));
+        int retry = 0;
+        for (size_t i = 0; i < n; i++) {
+            pql_task *t = owners[i];
+            if (results[i] == PQL_OK) {
+                pql_task_committed(t);
+                for (size_t k = 0; k < t->nalerts; k++)
+                    pql_sink_alert(p->sink, t->partition, t->generation, t->alerts[k].id,
+                                   t->alerts[k].key, t->alerts[k].key_len, t->alerts[k].payload,
+                                   t->alerts[k].payload_len);
+                pql_task_alerts_clear(t);
+                rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(2);
+                for (int k = 0; k < PQL_NTOPICS; k++)
+                    if (t->committed[k] >= 0)
+                        rd_kafka_topic_partition_list_add(l, p->topics[k], t->partition)->offset =
+                            t->committed[k];
+                if (l->cnt) rd_kafka_commit(p->consumer, l, 1);
+                rd_kafka_topic_partition_list_destroy(l);
+            } else if (results[i] == PQL_ERR_FENCED) {
+                pql_error("fenced: another member owns this partition now; dropping it",
+                          "partition=%d epoch=%lld", t->partition, (long long)t->claim.epoch);
+                t->state = PQL_TASK_CLOSED;
+                pql_task_abandon(t);
+            } else {
+                retry = 1;
+            }
+        }
+        if (!retry) break;
+        (void)rc;
+        pql_warn("redis write failed, retrying", "error=\"%s\" retry_ms=%d", err, backoff);
+        if (!paused) {
+            rd_kafka_topic_partition_list_t *a = NULL;
+            if (!rd_kafka_assignment(p->consumer, &a) && a) {
+                rd_kafka_pause_partitions(p->consumer, a);
+                rd_kafka_topic_partition_list_destroy(a);
+            }
+            paused = 1;
+        }
+        pql_sink_poll(p->sink, backoff);
+        backoff = backoff * 2 > MAX_BACKOFF_MS ? MAX_BACKOFF_MS : backoff * 2;
+    }
+    if (paused) {
+        rd_kafka_topic_partition_list_t *a = NULL;
+        if (!rd_kafka_assignment(p->consumer, &a) && a) {
+            rd_kafka_resume_partitions(p->consumer, a);
+            rd_kafka_topic_partition_list_destroy(a);
+        }
+        pql_info("redis write succeeded again; resumed", "%s", "");
+    }
+    for (int32_t i = 0; i < p->npartitions; i++) {
+        if (p->tasks[i] && p->tasks[i]->state == PQL_TASK_CLOSED) drop_task(p, i, "fenced");
+        else if (p->tasks[i]) pql_task_trim(p->tasks[i], (size_t)p->cfg->cache_max_accounts / (size_t)p->npartitions + 1);
+    }
+    free(batches);
+    free(owners);
+    free(results);
+}
+
+static size_t poll_batch(pql_pipeline *p)
+{
+    size_t n = 0, max = (size_t)p->cfg->batch_max_messages;
+    int64_t deadline = pql_now_ms() + p->cfg->batch_max_ms;
+    while (n < max) {
+        int64_t left = deadline - pql_now_ms();
+        if (left < 0) left = 0;
+        rd_kafka_message_t *m = rd_kafka_consumer_poll(p->consumer, n ? (int)left : (int)left);
+        if (!m) {
+            if (left == 0) break;
+            continue;
+        }
+        if (m->err) {
+            if (m->err != RD_KAFKA_RESP_ERR__PARTITION_EOF)
+                pql_warn("consumer error", "error=\"%s\"", rd_kafka_message_errstr(m));
+            rd_kafka_message_destroy(m);
+            continue;
+        }
+        p->msgs[n++] = m;
+        if (left == 0) break;
+    }
+    return n;
+}
+
+static void process_batch(pql_pipeline *p, size_t n)
+{
+    int64_t now = pql_now_ms();
+    /* 1-2: prefetch per task */
+    for (int32_t i = 0; i < p->npartitions; i++) {
+        pql_task *t = p->tasks[i];
+        if (t && t->state == PQL_TASK_RUNNING && prefetch(p, t, p->msgs, n) < 0) t->dlq_failed = 1;
+    }
+    /* 3: decode and apply, in order */
+    for (size_t i = 0; i < n; i++) {
+        rd_kafka_message_t *m = p->msgs[i];
+        int ti = topic_index(p, rd_kafka_topic_name(m->rkt));
+        pql_task *t = task_of(p, m->partition, 0);
+        if (ti < 0 || !t || t->state != PQL_TASK_RUNNING || t->dlq_failed) continue;
+        if (t->next[ti] >= 0 && m->offset < t->next[ti]) continue; /* already processed */
+        process_message(p, t, m, ti, now);
+    }
+    for (size_t i = 0; i < n; i++) rd_kafka_message_destroy(p->msgs[i]);
+    /* 4-5 */
+    flush_batches(p);
+}
+
+int pql_pipeline_run(pql_pipeline *p, volatile sig_atomic_t *stop)
+{
+    pql_info("running", "group=%s usage=%s accounts=%s alerts=%s dlq=%s partitions=%d",
+             p->cfg->group, p->topics[0], p->topics[1], p->cfg->topic_alerts, p->cfg->topic_dlq,
+             p->npartitions);
+    while (!*stop) {
+        size_t n = poll_batch(p);
+        pql_sink_poll(p->sink, 0);
+        if (n) process_batch(p, n);
+        else flush_batches(p); /* outbox removals of delivered alerts */
+    }
+    pql_info("stopping: finishing the batch, flushing alerts, leaving the group", "%s", "");
+    flush_batches(p);
+    pql_sink_flush(p->sink, 10000);
+    flush_batches(p); /* record the last deliveries */
+    rd_kafka_consumer_close(p->consumer);
+    return 0;
+}
+
+/* ---- construction ------------------------------------------------------ */
+
+static int check_topics(pql_pipeline *p, char *errstr, size_t errstr_size)
+{
+    int counts[PQL_NTOPICS] = {0};
+    for (int attempt = 0; attempt < 20; attempt++) {
+        const struct rd_kafka_metadata *md = NULL;
+        rd_kafka_resp_err_t err = rd_kafka_metadata(p->consumer, 1, NULL, &md, 5000);
+        if (err) {
+            snprintf(errstr, errstr_size, "cannot read Kafka metadata from %s: %s",
+                     p->cfg->brokers[0] ? p->cfg->brokers : "the embedded cluster",
+                     rd_kafka_err2str(err));
+            sleep_ms(500);
+            continue;
+        }
+        for (int i = 0; i < md->topic_cnt; i++) {
+            int ti = topic_index(p, md->topics[i].topic);
+            if (ti >= 0 && !md->topics[i].err) counts[ti] = md->topics[i].partition_cnt;
+        }
+        rd_kafka_metadata_destroy(md);
+        if (counts[0] && counts[1]) break;
+        sleep_ms(500);
+    }
+    for (int i = 0; i < PQL_NTOPICS; i++) {
+        if (!counts[i]) {
+            snprintf(errstr, errstr_size,
+                     "input topic '%s' does not exist: create it (with the same partition count as "
+                     "'%s'), or set PQLSTREAM_TOPIC_%s",
+                     p->topics[i], p->topics[1 - i], i ? "ACCOUNTS" : "USAGE");
+            return -1;
+        }
+    }
+    if (counts[0] != counts[1]) {
+        snprintf(errstr, errstr_size,
+                 "input topics are not co-partitioned: '%s' has %d partitions, '%s' has %d. Both "
+                 "must have the same count (and the same key partitioner) so an account's events "
+                 "and updates reach the same task: recreate or expand one of them",
+                 p->topics[0], counts[0], p->topics[1], counts[1]);
+        return -1;
+    }
+    p->npartitions = counts[0];
+    return 0;
+}
+
+pql_pipeline *pql_pipeline_new(const pql_config *cfg, const char *brokers, const char *redis_url,
+                               pql_rules *rules, char *errstr, size_t errstr_size)
+{
+    pql_pipeline *p = calloc(1, sizeof(*p));
+    rd_kafka_conf_t *conf = rd_kafka_conf_new();
+    char e[512];
+    if (!p) goto fail;
+    p->cfg = cfg;
+    p->rules = rules;
+    p->topics[PQL_TOPIC_USAGE] = cfg->topic_usage;
+    p->topics[PQL_TOPIC_ACCOUNTS] = cfg->topic_accounts;
+    p->ttl_ms = cfg->state_ttl_ms;
+    if (pql_rules_max_window(rules) + cfg->lateness_ms > p->ttl_ms)
+        p->ttl_ms = pql_rules_max_window(rules) + cfg->lateness_ms;
+
+    for (int i = 0; i < PQL_NTOPICS; i++) {
+        const char *path = i ? cfg->accounts_writer_schema : cfg->usage_writer_schema;
+        char *schema = NULL;
+        if (path[0]) {
+            FILE *f = fopen(path, "rb");
+            if (!f) {
+                snprintf(errstr, errstr_size, "cannot open writer schema %s: %m", path);
+                goto fail;
+            }
+            fseek(f, 0, SEEK_END);
+            long len = ftell(f);
+            fseek(f, 0, SEEK_SET);
+            schema = calloc(1, (size_t)len + 1);
+            if (!schema || fread(schema, 1, (size_t)len, f) != (size_t)len) len = -1;
+            fclose(f);
+        }
+        p->decoders[i] = pql_decoder_new(i ? PQL_INPUT_ACCOUNT : PQL_INPUT_USAGE, cfg->input_format,
+                                         schema, &cfg->limits, e, sizeof(e));
+        free(schema);
+        if (!p->decoders[i]) {
+            snprintf(errstr, errstr_size, "%s schema: %s", p->topics[i], e);
+            goto fail;
+        }
+    }
+
+    p->store = pql_store_open(redis_url, cfg->redis_timeout_ms, e, sizeof(e));
+    if (!p->store) {
+        snprintf(errstr, errstr_size, "redis: %s", e);
+        goto fail;
+    }
+    if (pql_store_ping(p->store, e, sizeof(e)) != PQL_OK) {
+        snprintf(errstr, errstr_size, "redis is not answering: %s (check PQLSTREAM_REDIS)", e);
+        goto fail;
+    }
+
+    if (rd_kafka_conf_set(conf, "bootstrap.servers", brokers, errstr, errstr_size) ||
+        rd_kafka_conf_set(conf, "group.id", cfg->group, errstr, errstr_size) ||
+        rd_kafka_conf_set(conf, "enable.auto.commit", "false", errstr, errstr_size) ||
+        rd_kafka_conf_set(conf, "enable.auto.offset.store", "false", errstr, errstr_size) ||
+        /* range keeps partition p of both co-partitioned topics on one member */
+        rd_kafka_conf_set(conf, "partition.assignment.strategy", "range", errstr, errstr_size) ||
+        rd_kafka_conf_set(conf, "auto.offset.reset", "earliest", errstr, errstr_size) ||
+        rd_kafka_conf_set(conf, "fetch.wait.max.ms", "10", errstr, errstr_size))
+        goto fail;
+    for (size_t i = 0; i < cfg->nkafka; i++) {
+        if (rd_kafka_conf_set(conf, cfg->kafka[i].key, cfg->kafka[i].value, e, sizeof(e))) {
+            snprintf(errstr, errstr_size, "kafka.%s: %s", cfg->kafka[i].key, e);
+            goto fail;
+        }
+        if (!strcmp(cfg->kafka[i].key, "auto.offset.reset"))
+            p->reset_latest = !strcmp(cfg->kafka[i].value, "latest") || !strcmp(cfg->kafka[i].value, "end");
+    }
+    rd_kafka_conf_set_rebalance_cb(conf, rebalance_cb);
+    rd_kafka_conf_set_opaque(conf, p);
+    p->consumer = rd_kafka_new(RD_KAFKA_CONSUMER, conf, errstr, errstr_size);
+    if (!p->consumer) goto fail;
+    conf = NULL;
+    rd_kafka_poll_set_consumer(p->consumer);
+
+    pql_sink_callbacks cb = {on_alert_delivered, on_dlq_done, p};
+    p->sink = pql_sink_new(cfg, brokers, &cb, errstr, errstr_size);
+    if (!p->sink) goto fail;
+
+    if (check_topics(p, errstr, errstr_size) < 0) goto fail;
+    p->tasks = calloc((size_t)p->npartitions, sizeof(*p->tasks));
+    p->msgs = calloc((size_t)cfg->batch_max_messages, sizeof(*p->msgs));
+    if (!p->tasks || !p->msgs) goto fail;
+
+    rd_kafka_topic_partition_list_t *sub = rd_kafka_topic_partition_list_new(2);
+    rd_kafka_topic_partition_list_add(sub, cfg->topic_usage, RD_KAFKA_PARTITION_UA);
+    rd_kafka_topic_partition_list_add(sub, cfg->topic_accounts, RD_KAFKA_PARTITION_UA);
+    rd_kafka_resp_err_t err = rd_kafka_subscribe(p->consumer, sub);
+    rd_kafka_topic_partition_list_destroy(sub);
+    if (err) {
+        snprintf(errstr, errstr_size, "subscribe: %s", rd_kafka_err2str(err));
+        goto fail;
+    }
+    return p;
+fail:
+    if (conf) rd_kafka_conf_destroy(conf);
+    pql_pipeline_destroy(p);
+    return NULL;
+}
+
+void pql_pipeline_print_alerts(pql_pipeline *p, int on)
+{
+    p->print_alerts = on;
+}
+
+void pql_pipeline_destroy(pql_pipeline *p)
+{
+    if (!p) return;
+    for (int32_t i = 0; p->tasks && i < p->npartitions; i++) pql_task_destroy(p->tasks[i]);
+    free(p->tasks);
+    free(p->msgs);
+    pql_sink_destroy(p->sink, 5000);
+    if (p->consumer) rd_kafka_destroy(p->consumer);
+    pql_store_close(p->store);
+    for (int i = 0; i < PQL_NTOPICS; i++) pql_decoder_destroy(p->decoders[i]);
+    free(p);
+}

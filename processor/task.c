@@ -1,0 +1,278 @@
+/* task.c — per-partition state and batch assembly.  See task.h.
+ *
+ * Lifecycle (checked by assert_task_state in debug builds):
+ *
+ *   ASSIGNED --claim ok--> RUNNING --revoke--> REVOKING --> CLOSED
+ *                             |                                ^
+ *                             +------- fenced / abandoned -----+
+ *
+ * 1. ASSIGNED: the consumer group gave us partition p of both input topics.
+ *    pipeline.c claims it in Redis: the epoch is bumped (fencing every older
+ *    owner) and seq plus the stored next offsets come back.  The outbox is
+ *    re-sent (alerts written by a previous owner but maybe never delivered).
+ *    Consumption starts at the stored offsets, never at Kafka's.
+ * 2. RUNNING: messages are decoded and applied to in-memory accounts (loaded
+ *    from Redis on first touch).  After each poll batch, the task's net
+ *    changes, the alerts it fired, the outbox removals of delivered alerts,
+ *    its counters and the next offsets go to Redis in ONE atomic script call,
+ *    accepted only if the epoch is still ours and seq is the one we read.
+ *    Only then are the alerts produced (they are in the outbox already) and
+ *    the offsets committed to Kafka (for lag tools only).
+ * 3. REVOKING/CLOSED: the task writes nothing more.
+ *
+ * Exactly-once argument.  State S_n and offsets O_n are written together
+ * atomically, so Redis always holds a pair (S, O) where S is exactly the
+ * effect of the input before O.  A crash at any instant leaves such a pair;
+ * the next owner loads S lazily and consumes from O, so every message counts
+ * once.  A retried write after a lost reply is recognised by seq and not
+ * applied twice.  A zombie holds a stale epoch and its writes are refused.
+ * Alerts are in the same atomic write (outbox), so none is lost; they are
+ * produced at least once with ids derived from state (account, rule, seq),
+ * so a re-delivery carries the same id. */
+#include "task.h"
+
+#include <assert.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifndef NDEBUG
+static int assert_task_state(const pql_task *t)
+{
+    assert(t->state <= PQL_TASK_CLOSED);
+    if (t->state == PQL_TASK_RUNNING) assert(t->claim.epoch >= 1);
+    assert(t->nalerts <= t->alerts_cap);
+    assert(t->delivered_in_batch <= t->ndelivered);
+    return 1;
+}
+#define CHECK(t) assert(assert_task_state(t))
+#else
+#define CHECK(t) ((void)0)
+#endif
+
+pql_task *pql_task_new(int32_t partition, uint64_t generation)
+{
+    pql_task *t = calloc(1, sizeof(*t));
+    if (!t) return NULL;
+    t->partition = partition;
+    t->generation = generation;
+    t->state = PQL_TASK_ASSIGNED;
+    for (int i = 0; i < PQL_NTOPICS; i++) t->next[i] = t->committed[i] = -1;
+    t->cache = pql_cache_new();
+    t->batch = pql_store_batch_new();
+    if (!t->cache || !t->batch) {
+        pql_task_destroy(t);
+        return NULL;
+    }
+    return t;
+}
+
+void pql_task_alerts_clear(pql_task *t)
+{
+    for (size_t i = 0; i < t->nalerts; i++) {
+        free(t->alerts[i].key);
+        free(t->alerts[i].payload);
+    }
+    t->nalerts = 0;
+}
+
+void pql_task_destroy(pql_task *t)
+{
+    if (!t) return;
+    pql_task_alerts_clear(t);
+    free(t->alerts);
+    free(t->delivered);
+    pql_cache_destroy(t->cache);
+    pql_store_batch_destroy(t->batch);
+    free(t);
+}
+
+void pql_task_claimed(pql_task *t, const pql_claim *claim)
+{
+    t->claim = *claim;
+    for (int i = 0; i < PQL_NTOPICS; i++) t->next[i] = t->committed[i] = claim->offsets[i];
+    t->state = PQL_TASK_RUNNING;
+    CHECK(t);
+}
+
+pql_account *pql_task_account(pql_task *t, const char *id, size_t len)
+{
+    return pql_cache_get(t->cache, id, len);
+}
+
+void pql_task_adopt(pql_task *t, pql_account *a)
+{
+    pql_cache_put(t->cache, a);
+}
+
+typedef struct alert_ctx {
+    pql_task *t;
+    int json;
+} alert_ctx;
+
+static void on_alert(void *opaque, const pql_alert *al)
+{
+    alert_ctx *c = opaque;
+    pql_task *t = c->t;
+    pql_buf b = {0};
+    char err[256];
+    pql_err rc = c->json ? pql_alert_encode_json(al, &b, err, sizeof(err))
+                         : pql_alert_encode_avro(al, &b, err, sizeof(err));
+    if (rc != PQL_OK) abort(); /* our own record, built from our own schema */
+    if (t->nalerts == t->alerts_cap) {
+        t->alerts_cap = t->alerts_cap ? t->alerts_cap * 2 : 16;
+        t->alerts = realloc(t->alerts, t->alerts_cap * sizeof(*t->alerts));
+        if (!t->alerts) abort();
+    }
+    pql_task_alert *ta = &t->alerts[t->nalerts++];
+    memcpy(ta->id, al->alert_id, sizeof(ta->id));
+    ta->key = malloc(al->account_id_len + 1);
+    if (!ta->key) abort();
+    memcpy(ta->key, al->account_id, al->account_id_len);
+    ta->key[al->account_id_len] = '\0';
+    ta->key_len = al->account_id_len;
+    ta->payload = b.data; /* ownership moves from the buffer */
+    ta->payload_len = b.len;
+    if (al->kind == PQL_ALERT_PQL) t->batch_stats.alerts_pql++;
+    else t->batch_stats.alerts_expansion++;
+}
+
+static void advance(pql_task *t, int topic, int64_t offset)
+{
+    if (offset + 1 > t->next[topic]) t->next[topic] = offset + 1;
+    t->dirty = 1;
+}
+
+pql_apply pql_task_apply(pql_task *t, const pql_rules *rules, const pql_event *ev, int topic,
+                         int64_t offset, int64_t now_ms, int json)
+{
+    (void)rules;
+    CHECK(t);
+    pql_account *a = pql_cache_get(t->cache, ev->account_id, ev->account_id_len);
+    assert(a && "pipeline loads the account before applying");
+    alert_ctx c = {t, json};
+    pql_apply res = pql_account_apply(a, ev, now_ms, on_alert, &c);
+    t->batch_stats.consumed++;
+    if (res == PQL_APPLY_LATE) t->batch_stats.late++;
+    advance(t, topic, offset);
+    return res;
+}
+
+void pql_task_skip(pql_task *t, int topic, int64_t offset, int dead_lettered)
+{
+    t->batch_stats.consumed++;
+    if (dead_lettered) t->batch_stats.dead_lettered++;
+    advance(t, topic, offset);
+}
+
+typedef struct build_ctx {
+    pql_task *t;
+    const char *group;
+    int64_t ttl_ms;
+    int any;
+} build_ctx;
+
+static void field_set(void *opaque, const char *f, size_t flen, const char *v, size_t vlen)
+{
+    build_ctx *c = opaque;
+    if (pql_store_batch_hset(c->t->batch, f, flen, v, vlen) != PQL_OK) abort();
+}
+
+static void field_del(void *opaque, const char *f, size_t flen)
+{
+    build_ctx *c = opaque;
+    if (pql_store_batch_hdel(c->t->batch, f, flen) != PQL_OK) abort();
+}
+
+static void build_account(void *opaque, pql_account *a)
+{
+    build_ctx *c = opaque;
+    if (!pql_account_dirty(a)) return;
+    size_t len;
+    const char *id = pql_account_id(a, &len);
+    if (pql_store_batch_account(c->t->batch, id, len, c->ttl_ms) != PQL_OK) abort();
+    pql_account_flush(a, field_set, field_del, c);
+    c->any = 1;
+}
+
+static void add_counter(pql_task *t, const char *field, int64_t v)
+{
+    if (v && pql_store_batch_incr(t->batch, "stats", field, v) != PQL_OK) abort();
+}
+
+int pql_task_build_batch(pql_task *t, const char *group, const char *const *topics, int64_t ttl_ms)
+{
+    CHECK(t);
+    if (t->state != PQL_TASK_RUNNING) return 0;
+    pql_store_batch_begin(t->batch, group, t->partition, t->claim.epoch, t->claim.seq);
+    build_ctx c = {t, group, ttl_ms, 0};
+    pql_cache_foreach(t->cache, build_account, &c);
+    for (int i = 0; i < PQL_NTOPICS; i++)
+        if (t->next[i] >= 0 && t->next[i] != t->committed[i]) {
+            pql_store_batch_offset(t->batch, topics[i], t->next[i]);
+            c.any = 1;
+        }
+    for (size_t i = 0; i < t->nalerts; i++) {
+        pql_store_batch_outbox_put(t->batch, t->alerts[i].id, t->alerts[i].payload,
+                                   t->alerts[i].payload_len);
+        c.any = 1;
+    }
+    t->delivered_in_batch = t->ndelivered;
+    for (size_t i = 0; i < t->ndelivered; i++) {
+        pql_store_batch_outbox_del(t->batch, t->delivered[i]);
+        c.any = 1;
+    }
+    add_counter(t, "consumed", t->batch_stats.consumed);
+    add_counter(t, "dead_lettered", t->batch_stats.dead_lettered);
+    add_counter(t, "late", t->batch_stats.late);
+    add_counter(t, "alerts_pql", t->batch_stats.alerts_pql);
+    add_counter(t, "alerts_expansion", t->batch_stats.alerts_expansion);
+    return c.any;
+}
+
+void pql_task_committed(pql_task *t)
+{
+    CHECK(t);
+    t->claim.seq++;
+    for (int i = 0; i < PQL_NTOPICS; i++) t->committed[i] = t->next[i];
+    /* deliveries reported while the batch was in flight stay for the next one */
+    memmove(t->delivered, t->delivered + t->delivered_in_batch,
+            (t->ndelivered - t->delivered_in_batch) * sizeof(*t->delivered));
+    t->ndelivered -= t->delivered_in_batch;
+    t->delivered_in_batch = 0;
+    t->stats.consumed += t->batch_stats.consumed;
+    t->stats.dead_lettered += t->batch_stats.dead_lettered;
+    t->stats.late += t->batch_stats.late;
+    t->stats.alerts_pql += t->batch_stats.alerts_pql;
+    t->stats.alerts_expansion += t->batch_stats.alerts_expansion;
+    memset(&t->batch_stats, 0, sizeof(t->batch_stats));
+    t->dirty = 0;
+}
+
+void pql_task_abandon(pql_task *t)
+{
+    pql_cache_destroy(t->cache);
+    t->cache = pql_cache_new();
+    if (!t->cache) abort();
+    pql_task_alerts_clear(t);
+    for (int i = 0; i < PQL_NTOPICS; i++) t->next[i] = t->committed[i];
+    memset(&t->batch_stats, 0, sizeof(t->batch_stats));
+    t->delivered_in_batch = 0;
+    t->dlq_failed = 0;
+    t->dirty = 0;
+}
+
+void pql_task_delivered(pql_task *t, const char *alert_id)
+{
+    if (t->ndelivered == t->delivered_cap) {
+        t->delivered_cap = t->delivered_cap ? t->delivered_cap * 2 : 64;
+        t->delivered = realloc(t->delivered, t->delivered_cap * sizeof(*t->delivered));
+        if (!t->delivered) abort();
+    }
+    snprintf(t->delivered[t->ndelivered++], PQL_ALERT_ID_LEN + 1, "%s", alert_id);
+}
+
+void pql_task_trim(pql_task *t, size_t max)
+{
+    pql_cache_evict(t->cache, max);
+}

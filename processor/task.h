@@ -1,0 +1,112 @@
+/* task.h — a task per input partition number (DESIGN §5).
+ *
+ * Task p owns partition p of both co-partitioned input topics (usage events
+ * and account updates): their accounts' in-memory state, the fencing epoch
+ * and write sequence from its claim, the offsets it has consumed and those
+ * Redis holds, and the alerts of the batch in progress.  The task does no
+ * I/O: pipeline.c feeds it decoded events and moves its batches to Redis
+ * (store.h) and its alerts to Kafka (sink.h).  See task.c for the lifecycle
+ * and the exactly-once argument. */
+#ifndef PQL_TASK_H
+#define PQL_TASK_H
+
+#include "account.h"
+#include "cache.h"
+#include "decode.h"
+#include "rules.h"
+#include "store.h"
+
+#define PQL_TOPIC_USAGE 0
+#define PQL_TOPIC_ACCOUNTS 1
+#define PQL_NTOPICS 2
+
+typedef enum pql_task_state {
+    PQL_TASK_ASSIGNED = 0, /* created on assignment, not yet claimed */
+    PQL_TASK_RUNNING,      /* claimed: consuming and writing */
+    PQL_TASK_REVOKING,     /* partition being taken away: finishing its batch */
+    PQL_TASK_CLOSED,       /* fenced or revoked: writes nothing more */
+} pql_task_state;
+
+/* An alert produced by this batch, or re-sent from the outbox. */
+typedef struct pql_task_alert {
+    char id[PQL_ALERT_ID_LEN + 1];
+    char *key; /* account id */
+    size_t key_len;
+    char *payload;
+    size_t payload_len;
+} pql_task_alert;
+
+/* Per-partition counters, written with the batch (exactly once). */
+typedef struct pql_task_stats {
+    int64_t consumed, dead_lettered, late, alerts_pql, alerts_expansion;
+} pql_task_stats;
+
+typedef struct pql_task {
+    int32_t partition;
+    pql_task_state state;
+    uint64_t generation;   /* distinguishes this incarnation from earlier ones */
+    pql_claim claim;       /* epoch and seq (seq advances with every write) */
+    int64_t next[PQL_NTOPICS];      /* next offset to process per topic (-1 unknown) */
+    int64_t committed[PQL_NTOPICS]; /* next offset as stored in Redis */
+    pql_cache *cache;
+    pql_task_alert *alerts; /* fired in the batch in progress */
+    size_t nalerts, alerts_cap;
+    char (*delivered)[PQL_ALERT_ID_LEN + 1]; /* delivered: to remove from the outbox */
+    size_t ndelivered, delivered_cap;
+    size_t delivered_in_batch; /* how many of `delivered` the current batch removes */
+    int dlq_outstanding;   /* dead-letter produces not yet acknowledged */
+    int dlq_failed;        /* a dead-letter produce failed: the batch must not commit */
+    pql_task_stats stats, batch_stats;
+    pql_store_batch *batch;
+    int dirty;             /* something to write */
+} pql_task;
+
+/** @returns a new task in state ASSIGNED, or NULL. */
+pql_task *pql_task_new(int32_t partition, uint64_t generation);
+void pql_task_destroy(pql_task *t);
+
+/** Records a successful claim: state RUNNING, offsets to resume from. */
+void pql_task_claimed(pql_task *t, const pql_claim *claim);
+
+/** Looks up an account in the cache (NULL if not cached). */
+pql_account *pql_task_account(pql_task *t, const char *id, size_t len);
+
+/** Adds an account loaded from Redis (or new) to the cache; the task owns it. */
+void pql_task_adopt(pql_task *t, pql_account *a);
+
+/** Applies a decoded event read at (topic, offset): the account must be in
+ *  the cache (pipeline.c loads it first).  Alerts fired are encoded (JSON if
+ *  `json`, else Avro) and kept for the batch.  @returns the apply outcome. */
+pql_apply pql_task_apply(pql_task *t, const pql_rules *rules, const pql_event *ev, int topic,
+                         int64_t offset, int64_t now_ms, int json);
+
+/** Records that the message at (topic, offset) was consumed without state
+ *  change (dead-lettered or skipped), so the stored offset moves past it. */
+void pql_task_skip(pql_task *t, int topic, int64_t offset, int dead_lettered);
+
+/** Builds this batch's atomic write into t->batch: every dirty account's
+ *  fields, the next offsets, outbox puts (new alerts) and deletes (delivered
+ *  alerts), counters.  `topics` names the two input topics; `ttl_ms` is the
+ *  account key TTL.  @returns 1 if there is anything to write, 0 if not. */
+int pql_task_build_batch(pql_task *t, const char *group, const char *const *topics, int64_t ttl_ms);
+
+/** After Redis applied t->batch: seq advances, committed offsets catch up,
+ *  the outbox deletes are done.  The batch's alerts stay in t->alerts for the
+ *  caller to produce, then pql_task_alerts_clear(). */
+void pql_task_committed(pql_task *t);
+
+void pql_task_alerts_clear(pql_task *t);
+
+/** Abandons the batch in progress: drops the cache (accounts reload from
+ *  Redis), pending alerts and counters; processing resumes at the committed
+ *  offsets (the caller seeks there). */
+void pql_task_abandon(pql_task *t);
+
+/** An alert of this task was delivered to Kafka: remove it from the outbox
+ *  with the next batch. */
+void pql_task_delivered(pql_task *t, const char *alert_id);
+
+/** Evicts clean accounts beyond `max` from the cache. */
+void pql_task_trim(pql_task *t, size_t max);
+
+#endif
