@@ -163,6 +163,7 @@ static int spawn(pql_redis_child *c, char *errstr, size_t size)
         if (getppid() != parent) _exit(127); /* the parent died before prctl */
         int null = open("/dev/null", O_RDWR);
         if (null >= 0) dup2(null, 0), dup2(null, 1);
+        close_range(3, ~0U, CLOSE_RANGE_CLOEXEC); /* keep our sockets out of the server */
         execvp(c->binary, argv);
         child_errno = errno;
         if (write(pfd[1], &child_errno, sizeof child_errno) < 0) _exit(126);

@@ -92,8 +92,7 @@ error_at(loader *l, struct fy_node *n, size_t offset, const char *fmt, ...)
 {
     int line = 0, col = 0;
     if (node_mark(n, &line, &col) == 0) {
-        enum fy_node_style st = fy_node_get_style(n);
-        if (st == FYNS_SINGLE_QUOTED || st == FYNS_DOUBLE_QUOTED) col += 1;
+        /* a quoted scalar's token mark is already past its opening quote */
         pql_buf_printf(l->errors, "%s:%d:%d: error: ", l->file->name, line, col + (int)offset);
     } else {
         pql_buf_printf(l->errors, "%s: error: ", l->file->name);

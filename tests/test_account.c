@@ -1,0 +1,315 @@
+/* test_account.c — applying events to an account: windows, lifecycle, edge-
+ * triggered firing and re-arm, cooldown, held_for, applies_to, exact alerts,
+ * and the write-behind field round trip. */
+#include "account.h"
+
+#include <criterion/criterion.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define T0 1700000000000LL /* 2023-11-14T22:13:20Z */
+#define DAY PQL_MS_DAY
+
+typedef struct fired {
+    int n;
+    char rule[8][64];
+    char id[8][PQL_ALERT_ID_LEN + 1];
+    char reason[8][256];
+    int64_t triggered_at[8];
+    double sig0[8];
+    int has_ttp[8];
+    int64_t ttp[8];
+} fired;
+
+static void on_alert(void *opaque, const pql_alert *a)
+{
+    fired *f = opaque;
+    cr_assert_lt(f->n, 8);
+    snprintf(f->rule[f->n], 64, "%s", a->rule);
+    memcpy(f->id[f->n], a->alert_id, sizeof(f->id[0]));
+    snprintf(f->reason[f->n], 256, "%s", a->nreasons ? a->reasons[0] : "");
+    f->triggered_at[f->n] = a->triggered_at;
+    f->sig0[f->n] = a->nsignals ? a->signal_values[0] : -1;
+    f->has_ttp[f->n] = a->has_time_to_pql_ms;
+    f->ttp[f->n] = a->time_to_pql_ms;
+    f->n++;
+}
+
+static pql_rules *rules_of(const char *yaml)
+{
+    pql_buf e = {0};
+    pql_rules *r = pql_rules_load_string(yaml, "t.yaml", &e);
+    cr_assert_not_null(r, "%s", e.data ? e.data : "");
+    pql_buf_free(&e);
+    return r;
+}
+
+static pql_apply usage(pql_account *a, const char *event, const char *user, int64_t ts, fired *f)
+{
+    pql_event ev = {0};
+    ev.kind = PQL_INPUT_USAGE;
+    ev.account_id = "acme";
+    ev.account_id_len = 4;
+    ev.event = event;
+    ev.event_len = strlen(event);
+    ev.event_id = "e";
+    ev.event_id_len = 1;
+    ev.user_id = user;
+    ev.user_id_len = user ? strlen(user) : 0;
+    ev.timestamp = ts;
+    return pql_account_apply(a, &ev, 0, on_alert, f);
+}
+
+static void trait(pql_account *a, const char *key, pql_value v, int64_t ts, fired *f)
+{
+    pql_prop p = {key, strlen(key), v};
+    pql_event ev = {0};
+    ev.kind = PQL_INPUT_ACCOUNT;
+    ev.account_id = "acme";
+    ev.account_id_len = 4;
+    ev.timestamp = ts;
+    ev.props = &p;
+    ev.nprops = 1;
+    pql_account_apply(a, &ev, 0, on_alert, f);
+}
+
+static const char *simple =
+    "version: 3\n"
+    "lifecycle: { signup: signed_up, conversion: paid }\n"
+    "signals:\n"
+    "  logins: { count: login, window: 7d }\n"
+    "pql:\n"
+    "  - name: active\n"
+    "    when: logins >= 3\n"
+    "    reasons: ['Logged in {logins} times in 7 days']\n";
+
+Test(account, fires_once_on_the_edge_with_exact_alert)
+{
+    pql_rules *r = rules_of(simple);
+    pql_account *a = pql_account_new(r, "acme", 4);
+    fired f = {0};
+    usage(a, "signed_up", "u1", T0, &f);
+    usage(a, "login", "u1", T0 + 1000, &f);
+    usage(a, "login", "u1", T0 + 2000, &f);
+    cr_assert_eq(f.n, 0);
+    usage(a, "login", "u1", T0 + 3000, &f);
+    cr_assert_eq(f.n, 1);
+    cr_assert_str_eq(f.rule[0], "active");
+    cr_assert_str_eq(f.reason[0], "Logged in 3 times in 7 days");
+    cr_assert_eq(f.triggered_at[0], T0 + 3000);
+    cr_assert_eq(f.sig0[0], 3);
+    cr_assert_eq(f.has_ttp[0], 1);
+    cr_assert_eq(f.ttp[0], 3000);
+    char expect[PQL_ALERT_ID_LEN + 1];
+    pql_alert_id("acme", 4, "active", "1", expect);
+    cr_assert_str_eq(f.id[0], expect);
+    usage(a, "login", "u1", T0 + 4000, &f); /* still true: no second alert */
+    cr_assert_eq(f.n, 1);
+    pql_account_destroy(a);
+    pql_rules_destroy(r);
+}
+
+Test(account, rearms_when_condition_clears_and_fires_with_next_id)
+{
+    pql_rules *r = rules_of(simple);
+    pql_account *a = pql_account_new(r, "acme", 4);
+    fired f = {0};
+    for (int i = 0; i < 3; i++) usage(a, "login", "u1", T0 + i, &f);
+    cr_assert_eq(f.n, 1);
+    /* 8 days later the window is empty: the condition clears */
+    usage(a, "other", "u1", T0 + 8 * DAY, &f);
+    unsigned seq;
+    int isfired;
+    pql_account_rule_state(a, 0, &seq, &isfired);
+    cr_assert_eq(seq, 1);
+    cr_assert_eq(isfired, 0);
+    for (int i = 0; i < 3; i++) usage(a, "login", "u1", T0 + 8 * DAY + i, &f);
+    cr_assert_eq(f.n, 2);
+    char expect[PQL_ALERT_ID_LEN + 1];
+    pql_alert_id("acme", 4, "active", "2", expect);
+    cr_assert_str_eq(f.id[1], expect);
+    cr_assert_str_neq(f.id[0], f.id[1]);
+    pql_account_destroy(a);
+    pql_rules_destroy(r);
+}
+
+Test(account, converted_accounts_get_no_pql_alert)
+{
+    pql_rules *r = rules_of(simple);
+    pql_account *a = pql_account_new(r, "acme", 4);
+    fired f = {0};
+    usage(a, "paid", "u1", T0, &f);
+    for (int i = 0; i < 5; i++) usage(a, "login", "u1", T0 + i, &f);
+    cr_assert_eq(f.n, 0);
+    pql_account_destroy(a);
+    pql_rules_destroy(r);
+}
+
+Test(account, late_events_are_reported_and_not_counted)
+{
+    pql_rules *r = rules_of(simple);
+    pql_account *a = pql_account_new(r, "acme", 4);
+    fired f = {0};
+    cr_assert_eq(usage(a, "login", "u1", T0 + 10 * DAY, &f), PQL_APPLIED);
+    cr_assert_eq(usage(a, "login", "u1", T0, &f), PQL_APPLY_LATE);
+    cr_assert_eq(usage(a, "login", "u1", T0 + 9 * DAY, &f), PQL_APPLIED); /* out of order, in reach */
+    cr_assert_eq(usage(a, "nothing", "u1", T0 + 9 * DAY, &f), PQL_APPLY_UNMATCHED);
+    cr_assert_eq(pql_account_signal(a, 0).u.num, 2);
+    pql_account_destroy(a);
+    pql_rules_destroy(r);
+}
+
+static const char *expansion =
+    "signals:\n"
+    "  users: { distinct: user_id, of: '*', window: 30d }\n"
+    "expansion:\n"
+    "  - name: seats\n"
+    "    applies_to: all\n"
+    "    when: account.seats > 0 and users / account.seats >= 0.8\n"
+    "    clear: users / account.seats < 0.5\n"
+    "    cooldown: 14d\n"
+    "    reasons: ['Seat usage at {pct(users / account.seats)} ({users} of {account.seats} seats)']\n"
+    "  - name: held\n"
+    "    applies_to: all\n"
+    "    when: users >= 1\n"
+    "    held_for: 2d\n";
+
+Test(account, hysteresis_cooldown_and_reason)
+{
+    pql_rules *r = rules_of(expansion);
+    pql_account *a = pql_account_new(r, "acme", 4);
+    fired f = {0};
+    trait(a, "seats", pql_num(5), T0, &f);
+    usage(a, "x", "u1", T0, &f);
+    usage(a, "x", "u2", T0, &f);
+    usage(a, "x", "u3", T0, &f);
+    cr_assert_eq(f.n, 0);
+    usage(a, "x", "u4", T0 + 1, &f);
+    cr_assert_eq(f.n, 1);
+    cr_assert_str_eq(f.rule[0], "seats");
+    cr_assert_str_eq(f.reason[0], "Seat usage at 80% (4 of 5 seats)");
+    /* more seats bought: 4/10 = 40% < 50% clears; back to 80% within the
+       cooldown does not fire */
+    trait(a, "seats", pql_num(10), T0 + 2, &f);
+    for (int i = 5; i <= 8; i++) {
+        char u[8];
+        snprintf(u, sizeof(u), "u%d", i);
+        usage(a, "x", u, T0 + 3, &f);
+    }
+    cr_assert_eq(f.n, 1, "cooldown must hold it back");
+    /* after the cooldown, the next event fires it (episode 2) */
+    usage(a, "x", "u1", T0 + 15 * DAY, &f);
+    int seats_alerts = 0;
+    for (int i = 0; i < f.n; i++) seats_alerts += !strcmp(f.rule[i], "seats");
+    cr_assert_eq(seats_alerts, 2);
+    pql_account_destroy(a);
+    pql_rules_destroy(r);
+}
+
+Test(account, held_for_needs_the_condition_to_hold_in_event_time)
+{
+    pql_rules *r = rules_of(expansion);
+    pql_account *a = pql_account_new(r, "acme", 4);
+    fired f = {0};
+    usage(a, "x", "u1", T0, &f);
+    usage(a, "x", "u1", T0 + DAY, &f);
+    cr_assert_eq(f.n, 0);
+    usage(a, "x", "u1", T0 + 2 * DAY, &f);
+    cr_assert_eq(f.n, 1);
+    cr_assert_str_eq(f.rule[0], "held");
+    cr_assert_eq(f.triggered_at[0], T0 + 2 * DAY);
+    pql_account_destroy(a);
+    pql_rules_destroy(r);
+}
+
+/* ---- write-behind round trip ---- */
+
+typedef struct store {
+    int n;
+    char f[256][128];
+    char v[256][128];
+} store;
+
+static void st_set(void *o, const char *f, size_t fl, const char *v, size_t vl)
+{
+    store *s = o;
+    for (int i = 0; i < s->n; i++)
+        if (!strncmp(s->f[i], f, fl) && s->f[i][fl] == 0) {
+            snprintf(s->v[i], 128, "%.*s", (int)vl, v);
+            return;
+        }
+    snprintf(s->f[s->n], 128, "%.*s", (int)fl, f);
+    snprintf(s->v[s->n++], 128, "%.*s", (int)vl, v);
+}
+
+static void st_del(void *o, const char *f, size_t fl)
+{
+    store *s = o;
+    for (int i = 0; i < s->n; i++)
+        if (!strncmp(s->f[i], f, fl) && s->f[i][fl] == 0) {
+            s->n--;
+            memcpy(s->f[i], s->f[s->n], 128);
+            memcpy(s->v[i], s->v[s->n], 128);
+            return;
+        }
+}
+
+Test(account, flush_then_load_restores_state_and_firing)
+{
+    pql_rules *r = rules_of(simple);
+    pql_account *a = pql_account_new(r, "acme", 4);
+    fired f = {0};
+    store s = {0};
+    usage(a, "signed_up", "u1", T0, &f);
+    trait(a, "plan", pql_str("free", 4), T0, &f);
+    trait(a, "seats", pql_num(3), T0, &f);
+    for (int i = 0; i < 3; i++) usage(a, "login", "u1", T0 + i, &f);
+    cr_assert_eq(f.n, 1);
+    cr_assert(pql_account_dirty(a));
+    pql_account_flush(a, st_set, st_del, &s);
+    cr_assert_not(pql_account_dirty(a));
+    trait(a, "seats", pql_null(), T0 + 5, &f); /* null deletes a trait */
+    pql_account_flush(a, st_set, st_del, &s);
+
+    pql_account *b = pql_account_new(r, "acme", 4);
+    for (int i = 0; i < s.n; i++)
+        cr_assert_eq(pql_account_load_field(b, s.f[i], strlen(s.f[i]), s.v[i], strlen(s.v[i])), 0,
+                     "field %s", s.f[i]);
+    cr_assert_not(pql_account_dirty(b));
+    cr_assert_eq(pql_account_clock(b), T0 + 5);
+    cr_assert_eq(pql_account_signal(b, 0).u.num, 3);
+    unsigned seq;
+    int isfired;
+    pql_account_rule_state(b, 0, &seq, &isfired);
+    cr_assert_eq(seq, 1);
+    cr_assert_eq(isfired, 1);
+    int has_seats = 0, has_plan = 0;
+    for (int i = 0; i < s.n; i++) {
+        has_seats |= !strcmp(s.f[i], "t:seats");
+        has_plan |= !strcmp(s.f[i], "t:plan") && !strcmp(s.v[i], "sfree");
+    }
+    cr_assert_not(has_seats);
+    cr_assert(has_plan);
+    /* the restored account does not fire again */
+    usage(b, "login", "u1", T0 + 10, &f);
+    cr_assert_eq(f.n, 1);
+    pql_account_destroy(a);
+    pql_account_destroy(b);
+    pql_rules_destroy(r);
+}
+
+Test(account, fields_of_changed_signals_are_deleted_on_load)
+{
+    pql_rules *r = rules_of(simple);
+    pql_account *a = pql_account_new(r, "acme", 4);
+    store s = {0};
+    cr_assert_eq(pql_account_load_field(a, "s:logins#deadbeef|19000", 23, "4", 1), 0);
+    cr_assert(pql_account_dirty(a));
+    snprintf(s.f[0], 128, "s:logins#deadbeef|19000");
+    s.n = 1;
+    pql_account_flush(a, st_set, st_del, &s);
+    cr_assert_eq(s.n, 0);
+    pql_account_destroy(a);
+    pql_rules_destroy(r);
+}

@@ -1,0 +1,121 @@
+/* test_rules.c — loading rule files: the shipped set, and every error a rule
+ * author can make, reported with file:line:col. */
+#include "rules.h"
+
+#include <criterion/criterion.h>
+#include <string.h>
+
+static pql_rules *load(const char *yaml, pql_buf *errors)
+{
+    return pql_rules_load_string(yaml, "t.yaml", errors);
+}
+
+static void expect_error(const char *yaml, const char *needle)
+{
+    pql_buf errors = {0};
+    pql_rules *r = load(yaml, &errors);
+    cr_assert_null(r, "expected the rule set to be refused");
+    cr_assert_not_null(errors.data);
+    cr_assert(strstr(errors.data, needle), "expected '%s' in:\n%s", needle, errors.data);
+    pql_buf_free(&errors);
+}
+
+Test(rules, shipped_rule_set_loads)
+{
+    pql_buf errors = {0};
+    pql_rules *r = pql_rules_load(PQL_SOURCE_DIR "/rules", &errors);
+    cr_assert_not_null(r, "%s", errors.data ? errors.data : "");
+    cr_assert_str_eq(pql_rules_version(r), "1");
+    cr_assert_eq(pql_rules_nsignals(r), 7);
+    cr_assert_eq(pql_rules_nrules(r), 3);
+    cr_assert_str_eq(pql_rules_signup_event(r), "signed_up");
+    cr_assert_str_eq(pql_rules_conversion_event(r), "subscription_started");
+    const pql_rule *seat = pql_rules_rule(r, (size_t)pql_rules_rule_by_name(r, "seat-saturation", 15));
+    cr_assert_eq(seat->kind, PQL_ALERT_EXPANSION);
+    cr_assert_eq(seat->applies_to, PQL_APPLIES_PAID);
+    cr_assert_eq(seat->cooldown_ms, 14 * PQL_MS_DAY);
+    cr_assert_not_null(seat->clear);
+    cr_assert_eq(pql_rules_max_window(r), 30 * PQL_MS_DAY);
+    pql_rules_destroy(r);
+    pql_buf_free(&errors);
+}
+
+Test(rules, signal_key_changes_with_definition)
+{
+    pql_buf e = {0};
+    pql_rules *a = load("signals: { x: { count: login, window: 7d } }\npql: []\n", &e);
+    pql_rules *b = load("signals: { x: { count: login, window: 14d } }\npql: []\n", &e);
+    pql_rules *c = load("signals: { x: { count: login, window: 7d } }\npql: []\n", &e);
+    cr_assert(a && b && c, "%s", e.data ? e.data : "");
+    cr_assert_str_neq(pql_rules_signal(a, 0)->key, pql_rules_signal(b, 0)->key);
+    cr_assert_str_eq(pql_rules_signal(a, 0)->key, pql_rules_signal(c, 0)->key);
+    cr_assert(strncmp(pql_rules_signal(a, 0)->key, "x#", 2) == 0);
+    pql_rules_destroy(a);
+    pql_rules_destroy(b);
+    pql_rules_destroy(c);
+    pql_buf_free(&e);
+}
+
+Test(rules, unknown_signal_with_did_you_mean_and_position)
+{
+    expect_error("signals:\n  core_uses: { count: feature_used, window: 7d }\n"
+                 "pql:\n  - name: a\n    when: core_use >= 5\n",
+                 "t.yaml:5:11: error: in when: unknown signal 'core_use' (did you mean 'core_uses'?)");
+}
+
+Test(rules, position_inside_quoted_expression)
+{
+    expect_error("signals:\n  n: { count: x, window: 7d }\n"
+                 "pql:\n  - name: a\n    when: 'n >= 1 and bogus'\n",
+                 "t.yaml:5:23: error: in when: unknown signal 'bogus'");
+}
+
+Test(rules, syntax_error_in_yaml_has_position)
+{
+    expect_error("signals: { a: [1, 2\n", "t.yaml:");
+}
+
+Test(rules, bad_window_and_aggregate)
+{
+    expect_error("signals:\n  a: { count: x, window: 7 days }\n", "t.yaml:2:26: error: window '7 days' is not a duration");
+    expect_error("signals:\n  a: { count: x, sum: properties.y, window: 7d }\n", "needs exactly one of count");
+    expect_error("signals:\n  a: { sum: user_id, window: 7d }\n", "cannot aggregate 'user_id' — use properties.<key>");
+    expect_error("signals:\n  a: { count: x }\n", "signal 'a' needs a window");
+}
+
+Test(rules, unknown_keys_suggest)
+{
+    expect_error("signals:\n  a: { count: x, windw: 7d, window: 7d }\n",
+                 "t.yaml:2:18: error: unknown key 'windw' in a signal (did you mean 'window'?)");
+    expect_error("pql:\n  - name: r\n    when: 1 > 0\n    cooldwn: 1d\n",
+                 "unknown key 'cooldwn' in a rule (did you mean 'cooldown'?)");
+}
+
+Test(rules, duplicates_and_missing_parts)
+{
+    expect_error("pql:\n  - name: r\n    when: 1 > 0\n  - name: r\n    when: 1 > 0\n", "rule 'r' is declared twice");
+    expect_error("pql:\n  - name: r\n", "rule 'r' needs a 'when' condition");
+    expect_error("pql:\n  - when: 1 > 0\n", "every rule needs a name");
+}
+
+Test(rules, where_filter_cannot_read_signals)
+{
+    expect_error("signals:\n  a: { count: x, window: 7d }\n  b: { count: y, where: 'a > 1', window: 7d }\n",
+                 "a where filter reads the event, not signals");
+}
+
+Test(rules, type_error_is_caught)
+{
+    expect_error("signals:\n  a: { count: x, window: 7d }\npql:\n  - name: r\n    when: a == \"x\"\n",
+                 "t.yaml:5:11: error: in when:");
+}
+
+Test(rules, all_errors_reported_not_just_first)
+{
+    pql_buf errors = {0};
+    pql_rules *r = load("signals:\n  a: { count: x, window: nope }\npql:\n  - name: r\n    when: zz > 1\n", &errors);
+    cr_assert_null(r);
+    cr_assert(strstr(errors.data, "window 'nope'"));
+    cr_assert(strstr(errors.data, "unknown signal 'zz'"));
+    pql_buf_free(&errors);
+}
