@@ -1,4 +1,4 @@
-/* embedded.h — files compiled into the binary (schemas/*.avsc, processor/*.lua).
+/* embedded.h — files compiled into the binary (schemas/NAME.avsc, processor/NAME.lua).
  *
  * The build turns each file into a NUL-terminated string (cmake/embed.cmake),
  * so `pqlstream` needs nothing beside it at run time. */

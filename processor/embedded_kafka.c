@@ -13,9 +13,9 @@
 #include <string.h>
 
 struct pql_embedded_kafka {
-    rd_kafka_t *rk;                 /* owner handle the cluster is bound to */
-    rd_kafka_mock_cluster_t *mock;  /* destroyed before rk */
-    char *bootstraps;               /* our copy of the cluster's list */
+    rd_kafka_t *rk;                /* owner handle the cluster is bound to */
+    rd_kafka_mock_cluster_t *mock; /* destroyed before rk */
+    char *bootstraps;              /* our copy of the cluster's list */
 };
 
 static void quiet_log(const rd_kafka_t *rk, int level, const char *fac, const char *buf)
@@ -35,10 +35,8 @@ pql_embedded_kafka *pql_embedded_kafka_start(int nbrokers, const char *const *to
         snprintf(errstr, errstr_size, "out of memory");
         return NULL;
     }
-    if (nbrokers < 1)
-        nbrokers = 1;
-    if (partitions < 1)
-        partitions = 1;
+    if (nbrokers < 1) nbrokers = 1;
+    if (partitions < 1) partitions = 1;
 
     conf = rd_kafka_conf_new();
     rd_kafka_conf_set_log_cb(conf, quiet_log);
@@ -46,8 +44,7 @@ pql_embedded_kafka *pql_embedded_kafka_start(int nbrokers, const char *const *to
         RD_KAFKA_CONF_OK)
         goto fail;
     k->rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, errstr, errstr_size);
-    if (!k->rk)
-        goto fail;
+    if (!k->rk) goto fail;
     conf = NULL; /* owned by rk now */
 
     k->mock = rd_kafka_mock_cluster_new(k->rk, nbrokers);
@@ -58,8 +55,8 @@ pql_embedded_kafka *pql_embedded_kafka_start(int nbrokers, const char *const *to
     for (size_t i = 0; topics && topics[i]; i++) {
         rd_kafka_resp_err_t err = rd_kafka_mock_topic_create(k->mock, topics[i], partitions, 1);
         if (err) {
-            snprintf(errstr, errstr_size, "embedded Kafka: cannot create topic %s: %s",
-                     topics[i], rd_kafka_err2str(err));
+            snprintf(errstr, errstr_size, "embedded Kafka: cannot create topic %s: %s", topics[i],
+                     rd_kafka_err2str(err));
             goto fail;
         }
     }
@@ -71,8 +68,7 @@ pql_embedded_kafka *pql_embedded_kafka_start(int nbrokers, const char *const *to
     return k;
 
 fail:
-    if (conf)
-        rd_kafka_conf_destroy(conf);
+    if (conf) rd_kafka_conf_destroy(conf);
     pql_embedded_kafka_stop(k);
     return NULL;
 }
@@ -89,12 +85,9 @@ rd_kafka_mock_cluster_t *pql_embedded_kafka_mock(pql_embedded_kafka *k)
 
 void pql_embedded_kafka_stop(pql_embedded_kafka *k)
 {
-    if (!k)
-        return;
-    if (k->mock)
-        rd_kafka_mock_cluster_destroy(k->mock);
-    if (k->rk)
-        rd_kafka_destroy(k->rk);
+    if (!k) return;
+    if (k->mock) rd_kafka_mock_cluster_destroy(k->mock);
+    if (k->rk) rd_kafka_destroy(k->rk);
     free(k->bootstraps);
     free(k);
 }

@@ -106,7 +106,8 @@ static int rnd_int(pql_sample *s, int lo, int hi)
 static const char *pick(pql_sample *s, const char *const *items, const double *weights, int n)
 {
     double total = 0;
-    for (int i = 0; i < n; i++) total += weights[i];
+    for (int i = 0; i < n; i++)
+        total += weights[i];
     double r = rnd01(s) * total;
     for (int i = 0; i < n; i++) {
         if (r < weights[i]) return items[i];
@@ -224,8 +225,10 @@ static int pick_account(pql_sample *s)
     int lo = 0, hi = s->naccts - 1;
     while (lo < hi) {
         int mid = lo + (hi - lo) / 2;
-        if (s->cumw[mid] > r) hi = mid;
-        else lo = mid + 1;
+        if (s->cumw[mid] > r)
+            hi = mid;
+        else
+            lo = mid + 1;
     }
     return lo;
 }
@@ -281,8 +284,12 @@ static void convert(pql_sample *s, int i, int64_t now)
 /* One ordinary event of an introduced account, at `now`. */
 static void live_event(pql_sample *s, int i, int64_t now)
 {
-    static const char *const events[] = {"login",          "feature_used",         "teammate_invited",
-                                         "pricing_viewed", "onboarding_completed", "api_request",
+    static const char *const events[] = {"login",
+                                         "feature_used",
+                                         "teammate_invited",
+                                         "pricing_viewed",
+                                         "onboarding_completed",
+                                         "api_request",
                                          "subscription_started"};
     static const char *const features[] = {"projects", "docs", "chat"};
     static const double feature_w[] = {6, 2.5, 1.5};
@@ -318,8 +325,10 @@ static void generate(pql_sample *s)
 {
     int64_t now = pql_now_ms();
     int i = pick_account(s);
-    if (!s->accts[i].introduced) introduce(s, i, now);
-    else live_event(s, i, now);
+    if (!s->accts[i].introduced)
+        introduce(s, i, now);
+    else
+        live_event(s, i, now);
 }
 
 /* ---- the thread ------------------------------------------------------------- */
@@ -474,7 +483,8 @@ void pql_sample_stop(pql_sample *s)
         rd_kafka_flush(s->rk, 10000);
         rd_kafka_destroy(s->rk);
     }
-    for (int i = 0; i < QUEUE_CAP; i++) pql_buf_free(&s->queue[i].value);
+    for (int i = 0; i < QUEUE_CAP; i++)
+        pql_buf_free(&s->queue[i].value);
     free(s->accts);
     free(s->cumw);
     free(s->usage_topic);

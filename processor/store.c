@@ -27,12 +27,7 @@
  * "host:port" or the socket path, and redact() masks it as a second guard. */
 #include "store.h"
 
-/* embedded.h's first comment has a slash-star inside it (-Wcomment); remove this
- * guard once that header is fixed. */
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wcomment"
 #include "embedded.h"
-#pragma GCC diagnostic pop
 
 #include <ctype.h>
 #include <hiredis/hiredis.h>

@@ -231,7 +231,8 @@ h_kafka *h_kafka_start(int partitions, const char *topic, ...)
     size_t n = 0;
     va_list ap;
     va_start(ap, topic);
-    for (const char *t = topic; t && n < 32; t = va_arg(ap, const char *)) topics[n++] = t;
+    for (const char *t = topic; t && n < 32; t = va_arg(ap, const char *))
+        topics[n++] = t;
     va_end(ap);
     topics[n] = NULL;
 
@@ -239,8 +240,8 @@ h_kafka *h_kafka_start(int partitions, const char *topic, ...)
     char err[256];
     k->cluster = pql_embedded_kafka_start(1, topics, partitions, err, sizeof err);
     if (!k->cluster) cr_assert_fail("cannot start the mock cluster: %s", err);
-    static const char *const props[] = {"enable.idempotence", "true", "linger.ms", "1",
-                                        "client.id", "harness", NULL};
+    static const char *const props[] = {"enable.idempotence", "true",    "linger.ms", "1",
+                                        "client.id",          "harness", NULL};
     rd_kafka_conf_t *conf = client_conf(pql_embedded_kafka_bootstraps(k->cluster), props);
     rd_kafka_conf_set_opaque(conf, k);
     rd_kafka_conf_set_dr_msg_cb(conf, on_delivery);
@@ -415,8 +416,14 @@ h_msgs *h_consume_all(const char *bootstraps, const char *topic, int timeout_ms)
 {
     char err[256], group[64];
     snprintf(group, sizeof group, "harness-%d-%" PRId64, (int)getpid(), mono_ms());
-    const char *const props[] = {"group.id",           group,   "enable.auto.commit", "false",
-                                 "enable.partition.eof", "false", "client.id",          "harness",
+    const char *const props[] = {"group.id",
+                                 group,
+                                 "enable.auto.commit",
+                                 "false",
+                                 "enable.partition.eof",
+                                 "false",
+                                 "client.id",
+                                 "harness",
                                  NULL};
     rd_kafka_conf_t *conf = client_conf(bootstraps, props);
     rd_kafka_t *rk = rd_kafka_new(RD_KAFKA_CONSUMER, conf, err, sizeof err);
@@ -480,8 +487,8 @@ h_msgs *h_consume_all(const char *bootstraps, const char *topic, int timeout_ms)
     if (!ok)
         for (int p = 0; p < np; p++)
             if (next[p] < high[p])
-                fprintf(stderr, "harness: %s [%d]: read up to %" PRId64 " of %" PRId64 "\n",
-                        topic, p, next[p], high[p]);
+                fprintf(stderr, "harness: %s [%d]: read up to %" PRId64 " of %" PRId64 "\n", topic,
+                        p, next[p], high[p]);
 done:
     if (tp) rd_kafka_topic_partition_list_destroy(tp);
     free(high);
@@ -537,17 +544,22 @@ h_proc *h_proc_start_argv(const char *const *argv, const char *const *env)
 
     /* Everything the child needs is built before fork (async-signal safety). */
     size_t nenv = 0, nargs = 0, nextra = 0;
-    while (environ[nenv]) nenv++;
-    while (env && env[nextra]) nextra++;
-    while (argv && argv[nargs]) nargs++;
+    while (environ[nenv])
+        nenv++;
+    while (env && env[nextra])
+        nextra++;
+    while (argv && argv[nargs])
+        nargs++;
     char **envp = xcalloc(nenv + nextra + 1, sizeof *envp);
     char **args = xcalloc(nargs + 2, sizeof *args);
     size_t n = 0;
     for (size_t i = 0; i < nenv; i++)
         if (strncmp(environ[i], "PQLSTREAM_", 10)) envp[n++] = environ[i];
-    for (size_t i = 0; i < nextra; i++) envp[n++] = (char *)env[i];
+    for (size_t i = 0; i < nextra; i++)
+        envp[n++] = (char *)env[i];
     args[0] = (char *)"pqlstream";
-    for (size_t i = 1; i < nargs; i++) args[i] = (char *)argv[i];
+    for (size_t i = 1; i < nargs; i++)
+        args[i] = (char *)argv[i];
 
     int fd = open(p->log, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
     int devnull = open("/dev/null", O_RDONLY | O_CLOEXEC);
@@ -590,7 +602,8 @@ h_proc *h_proc_start(const char *name, ...)
     env[n] = NULL;
     static const char *const argv[] = {"pqlstream", "run", NULL};
     h_proc *p = h_proc_start_argv(argv, (const char *const *)env);
-    for (size_t i = 0; i < n; i++) free(env[i]);
+    for (size_t i = 0; i < n; i++)
+        free(env[i]);
     return p;
 }
 
@@ -747,8 +760,8 @@ int h_wait_offsets(h_kafka *k, const char *redis_url, const char *group, const c
             int64_t got = stored_offset(c, group, p, topic);
             if (got < want[p])
                 fprintf(stderr,
-                        "harness: group %s %s [%d]: stored next offset %" PRId64
-                        ", want %" PRId64 "\n",
+                        "harness: group %s %s [%d]: stored next offset %" PRId64 ", want %" PRId64
+                        "\n",
                         group, topic, p, got, want[p]);
         }
     redisFree(c);
@@ -760,8 +773,10 @@ static void append_escaped(pql_buf *b, const char *s, size_t len)
 {
     for (size_t i = 0; i < len; i++) {
         unsigned char ch = (unsigned char)s[i];
-        if (ch >= 0x20 && ch < 0x7f && ch != '\\') pql_buf_append(b, &s[i], 1);
-        else pql_buf_printf(b, "\\x%02x", ch);
+        if (ch >= 0x20 && ch < 0x7f && ch != '\\')
+            pql_buf_append(b, &s[i], 1);
+        else
+            pql_buf_printf(b, "\\x%02x", ch);
     }
 }
 
@@ -830,7 +845,8 @@ h_lines *h_redis_dump_partition(const char *url, const char *group, int partitio
 int h_lines_compare(const h_lines *a, const h_lines *b)
 {
     size_t i = 0;
-    while (i < a->n && i < b->n && !strcmp(a->lines[i], b->lines[i])) i++;
+    while (i < a->n && i < b->n && !strcmp(a->lines[i], b->lines[i]))
+        i++;
     if (i == a->n && i == b->n) return 0;
     fprintf(stderr, "harness: dumps differ at line %zu (of %zu and %zu):\n  < %s\n  > %s\n", i,
             a->n, b->n, i < a->n ? a->lines[i] : "(end)", i < b->n ? b->lines[i] : "(end)");
@@ -840,7 +856,8 @@ int h_lines_compare(const h_lines *a, const h_lines *b)
 void h_lines_free(h_lines *l)
 {
     if (!l) return;
-    for (size_t i = 0; i < l->n; i++) free(l->lines[i]);
+    for (size_t i = 0; i < l->n; i++)
+        free(l->lines[i]);
     free(l->lines);
     free(l);
 }

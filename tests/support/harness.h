@@ -82,8 +82,7 @@ void h_kafka_stop(h_kafka *k);
 #define H_NULL(k)    ((pql_prop){(k), strlen(k), pql_null()})
 /* …passed as a (props, count) pair: */
 #define H_PROPS(...)                                                                               \
-    (const pql_prop[]){__VA_ARGS__},                                                               \
-        (sizeof((const pql_prop[]){__VA_ARGS__}) / sizeof(pql_prop))
+    (const pql_prop[]){__VA_ARGS__}, (sizeof((const pql_prop[]){__VA_ARGS__}) / sizeof(pql_prop))
 #define H_NO_PROPS NULL, 0
 
 /* `partition` -1 everywhere means: librdkafka's default partitioner decides
