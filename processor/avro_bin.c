@@ -41,20 +41,21 @@ int pql_avro_put_double(pql_buf *b, double d)
     uint64_t bits;
     uint8_t tmp[8];
     memcpy(&bits, &d, sizeof bits);
-    for (int i = 0; i < 8; i++) tmp[i] = (uint8_t)(bits >> (8 * i));
+    for (int i = 0; i < 8; i++)
+        tmp[i] = (uint8_t)(bits >> (8 * i));
     return pql_buf_append(b, tmp, sizeof tmp);
 }
 
 int pql_avro_is_long(double d)
 {
-    return isfinite(d) && d == trunc(d) && d >= -9223372036854775808.0 &&
-           d < 9223372036854775808.0;
+    return isfinite(d) && d == trunc(d) && d >= -9223372036854775808.0 && d < 9223372036854775808.0;
 }
 
 int pql_avro_put_value(pql_buf *b, const pql_value *v)
 {
     switch (v->type) {
-    case PQL_V_NULL: return pql_avro_put_long(b, 0);
+    case PQL_V_NULL:
+        return pql_avro_put_long(b, 0);
     case PQL_V_BOOL: {
         uint8_t byte = v->u.b ? 1 : 0;
         if (pql_avro_put_long(b, 1) < 0) return -1;
@@ -95,10 +96,10 @@ typedef enum node_kind {
 
 typedef struct node {
     node_kind kind;
-    int may_be_empty;   /* can encode in zero bytes */
-    size_t n;           /* record fields, union branches, enum symbols, fixed size */
-    struct node **kids; /* fields / branches; [0] holds map values, array items */
-    char **names;       /* record field names */
+    int may_be_empty;     /* can encode in zero bytes */
+    size_t n;             /* record fields, union branches, enum symbols, fixed size */
+    struct node **kids;   /* fields / branches; [0] holds map values, array items */
+    char **names;         /* record field names */
     avro_schema_t schema; /* identity of a named type, for sharing (not a reference) */
 } node;
 
@@ -139,7 +140,8 @@ static node *node_add(pql_avro_check *c, node_kind kind, avro_schema_t schema)
 
 static node *compile(pql_avro_check *c, avro_schema_t s, int depth, char *errstr, size_t size)
 {
-    for (int hops = 0; is_avro_link(s) && hops < 64; hops++) s = avro_schema_link_target(s);
+    for (int hops = 0; is_avro_link(s) && hops < 64; hops++)
+        s = avro_schema_link_target(s);
     if (!s || is_avro_link(s) || depth > 4 * PQL_AVRO_MAX_DEPTH) {
         fmt_err(errstr, size, "schema is nested too deeply");
         return NULL;
@@ -151,13 +153,14 @@ static node *compile(pql_avro_check *c, avro_schema_t s, int depth, char *errstr
     static const struct {
         avro_type_t type;
         node_kind kind;
-    } simple[] = {{AVRO_NULL, K_NULL},     {AVRO_BOOLEAN, K_BOOL}, {AVRO_INT32, K_INT},
-                  {AVRO_INT64, K_LONG},    {AVRO_FLOAT, K_FLOAT},  {AVRO_DOUBLE, K_DOUBLE},
-                  {AVRO_BYTES, K_BYTES},   {AVRO_STRING, K_STRING}, {AVRO_FIXED, K_FIXED},
-                  {AVRO_ENUM, K_ENUM},     {AVRO_RECORD, K_RECORD}, {AVRO_MAP, K_MAP},
-                  {AVRO_ARRAY, K_ARRAY},   {AVRO_UNION, K_UNION}};
+    } simple[] = {{AVRO_NULL, K_NULL},   {AVRO_BOOLEAN, K_BOOL},  {AVRO_INT32, K_INT},
+                  {AVRO_INT64, K_LONG},  {AVRO_FLOAT, K_FLOAT},   {AVRO_DOUBLE, K_DOUBLE},
+                  {AVRO_BYTES, K_BYTES}, {AVRO_STRING, K_STRING}, {AVRO_FIXED, K_FIXED},
+                  {AVRO_ENUM, K_ENUM},   {AVRO_RECORD, K_RECORD}, {AVRO_MAP, K_MAP},
+                  {AVRO_ARRAY, K_ARRAY}, {AVRO_UNION, K_UNION}};
     size_t k = 0;
-    while (k < sizeof simple / sizeof simple[0] && simple[k].type != avro_typeof(s)) k++;
+    while (k < sizeof simple / sizeof simple[0] && simple[k].type != avro_typeof(s))
+        k++;
     if (k == sizeof simple / sizeof simple[0]) {
         fmt_err(errstr, size, "unsupported schema type %s", avro_schema_type_name(s));
         return NULL;
@@ -166,13 +169,24 @@ static node *compile(pql_avro_check *c, avro_schema_t s, int depth, char *errstr
     if (!nd) goto nomem;
     size_t nkids = 0;
     switch (nd->kind) {
-    case K_FIXED: nd->n = (size_t)avro_schema_fixed_size(s); break;
-    case K_ENUM: nd->n = (size_t)avro_schema_enum_number_of_symbols(s); break;
-    case K_RECORD: nd->n = nkids = avro_schema_record_size(s); break;
-    case K_UNION: nd->n = nkids = avro_schema_union_size(s); break;
+    case K_FIXED:
+        nd->n = (size_t)avro_schema_fixed_size(s);
+        break;
+    case K_ENUM:
+        nd->n = (size_t)avro_schema_enum_number_of_symbols(s);
+        break;
+    case K_RECORD:
+        nd->n = nkids = avro_schema_record_size(s);
+        break;
+    case K_UNION:
+        nd->n = nkids = avro_schema_union_size(s);
+        break;
     case K_MAP:
-    case K_ARRAY: nkids = 1; break;
-    default: break;
+    case K_ARRAY:
+        nkids = 1;
+        break;
+    default:
+        break;
     }
     if (nkids == 0) return nd;
     nd->kids = calloc(nkids, sizeof *nd->kids);
@@ -207,8 +221,8 @@ static void mark_empty(pql_avro_check *c)
 {
     for (size_t i = 0; i < c->nall; i++) {
         node *nd = c->all[i];
-        nd->may_be_empty = nd->kind == K_NULL || nd->kind == K_RECORD ||
-                           (nd->kind == K_FIXED && nd->n == 0);
+        nd->may_be_empty =
+            nd->kind == K_NULL || nd->kind == K_RECORD || (nd->kind == K_FIXED && nd->n == 0);
     }
     for (int changed = 1; changed;) {
         changed = 0;
@@ -248,7 +262,8 @@ void pql_avro_check_destroy(pql_avro_check *c)
     for (size_t i = 0; i < c->nall; i++) {
         node *nd = c->all[i];
         if (nd->names)
-            for (size_t f = 0; f < nd->n; f++) free(nd->names[f]);
+            for (size_t f = 0; f < nd->n; f++)
+                free(nd->names[f]);
         free(nd->names);
         free(nd->kids);
         free(nd);
@@ -355,7 +370,7 @@ static pql_err skip(scan *s, size_t n, const char *what)
 /* Reads a string/bytes length and skips the bytes; *at gets their start. */
 static pql_err skip_string(scan *s, const char *what, const uint8_t **at, size_t *len)
 {
-    int64_t n;
+    int64_t n = 0;
     pql_err err = read_long(s, &n);
     if (err) return err;
     if (n < 0) return scan_fail(s, PQL_ERR_DECODE, "negative %s length %lld", what, (long long)n);
@@ -387,7 +402,7 @@ static pql_err check_blocks(scan *s, const node *nd)
     int is_map = nd->kind == K_MAP;
     uint64_t total = 0;
     for (;;) {
-        int64_t count, bytes;
+        int64_t count = 0, bytes = 0;
         pql_err err = read_long(s, &count);
         if (err) return err;
         if (count == 0) return PQL_OK;
@@ -419,24 +434,32 @@ static pql_err check_blocks(scan *s, const node *nd)
 
 static pql_err check_value(scan *s, const node *nd)
 {
-    int64_t v;
+    int64_t v = 0;
     pql_err err;
     const uint8_t *at;
     size_t len;
     switch (nd->kind) {
-    case K_NULL: return PQL_OK;
-    case K_BOOL: return skip(s, 1, "boolean");
-    case K_FLOAT: return skip(s, 4, "float");
-    case K_DOUBLE: return skip(s, 8, "double");
-    case K_FIXED: return skip(s, nd->n, "fixed");
-    case K_LONG: return read_long(s, &v);
+    case K_NULL:
+        return PQL_OK;
+    case K_BOOL:
+        return skip(s, 1, "boolean");
+    case K_FLOAT:
+        return skip(s, 4, "float");
+    case K_DOUBLE:
+        return skip(s, 8, "double");
+    case K_FIXED:
+        return skip(s, nd->n, "fixed");
+    case K_LONG:
+        return read_long(s, &v);
     case K_INT:
         if ((err = read_long(s, &v))) return err;
         if (v < INT32_MIN || v > INT32_MAX)
             return scan_fail(s, PQL_ERR_DECODE, "int %lld out of range", (long long)v);
         return PQL_OK;
-    case K_STRING: return skip_string(s, "string", &at, &len);
-    case K_BYTES: return skip_string(s, "bytes", &at, &len);
+    case K_STRING:
+        return skip_string(s, "string", &at, &len);
+    case K_BYTES:
+        return skip_string(s, "bytes", &at, &len);
     case K_ENUM:
     case K_UNION:
         if ((err = read_long(s, &v))) return err;
@@ -454,7 +477,8 @@ static pql_err check_value(scan *s, const node *nd)
         }
         return PQL_OK;
     case K_MAP:
-    case K_ARRAY: return check_blocks(s, nd);
+    case K_ARRAY:
+        return check_blocks(s, nd);
     }
     return scan_fail(s, PQL_ERR_DECODE, "unknown node");
 }
@@ -475,7 +499,6 @@ pql_err pql_avro_check_bytes(const pql_avro_check *c, const void *buf, size_t le
     pql_err err = check_value(&s, c->root);
     if (err) return err;
     if (s.p != s.end)
-        return scan_fail(&s, PQL_ERR_DECODE, "%zu trailing bytes after the record",
-                         remaining(&s));
+        return scan_fail(&s, PQL_ERR_DECODE, "%zu trailing bytes after the record", remaining(&s));
     return PQL_OK;
 }

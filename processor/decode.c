@@ -30,10 +30,7 @@
 
 #include "avro_bin.h"
 /* embedded.h has a slash-star inside its first comment (-Wcomment). */
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wcomment"
 #include "embedded.h"
-#pragma GCC diagnostic pop
 
 #include <avro.h>
 #include <jansson.h>
@@ -59,9 +56,9 @@ typedef struct field_default {
 
 /* One writer schema, ready to read. */
 typedef struct plan {
-    uint32_t id;                  /* Confluent schema id; 0 for plain Avro */
-    pql_avro_check *check;        /* the writer schema, for step 2 */
-    avro_schema_t dest_schema;    /* our reader schema, minus defaulted fields */
+    uint32_t id;               /* Confluent schema id; 0 for plain Avro */
+    pql_avro_check *check;     /* the writer schema, for step 2 */
+    avro_schema_t dest_schema; /* our reader schema, minus defaulted fields */
     avro_value_iface_t *dest_class;
     avro_value_t dest;            /* generic value, reused */
     avro_value_iface_t *resolver; /* NULL: the writer equals our reader schema */
@@ -113,7 +110,8 @@ static void plan_destroy(plan *p)
     if (p->resolver) avro_value_iface_decref(p->resolver);
     if (p->dest_schema) avro_schema_decref(p->dest_schema);
     pql_avro_check_destroy(p->check);
-    for (int f = 0; f < F_COUNT; f++) free(p->def[f].str);
+    for (int f = 0; f < F_COUNT; f++)
+        free(p->def[f].str);
     free(p);
 }
 
@@ -205,8 +203,8 @@ static int plan_fields(const pql_decoder *d, plan *p, char *errstr, size_t size)
             }
             memcpy(fd->str, json_string_value(def), fd->len + 1);
         } else {
-            set_err(errstr, size, "the default of %s.%s in our schema is not supported",
-                    d->record, name);
+            set_err(errstr, size, "the default of %s.%s in our schema is not supported", d->record,
+                    name);
             return -1;
         }
     }
@@ -286,8 +284,10 @@ pql_decoder *pql_decoder_new(pql_input_kind kind, pql_wire wire, const char *wri
     }
     d->kind = kind;
     d->wire = wire;
-    if (limits) d->limits = *limits;
-    else pql_limits_default(&d->limits);
+    if (limits)
+        d->limits = *limits;
+    else
+        pql_limits_default(&d->limits);
     d->fields = kind == PQL_INPUT_USAGE ? usage_fields : account_fields;
     d->record = kind == PQL_INPUT_USAGE ? "UsageEvent" : "AccountUpdate";
     if (!text) {
@@ -318,7 +318,8 @@ void pql_decoder_destroy(pql_decoder *d)
 {
     if (!d) return;
     plan_destroy(d->plain);
-    for (size_t i = 0; i < d->nids; i++) plan_destroy(d->ids[i]);
+    for (size_t i = 0; i < d->nids; i++)
+        plan_destroy(d->ids[i]);
     free(d->ids);
     if (d->in) avro_reader_free(d->in);
     if (d->reader) avro_schema_decref(d->reader);
@@ -394,15 +395,21 @@ static pql_value value_of(avro_value_t *v)
         v = &branch;
     }
     switch (avro_value_get_type(v)) {
-    case AVRO_BOOLEAN: return avro_value_get_boolean(v, &b) ? pql_null() : pql_bool(b);
-    case AVRO_INT32: return avro_value_get_int(v, &i) ? pql_null() : pql_num(i);
-    case AVRO_INT64: return avro_value_get_long(v, &l) ? pql_null() : pql_num((double)l);
-    case AVRO_FLOAT: return avro_value_get_float(v, &f) ? pql_null() : pql_num(f);
-    case AVRO_DOUBLE: return avro_value_get_double(v, &dbl) ? pql_null() : pql_num(dbl);
+    case AVRO_BOOLEAN:
+        return avro_value_get_boolean(v, &b) ? pql_null() : pql_bool(b);
+    case AVRO_INT32:
+        return avro_value_get_int(v, &i) ? pql_null() : pql_num(i);
+    case AVRO_INT64:
+        return avro_value_get_long(v, &l) ? pql_null() : pql_num((double)l);
+    case AVRO_FLOAT:
+        return avro_value_get_float(v, &f) ? pql_null() : pql_num(f);
+    case AVRO_DOUBLE:
+        return avro_value_get_double(v, &dbl) ? pql_null() : pql_num(dbl);
     case AVRO_STRING:
         if (avro_value_get_string(v, &s, &size) || size == 0) return pql_str("", 0);
         return pql_str(s, size - 1);
-    default: return pql_null();
+    default:
+        return pql_null();
     }
 }
 
@@ -413,7 +420,8 @@ static pql_err read_props(pql_decoder *d, avro_value_t *map, pql_event *out, cha
     avro_value_get_size(map, &n);
     if (n > d->props_cap) {
         size_t cap = d->props_cap ? d->props_cap * 2 : 16;
-        while (cap < n) cap *= 2;
+        while (cap < n)
+            cap *= 2;
         pql_prop *props = realloc(d->props, cap * sizeof *props);
         if (!props) {
             set_err(errstr, size, "out of memory");
@@ -492,8 +500,8 @@ static pql_err extract(pql_decoder *d, plan *p, pql_event *out, char *errstr, si
     return PQL_OK;
 }
 
-static pql_err decode_with(pql_decoder *d, plan *p, const uint8_t *buf, size_t len,
-                           pql_event *out, char *errstr, size_t size)
+static pql_err decode_with(pql_decoder *d, plan *p, const uint8_t *buf, size_t len, pql_event *out,
+                           char *errstr, size_t size)
 {
     pql_err err = pql_avro_check_bytes(p->check, buf, len, d->limits.max_string,
                                        d->limits.max_properties, errstr, size);
@@ -541,8 +549,7 @@ pql_err pql_decoder_decode(pql_decoder *d, const void *buf, size_t len, pql_even
     }
     if (b[0] != 0) {
         set_err(errstr, errstr_size,
-                "magic byte 0x%02x is not the Confluent framing (0x00): check input.format",
-                b[0]);
+                "magic byte 0x%02x is not the Confluent framing (0x00): check input.format", b[0]);
         return PQL_ERR_DECODE;
     }
     uint32_t id = (uint32_t)b[1] << 24 | (uint32_t)b[2] << 16 | (uint32_t)b[3] << 8 | b[4];
@@ -599,7 +606,8 @@ pql_err pql_event_encode(const pql_event *ev, pql_buf *out, char *errstr, size_t
     if (rc || bad) {
         out->len = start;
         if (out->data) out->data[start] = '\0';
-        set_err(errstr, errstr_size, bad ? "event has a NULL string with a length" : "out of memory");
+        set_err(errstr, errstr_size,
+                bad ? "event has a NULL string with a length" : "out of memory");
         return bad ? PQL_ERR_ARG : PQL_ERR_NOMEM;
     }
     return PQL_OK;

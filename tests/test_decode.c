@@ -118,8 +118,8 @@ static void write_record(const char *schema_json, pql_buf *out)
     avro_value_iface_t *cls;
     avro_value_t rec, f, child, branch;
     size_t size;
-    cr_assert_eq(avro_schema_from_json_length(schema_json, strlen(schema_json), &schema), 0,
-                 "%s", avro_strerror());
+    cr_assert_eq(avro_schema_from_json_length(schema_json, strlen(schema_json), &schema), 0, "%s",
+                 avro_strerror());
     cls = avro_generic_class_from_schema(schema);
     cr_assert_eq(avro_generic_value_new(cls, &rec), 0);
     set_str(&rec, "event_id", "e-42");
@@ -166,8 +166,10 @@ static void assert_writer_record(const pql_event *ev, int has_user)
 {
     cr_assert(str_eq(ev->event_id, ev->event_id_len, "e-42"));
     cr_assert(str_eq(ev->account_id, ev->account_id_len, "globex"));
-    if (has_user) cr_assert(str_eq(ev->user_id, ev->user_id_len, "u-1"));
-    else cr_assert_null(ev->user_id);
+    if (has_user)
+        cr_assert(str_eq(ev->user_id, ev->user_id_len, "u-1"));
+    else
+        cr_assert_null(ev->user_id);
     cr_assert(str_eq(ev->event, ev->event_len, "login"));
     cr_assert_eq(ev->timestamp, 1700000000000);
     cr_assert_eq(ev->nprops, 2);
@@ -183,18 +185,12 @@ Test(decode, usage_round_trip_all_value_types)
 {
     const char *uni = "caf\xc3\xa9 \xe2\x9c\x93 \xf0\x9f\x9a\x80";
     pql_prop props[] = {
-        {"none", 4, pql_null()},
-        {"yes", 3, pql_bool(1)},
-        {"no", 2, pql_bool(0)},
-        {"count", 5, pql_num(42)},
-        {"neg", 3, pql_num(-7)},
-        {"big", 3, pql_num(9007199254740992.0)},
-        {"ratio", 5, pql_num(0.83)},
-        {"nan", 3, pql_num(NAN)},
-        {"inf", 3, pql_num(-INFINITY)},
-        {"name", 4, pql_str(uni, strlen(uni))},
-        {"empty", 5, pql_str("", 0)},
-        {"\xc3\xbc", 2, pql_str("x", 1)},
+        {"none", 4, pql_null()},        {"yes", 3, pql_bool(1)},
+        {"no", 2, pql_bool(0)},         {"count", 5, pql_num(42)},
+        {"neg", 3, pql_num(-7)},        {"big", 3, pql_num(9007199254740992.0)},
+        {"ratio", 5, pql_num(0.83)},    {"nan", 3, pql_num(NAN)},
+        {"inf", 3, pql_num(-INFINITY)}, {"name", 4, pql_str(uni, strlen(uni))},
+        {"empty", 5, pql_str("", 0)},   {"\xc3\xbc", 2, pql_str("x", 1)},
     };
     size_t n = sizeof props / sizeof props[0];
     pql_event ev = usage_event(props, n), got;
@@ -223,13 +219,13 @@ Test(decode, usage_round_trip_all_value_types)
             cr_assert_eq(p->value.u.num, props[i].value.u.num, "%s", props[i].key);
     }
     cr_assert(isnan(find_prop(&got, "nan")->value.u.num));
-    cr_assert(isinf(find_prop(&got, "inf")->value.u.num) && find_prop(&got, "inf")->value.u.num < 0);
+    cr_assert(isinf(find_prop(&got, "inf")->value.u.num) &&
+              find_prop(&got, "inf")->value.u.num < 0);
 
     /* Re-encoding the decoded event gives the same event back. */
     pql_buf b2 = {0};
     encode(&got, &b2);
-    cr_assert_eq(pql_decoder_decode(d, b2.data, b2.len, &got, err, sizeof err), PQL_OK, "%s",
-                 err);
+    cr_assert_eq(pql_decoder_decode(d, b2.data, b2.len, &got, err, sizeof err), PQL_OK, "%s", err);
     cr_assert_eq(got.nprops, n);
     pql_buf_free(&b);
     pql_buf_free(&b2);
@@ -372,6 +368,35 @@ Test(decode, writer_with_other_union_order_is_resolved)
     pql_decoder_destroy(d);
 }
 
+Test(decode, writer_null_where_we_need_a_string_is_a_decode_error)
+{
+    const char *w = "{\"type\":\"record\",\"name\":\"AccountUpdate\",\"fields\":["
+                    "{\"name\":\"account_id\",\"type\":[\"null\",\"string\"]},"
+                    "{\"name\":\"timestamp\",\"type\":\"long\"},"
+                    "{\"name\":\"traits\",\"type\":{\"type\":\"map\",\"values\":\"string\"}}]}";
+    pql_buf b = {0};
+    pql_event got;
+    pql_decoder *d = decoder(PQL_INPUT_ACCOUNT, PQL_WIRE_AVRO, w);
+    pql_avro_put_long(&b, 0); /* account_id: null */
+    pql_avro_put_long(&b, 5);
+    pql_avro_put_long(&b, 0);
+    cr_assert_eq(pql_decoder_decode(d, b.data, b.len, &got, err, sizeof err), PQL_ERR_DECODE);
+    cr_assert(strstr(err, "incompatible"), "%s", err);
+    pql_buf_reset(&b);
+    pql_avro_put_long(&b, 1);
+    pql_avro_put_string(&b, "acme", 4);
+    pql_avro_put_long(&b, 5);
+    pql_avro_put_long(&b, 1);
+    pql_avro_put_string(&b, "plan", 4);
+    pql_avro_put_string(&b, "pro", 3);
+    pql_avro_put_long(&b, 0);
+    cr_assert_eq(pql_decoder_decode(d, b.data, b.len, &got, err, sizeof err), PQL_OK, "%s", err);
+    cr_assert(str_eq(got.account_id, got.account_id_len, "acme"));
+    cr_assert_eq(find_prop(&got, "plan")->value.type, PQL_V_STR);
+    pql_buf_free(&b);
+    pql_decoder_destroy(d);
+}
+
 /* ---- framing ------------------------------------------------------------- */
 
 Test(decode, confluent_registered_ids)
@@ -412,11 +437,9 @@ Test(decode, confluent_registered_ids)
     /* unknown id */
     pql_buf_reset(&msg);
     frame(&msg, 42, &body8);
-    cr_assert_eq(pql_decoder_decode(d, msg.data, msg.len, &got, err, sizeof err),
-                 PQL_ERR_SCHEMA);
-    cr_assert_str_eq(err,
-                     "unknown schema id 42: register it in input.schemas (or the writer's "
-                     "registry)");
+    cr_assert_eq(pql_decoder_decode(d, msg.data, msg.len, &got, err, sizeof err), PQL_ERR_SCHEMA);
+    cr_assert_str_eq(err, "unknown schema id 42: register it in input.schemas (or the writer's "
+                          "registry)");
     /* not framed */
     cr_assert_eq(pql_decoder_decode(d, body8.data, body8.len, &got, err, sizeof err),
                  PQL_ERR_DECODE);
@@ -439,8 +462,8 @@ Test(decode, auto_detects_plain_and_confluent)
     frame(&msg, 3, &body);
     pql_decoder *d = decoder(PQL_INPUT_USAGE, PQL_WIRE_AUTO, NULL);
     cr_assert_eq(pql_decoder_register_schema(d, 3, WRITER_EXTRA, err, sizeof err), PQL_OK);
-    cr_assert_eq(pql_decoder_decode(d, plain.data, plain.len, &got, err, sizeof err), PQL_OK,
-                 "%s", err);
+    cr_assert_eq(pql_decoder_decode(d, plain.data, plain.len, &got, err, sizeof err), PQL_OK, "%s",
+                 err);
     cr_assert(str_eq(got.event_id, got.event_id_len, "evt-1"));
     cr_assert_eq(pql_decoder_decode(d, msg.data, msg.len, &got, err, sizeof err), PQL_OK, "%s",
                  err);
@@ -452,15 +475,14 @@ Test(decode, auto_detects_plain_and_confluent)
     pql_buf_reset(&plain);
     encode(&ev, &plain);
     cr_assert_eq((unsigned char)plain.data[0], 0);
-    cr_assert_eq(pql_decoder_decode(d, plain.data, plain.len, &got, err, sizeof err), PQL_OK,
-                 "%s", err);
+    cr_assert_eq(pql_decoder_decode(d, plain.data, plain.len, &got, err, sizeof err), PQL_OK, "%s",
+                 err);
     cr_assert(str_eq(got.account_id, got.account_id_len, "acme"));
 
     /* Framed with an unknown id: reported as such. */
     pql_buf_reset(&msg);
     frame(&msg, 42, &body);
-    cr_assert_eq(pql_decoder_decode(d, msg.data, msg.len, &got, err, sizeof err),
-                 PQL_ERR_SCHEMA);
+    cr_assert_eq(pql_decoder_decode(d, msg.data, msg.len, &got, err, sizeof err), PQL_ERR_SCHEMA);
     cr_assert(strstr(err, "unknown schema id 42"), "%s", err);
     pql_buf_free(&plain);
     pql_buf_free(&body);
@@ -534,7 +556,7 @@ Test(decode, limits)
     cr_assert_str_eq(err, "string of 5000 bytes in account_id exceeds limits.max_string=4096");
 
     pql_prop *many = calloc(300, sizeof *many);
-    char (*keys)[8] = calloc(300, 8);
+    char(*keys)[8] = calloc(300, 8);
     for (int i = 0; i < 300; i++) {
         many[i].key_len = (size_t)snprintf(keys[i], 8, "k%d", i);
         many[i].key = keys[i];
@@ -577,8 +599,10 @@ Test(decode, limits)
 
 Test(decode, truncated_records_are_decode_errors)
 {
-    pql_prop props[] = {{"a", 1, pql_str("hello", 5)}, {"b", 1, pql_num(1.5)},
-                        {"c", 1, pql_bool(1)},         {"d", 1, pql_null()},
+    pql_prop props[] = {{"a", 1, pql_str("hello", 5)},
+                        {"b", 1, pql_num(1.5)},
+                        {"c", 1, pql_bool(1)},
+                        {"d", 1, pql_null()},
                         {"e", 1, pql_num(300)}};
     pql_event ev = usage_event(props, 5), got;
     pql_buf b = {0}, w = {0};
@@ -594,8 +618,8 @@ Test(decode, truncated_records_are_decode_errors)
                      "length %zu: %s", n, err);
     }
     for (size_t n = 0; n < w.len; n++)
-        cr_assert_eq(pql_decoder_decode(resolved, w.data, n, &got, err, sizeof err),
-                     PQL_ERR_DECODE, "length %zu: %s", n, err);
+        cr_assert_eq(pql_decoder_decode(resolved, w.data, n, &got, err, sizeof err), PQL_ERR_DECODE,
+                     "length %zu: %s", n, err);
     cr_assert_eq(pql_decoder_decode(plain, b.data, b.len, &got, err, sizeof err), PQL_OK);
     cr_assert_eq(pql_decoder_decode(resolved, w.data, w.len, &got, err, sizeof err), PQL_OK);
 
@@ -674,14 +698,17 @@ Test(decode, random_and_mutated_bytes_never_crash)
     int ok = 0;
     for (int i = 0; i < 10000; i++) {
         size_t len = next_rand() % sizeof buf;
-        for (size_t j = 0; j < len; j++) buf[j] = (uint8_t)next_rand();
+        for (size_t j = 0; j < len; j++)
+            buf[j] = (uint8_t)next_rand();
         if (i % 4 == 3 && len >= 5) buf[0] = 0, buf[1] = buf[2] = buf[3] = 0, buf[4] = 1;
         for (int k = 0; k < 4; k++)
             ok += pql_decoder_decode(dec[k], buf, len, &got, err, sizeof err) == PQL_OK;
     }
     /* Valid records with a few bytes changed reach deeper. */
-    pql_prop props[] = {{"plan", 4, pql_str("team", 4)}, {"n", 1, pql_num(3)},
-                        {"r", 1, pql_num(0.5)},          {"b", 1, pql_bool(1)}};
+    pql_prop props[] = {{"plan", 4, pql_str("team", 4)},
+                        {"n", 1, pql_num(3)},
+                        {"r", 1, pql_num(0.5)},
+                        {"b", 1, pql_bool(1)}};
     pql_event ev = usage_event(props, 4);
     pql_buf good = {0}, extra = {0};
     encode(&ev, &good);
@@ -699,5 +726,6 @@ Test(decode, random_and_mutated_bytes_never_crash)
     cr_assert(ok > 0); /* some mutations keep a valid record */
     pql_buf_free(&good);
     pql_buf_free(&extra);
-    for (int k = 0; k < 4; k++) pql_decoder_destroy(dec[k]);
+    for (int k = 0; k < 4; k++)
+        pql_decoder_destroy(dec[k]);
 }

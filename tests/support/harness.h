@@ -57,7 +57,8 @@ pql_redis_child *h_redis_child(h_redis *r);
 void h_redis_stop(h_redis *r);
 
 /** HGET key field as a NUL-terminated string (caller frees), or NULL when
- *  absent.  Fails the test if Redis cannot be reached. */
+ *  absent.  Harness functions taking a Redis `url` accept unix:// URLs only
+ *  (what h_redis_url returns); they fail the test if Redis is unreachable. */
 char *h_redis_hget(const char *url, const char *key, const char *field);
 
 /* ---- Kafka ---------------------------------------------------------------- */
