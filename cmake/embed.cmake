@@ -1,5 +1,7 @@
 # Turns each file in FILES into a C string in OUT, looked up by base name
-# through pql_embedded_get() (see processor/embedded.h).
+# through pql_embedded_get() (see processor/embedded.h).  FILES is a
+# "|"-separated list (a ";" list would be split by add_custom_command).
+string(REPLACE "|" ";" FILES "${FILES}")
 set(body "#include <stddef.h>\n#include <string.h>\n")
 set(table "")
 set(i 0)

@@ -77,7 +77,11 @@ static void last_log_line(const pql_redis_child *c, char *buf, size_t size)
     buf[0] = '\0';
     if (!f) return;
     while (fgets(line, sizeof line, f))
-        if (line[0] != '\n') snprintf(buf, size, "%s", line);
+        if (line[0] != '\n') {
+            size_t n = strnlen(line, size - 1);
+            memcpy(buf, line, n);
+            buf[n] = '\0';
+        }
     fclose(f);
     buf[strcspn(buf, "\n")] = '\0';
 }

@@ -9,6 +9,7 @@
 #ifndef PQL_SAMPLE_H
 #define PQL_SAMPLE_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 typedef struct pql_sample pql_sample;

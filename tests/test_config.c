@@ -39,24 +39,30 @@ static const char *kafka_get(const pql_config *c, const char *key)
 }
 
 /* Calls `fn(c, out)` and returns what it printed (caller frees). */
+static char *read_back(FILE *f)
+{
+    long len = ftell(f);
+    char *out = calloc(1, (size_t)len + 1);
+    rewind(f);
+    cr_assert(out && fread(out, 1, (size_t)len, f) == (size_t)len);
+    fclose(f);
+    return out;
+}
+
 static char *capture_dump(const pql_config *c)
 {
-    char *buf = NULL;
-    size_t len = 0;
-    FILE *f = open_memstream(&buf, &len);
+    FILE *f = tmpfile();
+    cr_assert(f);
     pql_config_dump(c, f);
-    fclose(f);
-    return buf;
+    return read_back(f);
 }
 
 static char *capture_usage(void)
 {
-    char *buf = NULL;
-    size_t len = 0;
-    FILE *f = open_memstream(&buf, &len);
+    FILE *f = tmpfile();
+    cr_assert(f);
     pql_config_usage(f);
-    fclose(f);
-    return buf;
+    return read_back(f);
 }
 
 /* Expects loading `yaml` to fail with exactly "<path>:<expect>". */
