@@ -31,6 +31,7 @@ struct pql_pipeline {
     int print_alerts;
     int64_t ttl_ms;
     int reset_latest; /* auto.offset.reset=latest: start there when Redis has no offset */
+    volatile sig_atomic_t *stop; /* set by SIGTERM/SIGINT */
 };
 
 static void sleep_ms(int ms)
@@ -364,6 +365,16 @@ static void flush_batches(pql_pipeline *p)
         }
         if (!retry) break;
         (void)rc;
+        if (p->stop && *p->stop && backoff >= MAX_BACKOFF_MS) {
+            /* Stopping and Redis still down: give up this batch.  Nothing is
+               lost: Redis keeps the last written offsets, the next owner
+               re-reads from there. */
+            pql_error("stopping without writing the last batch: redis unavailable",
+                      "error=\"%s\"", err);
+            for (size_t i = 0; i < n; i++)
+                if (results[i] != PQL_OK) owners[i]->state = PQL_TASK_CLOSED;
+            break;
+        }
         pql_warn("redis write failed, retrying", "error=\"%s\" retry_ms=%d", err, backoff);
         if (!paused) {
             rd_kafka_topic_partition_list_t *a = NULL;
@@ -441,6 +452,7 @@ static void process_batch(pql_pipeline *p, size_t n)
 
 int pql_pipeline_run(pql_pipeline *p, volatile sig_atomic_t *stop)
 {
+    p->stop = stop;
     pql_info("running", "group=%s usage=%s accounts=%s alerts=%s dlq=%s partitions=%d",
              p->cfg->group, p->topics[0], p->topics[1], p->cfg->topic_alerts, p->cfg->topic_dlq,
              p->npartitions);

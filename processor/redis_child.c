@@ -165,6 +165,9 @@ static int spawn(pql_redis_child *c, char *errstr, size_t size)
         close(pfd[0]);
         prctl(PR_SET_PDEATHSIG, SIGKILL);
         if (getppid() != parent) _exit(127); /* the parent died before prctl */
+        /* Its own process group: a Ctrl-C on the terminal reaches us, not the
+           server, so we can still write our last batch while stopping. */
+        setpgid(0, 0);
         int null = open("/dev/null", O_RDWR);
         if (null >= 0) dup2(null, 0), dup2(null, 1);
         close_range(3, ~0U, CLOSE_RANGE_CLOEXEC); /* keep our sockets out of the server */
