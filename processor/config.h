@@ -58,6 +58,7 @@ typedef struct pql_config {
     int cache_max_accounts;  /* cache.max_accounts (per process), default 200000 */
     int64_t lateness_ms;     /* processing.lateness, duration, default "1d" */
     int64_t max_future_skew_ms; /* processing.max_future_skew, default "1h" */
+    int64_t max_task_idle_ms; /* processing.max_task_idle, default "2s": see pipeline.h */
     int64_t state_ttl_ms;    /* state.ttl: Redis TTL of account state, default "400d" */
 
     /* Input decoding */

@@ -16,6 +16,15 @@
 
 #define MAX_BACKOFF_MS 5000
 
+/* Messages polled for one input partition and not yet processed (FIFO). */
+typedef struct inbox {
+    rd_kafka_message_t **m;
+    size_t head, len, cap;
+    int64_t eof_at; /* >= 0: the partition's end was reached at this offset and
+                       nothing arrived since: provably nothing more to merge */
+    int paused;
+} inbox;
+
 struct pql_pipeline {
     const pql_config *cfg;
     pql_rules *rules;
@@ -26,8 +35,9 @@ struct pql_pipeline {
     const char *topics[PQL_NTOPICS];
     int32_t npartitions;
     pql_task **tasks; /* by partition number; NULL when not ours */
+    inbox (*inboxes)[PQL_NTOPICS]; /* by partition number and topic */
+    int64_t *blocked_since;        /* by partition: merge waiting since (ms), 0 if not */
     uint64_t generation;
-    rd_kafka_message_t **msgs;
     int print_alerts;
     int64_t ttl_ms;
     int reset_latest; /* auto.offset.reset=latest: start there when Redis has no offset */
@@ -52,6 +62,96 @@ static pql_task *task_of(pql_pipeline *p, int32_t partition, uint64_t generation
     if (partition < 0 || partition >= p->npartitions) return NULL;
     pql_task *t = p->tasks[partition];
     return t && (generation == 0 || t->generation == generation) ? t : NULL;
+}
+
+/* ---- inboxes: the deterministic merge of a task's two partitions -------- */
+
+static size_t inbox_len(const inbox *q)
+{
+    return q->len;
+}
+
+static rd_kafka_message_t *inbox_peek(const inbox *q)
+{
+    return q->len ? q->m[q->head] : NULL;
+}
+
+static void inbox_push(inbox *q, rd_kafka_message_t *m)
+{
+    if (q->head + q->len == q->cap) {
+        if (q->head) { /* compact */
+            memmove(q->m, q->m + q->head, q->len * sizeof(*q->m));
+            q->head = 0;
+        } else {
+            q->cap = q->cap ? q->cap * 2 : 1024;
+            q->m = realloc(q->m, q->cap * sizeof(*q->m));
+            if (!q->m) abort();
+        }
+    }
+    q->m[q->head + q->len++] = m;
+    q->eof_at = -1;
+}
+
+static void inbox_pop(inbox *q)
+{
+    rd_kafka_message_destroy(q->m[q->head]);
+    q->head++;
+    if (!--q->len) q->head = 0;
+}
+
+static void inbox_clear(inbox *q)
+{
+    while (q->len) inbox_pop(q);
+    q->eof_at = -1;
+}
+
+static void inbox_free(inbox *q)
+{
+    inbox_clear(q);
+    free(q->m);
+    q->m = NULL;
+    q->cap = 0;
+}
+
+static void set_paused(pql_pipeline *p, int32_t part, int ti, int pause)
+{
+    inbox *q = &p->inboxes[part][ti];
+    if (q->paused == pause) return;
+    rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(1);
+    rd_kafka_topic_partition_list_add(l, p->topics[ti], part);
+    if (pause) rd_kafka_pause_partitions(p->consumer, l);
+    else rd_kafka_resume_partitions(p->consumer, l);
+    rd_kafka_topic_partition_list_destroy(l);
+    q->paused = pause;
+}
+
+/* Chooses the next message of task `part` in the merge order: the smaller
+ * record timestamp first, account updates before usage on a tie, each
+ * partition in offset order.  The choice is a function of the logs alone —
+ * so every run, interrupted or not, applies the same sequence — except when
+ * one side has no message yet and is not known to be at its end: then the
+ * task waits, up to processing.max_task_idle, before going on without it.
+ * @returns the topic index to take from, or -1 to wait. */
+static int merge_next(pql_pipeline *p, int32_t part, int64_t now)
+{
+    inbox *u = &p->inboxes[part][PQL_TOPIC_USAGE], *a = &p->inboxes[part][PQL_TOPIC_ACCOUNTS];
+    rd_kafka_message_t *mu = inbox_peek(u), *ma = inbox_peek(a);
+    int pick = -1;
+    if (mu && ma)
+        pick = rd_kafka_message_timestamp(ma, NULL) <= rd_kafka_message_timestamp(mu, NULL)
+                   ? PQL_TOPIC_ACCOUNTS
+                   : PQL_TOPIC_USAGE;
+    else if (mu && a->eof_at >= 0) pick = PQL_TOPIC_USAGE;
+    else if (ma && u->eof_at >= 0) pick = PQL_TOPIC_ACCOUNTS;
+    else if (!mu && !ma) return -1;
+    if (pick >= 0) {
+        p->blocked_since[part] = 0;
+        return pick;
+    }
+    if (!p->blocked_since[part]) p->blocked_since[part] = now;
+    if (now - p->blocked_since[part] < p->cfg->max_task_idle_ms) return -1;
+    pql_debug("merge idle: going on without the other partition", "partition=%d", part);
+    return mu ? PQL_TOPIC_USAGE : PQL_TOPIC_ACCOUNTS;
 }
 
 /* ---- delivery callbacks ------------------------------------------------ */
@@ -148,6 +248,11 @@ static void drop_task(pql_pipeline *p, int32_t part, const char *why)
     pql_info("partition released", "partition=%d reason=%s", part, why);
     pql_task_destroy(t);
     p->tasks[part] = NULL;
+    for (int i = 0; i < PQL_NTOPICS; i++) {
+        inbox_clear(&p->inboxes[part][i]);
+        p->inboxes[part][i].paused = 0; /* an unassigned partition is not paused */
+    }
+    p->blocked_since[part] = 0;
 }
 
 static void on_assign(pql_pipeline *p, rd_kafka_topic_partition_list_t *parts)
@@ -197,27 +302,33 @@ static void load_field(void *opaque, size_t i, const char *f, size_t flen, const
     pql_account_load_field(c->accts[i], f, flen, v, vlen);
 }
 
-/* Loads (one round trip per task) the accounts of the batch that are not in
- * cache, keyed by the message key (= account_id).  @returns 0 or -1 (Redis). */
-static int prefetch(pql_pipeline *p, pql_task *t, rd_kafka_message_t **msgs, size_t n)
+/* Loads (one round trip per task) the accounts of the task's queued
+ * messages that are not in cache, keyed by the message key (= account_id).
+ * @returns 0 or -1 (Redis). */
+static int prefetch(pql_pipeline *p, pql_task *t)
 {
+    size_t n = 0;
+    for (int ti = 0; ti < PQL_NTOPICS; ti++) n += inbox_len(&p->inboxes[t->partition][ti]);
+    if (!n) return 0;
     const char **ids = malloc(n * sizeof(*ids));
     size_t *lens = malloc(n * sizeof(*lens));
     pql_account **accts = malloc(n * sizeof(*accts));
     if (!ids || !lens || !accts) abort();
     size_t k = 0;
-    for (size_t i = 0; i < n; i++) {
-        rd_kafka_message_t *m = msgs[i];
-        if (m->partition != t->partition || !m->key || !m->key_len) continue;
-        if (pql_task_account(t, m->key, m->key_len)) continue;
-        int dup = 0;
-        for (size_t j = 0; j < k && !dup; j++)
-            dup = lens[j] == m->key_len && !memcmp(ids[j], m->key, m->key_len);
-        if (dup) continue;
-        ids[k] = m->key;
-        lens[k] = m->key_len;
-        accts[k] = pql_account_new(p->rules, m->key, m->key_len);
-        k++;
+    for (int ti = 0; ti < PQL_NTOPICS; ti++) {
+        inbox *q = &p->inboxes[t->partition][ti];
+        for (size_t i = 0; i < q->len; i++) {
+            rd_kafka_message_t *m = q->m[q->head + i];
+            if (!m->key || !m->key_len || pql_task_account(t, m->key, m->key_len)) continue;
+            int dup = 0;
+            for (size_t j = 0; j < k && !dup; j++)
+                dup = lens[j] == m->key_len && !memcmp(ids[j], m->key, m->key_len);
+            if (dup) continue;
+            ids[k] = m->key;
+            lens[k] = m->key_len;
+            accts[k] = pql_account_new(p->rules, m->key, m->key_len);
+            k++;
+        }
     }
     int rc = 0;
     if (k) {
@@ -318,6 +429,7 @@ static void flush_batches(pql_pipeline *p)
                 pql_warn("batch abandoned: a dead letter was not delivered; re-reading",
                          "partition=%d", t->partition);
                 pql_task_abandon(t);
+                for (int k = 0; k < PQL_NTOPICS; k++) inbox_clear(&p->inboxes[t->partition][k]);
                 for (int k = 0; k < PQL_NTOPICS; k++) {
                     if (t->committed[k] < 0) continue;
                     rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(1);
@@ -404,6 +516,33 @@ static void flush_batches(pql_pipeline *p)
     free(results);
 }
 
+/* Routes a polled message (or partition-EOF event) to its task's inbox. */
+static void route(pql_pipeline *p, rd_kafka_message_t *m)
+{
+    int ti = m->rkt ? topic_index(p, rd_kafka_topic_name(m->rkt)) : -1;
+    pql_task *t = ti >= 0 ? task_of(p, m->partition, 0) : NULL;
+    if (m->err == RD_KAFKA_RESP_ERR__PARTITION_EOF) {
+        if (t) p->inboxes[m->partition][ti].eof_at = m->offset;
+        rd_kafka_message_destroy(m);
+        return;
+    }
+    if (m->err) {
+        pql_warn("consumer error", "error=\"%s\"", rd_kafka_message_errstr(m));
+        rd_kafka_message_destroy(m);
+        return;
+    }
+    /* not ours (any more), or re-delivered below what was already processed */
+    if (!t || t->state != PQL_TASK_RUNNING || (t->next[ti] >= 0 && m->offset < t->next[ti])) {
+        rd_kafka_message_destroy(m);
+        return;
+    }
+    inbox *q = &p->inboxes[m->partition][ti];
+    inbox_push(q, m);
+    if (inbox_len(q) > (size_t)p->cfg->batch_max_messages * 4) set_paused(p, m->partition, ti, 1);
+}
+
+/* Polls up to batch.max_messages messages or batch.max_ms into the inboxes.
+ * @returns how many messages were polled. */
 static size_t poll_batch(pql_pipeline *p)
 {
     size_t n = 0, max = (size_t)p->cfg->batch_max_messages;
@@ -411,42 +550,40 @@ static size_t poll_batch(pql_pipeline *p)
     while (n < max) {
         int64_t left = deadline - pql_now_ms();
         if (left < 0) left = 0;
-        rd_kafka_message_t *m = rd_kafka_consumer_poll(p->consumer, n ? (int)left : (int)left);
+        rd_kafka_message_t *m = rd_kafka_consumer_poll(p->consumer, (int)left);
         if (!m) {
             if (left == 0) break;
             continue;
         }
-        if (m->err) {
-            if (m->err != RD_KAFKA_RESP_ERR__PARTITION_EOF)
-                pql_warn("consumer error", "error=\"%s\"", rd_kafka_message_errstr(m));
-            rd_kafka_message_destroy(m);
-            continue;
-        }
-        p->msgs[n++] = m;
+        n += !m->err;
+        route(p, m);
         if (left == 0) break;
     }
     return n;
 }
 
-static void process_batch(pql_pipeline *p, size_t n)
+/* Applies what the merge order allows of every task's inboxes, then writes. */
+static void process_inboxes(pql_pipeline *p)
 {
     int64_t now = pql_now_ms();
-    /* 1-2: prefetch per task */
-    for (int32_t i = 0; i < p->npartitions; i++) {
-        pql_task *t = p->tasks[i];
-        if (t && t->state == PQL_TASK_RUNNING && prefetch(p, t, p->msgs, n) < 0) t->dlq_failed = 1;
+    for (int32_t part = 0; part < p->npartitions; part++) {
+        pql_task *t = p->tasks[part];
+        if (!t || t->state != PQL_TASK_RUNNING) continue;
+        if (prefetch(p, t) < 0) {
+            t->dlq_failed = 1; /* Redis failed: abandon this batch, re-read later */
+            continue;
+        }
+        int ti;
+        while (!t->dlq_failed && (ti = merge_next(p, part, now)) >= 0) {
+            inbox *q = &p->inboxes[part][ti];
+            process_message(p, t, inbox_peek(q), ti, now);
+            inbox_pop(q);
+        }
+        for (int k = 0; k < PQL_NTOPICS; k++)
+            if (p->inboxes[part][k].paused &&
+                inbox_len(&p->inboxes[part][k]) < (size_t)p->cfg->batch_max_messages)
+                set_paused(p, part, k, 0);
     }
-    /* 3: decode and apply, in order */
-    for (size_t i = 0; i < n; i++) {
-        rd_kafka_message_t *m = p->msgs[i];
-        int ti = topic_index(p, rd_kafka_topic_name(m->rkt));
-        pql_task *t = task_of(p, m->partition, 0);
-        if (ti < 0 || !t || t->state != PQL_TASK_RUNNING || t->dlq_failed) continue;
-        if (t->next[ti] >= 0 && m->offset < t->next[ti]) continue; /* already processed */
-        process_message(p, t, m, ti, now);
-    }
-    for (size_t i = 0; i < n; i++) rd_kafka_message_destroy(p->msgs[i]);
-    /* 4-5 */
     flush_batches(p);
 }
 
@@ -457,10 +594,9 @@ int pql_pipeline_run(pql_pipeline *p, volatile sig_atomic_t *stop)
              p->cfg->group, p->topics[0], p->topics[1], p->cfg->topic_alerts, p->cfg->topic_dlq,
              p->npartitions);
     while (!*stop) {
-        size_t n = poll_batch(p);
+        poll_batch(p);
         pql_sink_poll(p->sink, 0);
-        if (n) process_batch(p, n);
-        else flush_batches(p); /* outbox removals of delivered alerts */
+        process_inboxes(p); /* also writes outbox removals of delivered alerts */
     }
     pql_info("stopping: finishing the batch, flushing alerts, leaving the group", "%s", "");
     flush_batches(p);
@@ -571,7 +707,9 @@ pql_pipeline *pql_pipeline_new(const pql_config *cfg, const char *brokers, const
         /* range keeps partition p of both co-partitioned topics on one member */
         rd_kafka_conf_set(conf, "partition.assignment.strategy", "range", errstr, errstr_size) ||
         rd_kafka_conf_set(conf, "auto.offset.reset", "earliest", errstr, errstr_size) ||
-        rd_kafka_conf_set(conf, "fetch.wait.max.ms", "10", errstr, errstr_size))
+        rd_kafka_conf_set(conf, "fetch.wait.max.ms", "10", errstr, errstr_size) ||
+        /* end-of-partition events tell the merge that one side has nothing more */
+        rd_kafka_conf_set(conf, "enable.partition.eof", "true", errstr, errstr_size))
         goto fail;
     for (size_t i = 0; i < cfg->nkafka; i++) {
         if (rd_kafka_conf_set(conf, cfg->kafka[i].key, cfg->kafka[i].value, e, sizeof(e))) {
@@ -594,8 +732,11 @@ pql_pipeline *pql_pipeline_new(const pql_config *cfg, const char *brokers, const
 
     if (check_topics(p, errstr, errstr_size) < 0) goto fail;
     p->tasks = calloc((size_t)p->npartitions, sizeof(*p->tasks));
-    p->msgs = calloc((size_t)cfg->batch_max_messages, sizeof(*p->msgs));
-    if (!p->tasks || !p->msgs) goto fail;
+    p->inboxes = calloc((size_t)p->npartitions, sizeof(*p->inboxes));
+    p->blocked_since = calloc((size_t)p->npartitions, sizeof(*p->blocked_since));
+    if (!p->tasks || !p->inboxes || !p->blocked_since) goto fail;
+    for (int32_t i = 0; i < p->npartitions; i++)
+        for (int k = 0; k < PQL_NTOPICS; k++) p->inboxes[i][k].eof_at = -1;
 
     rd_kafka_topic_partition_list_t *sub = rd_kafka_topic_partition_list_new(2);
     rd_kafka_topic_partition_list_add(sub, cfg->topic_usage, RD_KAFKA_PARTITION_UA);
@@ -622,8 +763,11 @@ void pql_pipeline_destroy(pql_pipeline *p)
 {
     if (!p) return;
     for (int32_t i = 0; p->tasks && i < p->npartitions; i++) pql_task_destroy(p->tasks[i]);
+    for (int32_t i = 0; p->inboxes && i < p->npartitions; i++)
+        for (int k = 0; k < PQL_NTOPICS; k++) inbox_free(&p->inboxes[i][k]);
+    free(p->inboxes);
+    free(p->blocked_since);
     free(p->tasks);
-    free(p->msgs);
     pql_sink_destroy(p->sink, 5000);
     if (p->consumer) rd_kafka_destroy(p->consumer);
     pql_store_close(p->store);

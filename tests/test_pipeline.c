@@ -1,0 +1,381 @@
+/* test_pipeline.c — end to end on real parts: librdkafka's mock cluster, a
+ * real redis-server, and the pqlstream binary as a separate process.
+ *
+ *  - exact alerts (ids, reasons, signals, times) for a scripted stream, and
+ *    the Redis state and outbox they leave;
+ *  - every kind of bad input ends in the DLQ with provenance headers while
+ *    processing goes on;
+ *  - kill -9 mid-stream, several times, ends with exactly the Redis state and
+ *    the alert ids of an uninterrupted run. */
+#include "alert.h"
+#include "harness.h"
+#include "sample.h"
+
+#include <criterion/criterion.h>
+#include <hiredis/hiredis.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define PARTS 4
+#define USAGE "usage-events"
+#define ACCTS "account-updates"
+
+static const char *rules_yaml =
+    "version: 9\n"
+    "lifecycle: { signup: signed_up, conversion: subscription_started }\n"
+    "signals:\n"
+    "  logins:  { count: login, window: 7d }\n"
+    "  invites: { count: teammate_invited, window: 14d }\n"
+    "  users:   { distinct: user_id, of: '*', window: 30d }\n"
+    "pql:\n"
+    "  - name: team\n"
+    "    when: logins >= 3 and invites >= 1\n"
+    "    reasons: ['Logged in {logins} times in 7 days', 'Invited {invites} teammates']\n"
+    "expansion:\n"
+    "  - name: seats\n"
+    "    when: account.seats > 0 and users / account.seats >= 0.8\n"
+    "    reasons: ['Seat usage at {pct(users / account.seats)} ({users} of {account.seats} seats)']\n";
+
+static h_redis *redis;
+static h_kafka *kafka;
+static char *dir;
+static char rules_path[512];
+
+static void setup(void)
+{
+    redis = h_redis_start();
+    kafka = h_kafka_start(PARTS, USAGE, ACCTS, "pql-alerts", "pql-dlq", "pql-metrics", "alerts-a",
+                          "alerts-b", NULL);
+    dir = h_mkdtemp();
+    snprintf(rules_path, sizeof(rules_path), "%s/rules.yaml", dir);
+    FILE *f = fopen(rules_path, "w");
+    cr_assert_not_null(f);
+    fputs(rules_yaml, f);
+    fclose(f);
+}
+
+static void teardown(void)
+{
+    h_kafka_stop(kafka);
+    h_redis_stop(redis);
+    h_rmtree(dir);
+    free(dir);
+}
+
+static h_proc *start(const char *group, const char *alerts, const char *batch)
+{
+    return h_proc_start("PQLSTREAM_BROKERS", h_kafka_bootstraps(kafka), "PQLSTREAM_REDIS",
+                        h_redis_url(redis), "PQLSTREAM_RULES", rules_path, "PQLSTREAM_GROUP", group,
+                        "PQLSTREAM_TOPIC_ALERTS", alerts, "PQLSTREAM_BATCH_MAX_MESSAGES", batch,
+                        "PQLSTREAM_KAFKA_SESSION_TIMEOUT_MS", "6000",
+                        "PQLSTREAM_KAFKA_HEARTBEAT_INTERVAL_MS", "500", NULL);
+}
+
+static void wait_done(h_proc *p, const char *group, int timeout_ms)
+{
+    H_ASSERT_PROC(p, h_wait_offsets(kafka, h_redis_url(redis), group, USAGE, PARTS, NULL, timeout_ms) == 0);
+    H_ASSERT_PROC(p, h_wait_offsets(kafka, h_redis_url(redis), group, ACCTS, PARTS, NULL, timeout_ms) == 0);
+}
+
+static redisContext *rc_connect(void)
+{
+    const char *url = h_redis_url(redis);
+    cr_assert(!strncmp(url, "unix://", 7));
+    redisContext *c = redisConnectUnix(url + 7);
+    cr_assert(c && !c->err);
+    return c;
+}
+
+static long long sum_counter(const char *group, const char *field)
+{
+    redisContext *c = rc_connect();
+    long long sum = 0;
+    for (int p = 0; p < PARTS; p++) {
+        redisReply *r = redisCommand(c, "HGET pql:{%s:%d}:c:stats %s", group, p, field);
+        if (r && r->type == REDIS_REPLY_STRING) sum += atoll(r->str);
+        freeReplyObject(r);
+    }
+    redisFree(c);
+    return sum;
+}
+
+static long long outbox_len(const char *group)
+{
+    redisContext *c = rc_connect();
+    long long n = 0;
+    for (int p = 0; p < PARTS; p++) {
+        redisReply *r = redisCommand(c, "HLEN pql:{%s:%d}:outbox", group, p);
+        if (r && r->type == REDIS_REPLY_INTEGER) n += r->integer;
+        freeReplyObject(r);
+    }
+    redisFree(c);
+    return n;
+}
+
+static json_t *find_alert(h_msgs *m, const char *account, const char *rule, int *count)
+{
+    json_t *found = NULL;
+    *count = 0;
+    for (size_t i = 0; i < m->n; i++) {
+        char err[256];
+        json_t *j = pql_alert_avro_to_json(m->msgs[i].value, m->msgs[i].value_len, err, sizeof(err));
+        cr_assert_not_null(j, "alert %zu does not decode: %s", i, err);
+        if (!strcmp(json_string_value(json_object_get(j, "account_id")), account) &&
+            !strcmp(json_string_value(json_object_get(j, "rule")), rule)) {
+            cr_assert_str_eq(m->msgs[i].key, account, "alerts are keyed by account");
+            (*count)++;
+            if (!found) {
+                found = j;
+                continue;
+            }
+        }
+        json_decref(j);
+    }
+    return found;
+}
+
+TestSuite(pipeline, .init = setup, .fini = teardown, .timeout = 240);
+
+Test(pipeline, exact_alerts_for_a_scripted_stream)
+{
+    int64_t t = pql_now_ms() - PQL_MS_HOUR;
+    /* acme: signs up, 3 logins, then an invite crosses `team` */
+    h_produce_usage(kafka, USAGE, -1, "acme", "signed_up", "u1", t, H_NO_PROPS);
+    h_produce_usage(kafka, USAGE, -1, "acme", "login", "u1", t + 1000, H_NO_PROPS);
+    h_produce_usage(kafka, USAGE, -1, "acme", "login", "u2", t + 2000, H_NO_PROPS);
+    h_produce_usage(kafka, USAGE, -1, "acme", "login", "u1", t + 3000, H_NO_PROPS);
+    h_produce_usage(kafka, USAGE, -1, "acme", "teammate_invited", "u1", t + 4000,
+                    H_PROPS(H_STR("email", "b@acme.io")));
+    h_produce_usage(kafka, USAGE, -1, "acme", "login", "u2", t + 5000, H_NO_PROPS); /* no re-fire */
+    /* globex: only 2 logins → nothing */
+    h_produce_usage(kafka, USAGE, -1, "globex", "login", "u1", t, H_NO_PROPS);
+    h_produce_usage(kafka, USAGE, -1, "globex", "login", "u1", t + 1, H_NO_PROPS);
+    /* initech: converted → a PQL rule does not apply */
+    h_produce_usage(kafka, USAGE, -1, "initech", "subscription_started", "u1", t, H_NO_PROPS);
+    for (int i = 0; i < 3; i++)
+        h_produce_usage(kafka, USAGE, -1, "initech", "login", "u1", t + 1 + i, H_NO_PROPS);
+    h_produce_usage(kafka, USAGE, -1, "initech", "teammate_invited", "u1", t + 9, H_NO_PROPS);
+    /* hooli: paid, 2 seats, 2 active users → seats at 100% */
+    h_produce_account(kafka, ACCTS, -1, "hooli", t, H_PROPS(H_NUM("seats", 2), H_STR("plan", "team")));
+    h_produce_usage(kafka, USAGE, -1, "hooli", "subscription_started", "u1", t, H_NO_PROPS);
+    h_produce_usage(kafka, USAGE, -1, "hooli", "login", "u1", t + 10, H_NO_PROPS);
+    h_produce_usage(kafka, USAGE, -1, "hooli", "login", "u2", t + 20, H_NO_PROPS);
+    h_flush(kafka);
+
+    h_proc *p = start("g1", "pql-alerts", "1000");
+    wait_done(p, "g1", 60000);
+
+    h_msgs *m = NULL;
+    for (int i = 0; i < 100; i++) { /* alerts are produced right after the write */
+        m = h_consume_all(h_kafka_bootstraps(kafka), "pql-alerts", 5000);
+        if (m->n >= 2) break;
+        h_msgs_free(m);
+        m = NULL;
+        h_sleep_ms(100);
+    }
+    H_ASSERT_PROC(p, m != NULL && m->n == 2, "expected exactly 2 alerts");
+
+    int count;
+    json_t *a = find_alert(m, "acme", "team", &count);
+    cr_assert_not_null(a);
+    cr_assert_eq(count, 1);
+    char id[PQL_ALERT_ID_LEN + 1];
+    pql_alert_id("acme", 4, "team", "1", id);
+    cr_assert_str_eq(json_string_value(json_object_get(a, "alert_id")), id);
+    cr_assert_str_eq(json_string_value(json_object_get(a, "kind")), "PQL");
+    cr_assert_str_eq(json_string_value(json_object_get(a, "ruleset_version")), "9");
+    cr_assert_str_eq(json_string_value(json_object_get(a, "model")), "threshold");
+    cr_assert(json_is_null(json_object_get(a, "score")));
+    cr_assert(json_is_null(json_object_get(a, "tier")));
+    cr_assert_eq(json_integer_value(json_object_get(a, "triggered_at")), t + 4000);
+    cr_assert_eq(json_integer_value(json_object_get(a, "signed_up_at")), t);
+    cr_assert_eq(json_integer_value(json_object_get(a, "time_to_pql_ms")), 4000);
+    json_t *reasons = json_object_get(a, "reasons");
+    cr_assert_eq(json_array_size(reasons), 2);
+    cr_assert_str_eq(json_string_value(json_array_get(reasons, 0)), "Logged in 3 times in 7 days");
+    cr_assert_str_eq(json_string_value(json_array_get(reasons, 1)), "Invited 1 teammates");
+    json_t *sig = json_object_get(a, "signals");
+    cr_assert_eq(json_object_size(sig), 2);
+    cr_assert_eq(json_number_value(json_object_get(sig, "logins")), 3);
+    cr_assert_eq(json_number_value(json_object_get(sig, "invites")), 1);
+    json_decref(a);
+
+    json_t *s = find_alert(m, "hooli", "seats", &count);
+    cr_assert_not_null(s);
+    cr_assert_str_eq(json_string_value(json_object_get(s, "kind")), "EXPANSION");
+    cr_assert_str_eq(json_string_value(json_array_get(json_object_get(s, "reasons"), 0)),
+                     "Seat usage at 100% (2 of 2 seats)");
+    cr_assert_eq(json_integer_value(json_object_get(json_object_get(s, "account"), "seats")), 2);
+    cr_assert_str_eq(json_string_value(json_object_get(json_object_get(s, "account"), "plan")), "team");
+    cr_assert_eq(json_integer_value(json_object_get(s, "triggered_at")), t + 20);
+    json_decref(s);
+    h_msgs_free(m);
+
+    /* state: acme's rule fired once and is waiting to clear; counters exact */
+    cr_assert_eq(sum_counter("g1", "consumed"), 17);
+    cr_assert_eq(sum_counter("g1", "alerts_pql"), 1);
+    cr_assert_eq(sum_counter("g1", "alerts_expansion"), 1);
+    cr_assert_eq(sum_counter("g1", "dead_lettered"), 0);
+    /* delivered alerts leave the outbox (removed with a later write) */
+    int empty = 0;
+    for (int i = 0; i < 100 && !(empty = outbox_len("g1") == 0); i++) h_sleep_ms(100);
+    H_ASSERT_PROC(p, empty, "outbox not emptied after delivery");
+    cr_assert_eq(h_proc_stop(p), 0, "SIGTERM must exit 0");
+}
+
+Test(pipeline, bad_input_goes_to_the_dlq_with_headers)
+{
+    int64_t t = pql_now_ms() - PQL_MS_HOUR;
+    h_produce_raw(kafka, USAGE, 0, "acme", "\x02garbage!", 9);                       /* not Avro */
+    h_produce_usage(kafka, USAGE, 0, "", "login", "u1", t, H_NO_PROPS);              /* no account */
+    h_produce_usage(kafka, USAGE, 0, "acme", "", "u1", t, H_NO_PROPS);               /* no event */
+    h_produce_usage(kafka, USAGE, 0, "acme", "login", "u1", t + 48 * PQL_MS_HOUR + PQL_MS_HOUR,
+                    H_NO_PROPS);                                                     /* future */
+    char *huge = malloc(10000);
+    memset(huge, 'x', 9999);
+    huge[9999] = 0;
+    h_produce_usage(kafka, USAGE, 0, "acme", "login", "u1", t, H_PROPS(H_STR("note", huge)));
+    free(huge);
+    h_produce_usage(kafka, USAGE, 0, "acme", "login", "u1", t, H_NO_PROPS); /* good: counted */
+    h_flush(kafka);
+
+    h_proc *p = start("g2", "pql-alerts", "1000");
+    wait_done(p, "g2", 60000);
+    h_msgs *d = h_consume_all(h_kafka_bootstraps(kafka), "pql-dlq", 10000);
+    H_ASSERT_PROC(p, d->n == 5, "expected 5 dead letters, got %zu", d->n);
+    static const char *codes[] = {"decode", "invalid", "invalid", "invalid", "limit"};
+    /* the DLQ is partitioned by key: find each dead letter by its source offset */
+    const h_msg *by_offset[5] = {0};
+    for (size_t i = 0; i < d->n; i++) {
+        const h_msg *msg = &d->msgs[i];
+        cr_assert_str_eq(h_msg_header(msg, "pql.source.topic"), USAGE);
+        cr_assert_str_eq(h_msg_header(msg, "pql.source.partition"), "0");
+        int off = atoi(h_msg_header(msg, "pql.source.offset"));
+        cr_assert(off >= 0 && off < 5 && !by_offset[off], "source offset %d", off);
+        by_offset[off] = msg;
+    }
+    for (int i = 0; i < 5; i++) {
+        cr_assert_str_eq(h_msg_header(by_offset[i], "pql.error.code"), codes[i], "offset %d", i);
+        cr_assert(strlen(h_msg_header(by_offset[i], "pql.error")) > 10);
+    }
+    cr_assert_eq(by_offset[0]->value_len, 9, "the original bytes, unchanged");
+    cr_assert(!memcmp(by_offset[0]->value, "\x02garbage!", 9));
+    cr_assert_str_eq(by_offset[0]->key, "acme", "the original key");
+    cr_assert(strstr(h_msg_header(by_offset[1], "pql.error"), "account_id"));
+    cr_assert(strstr(h_msg_header(by_offset[3], "pql.error"), "ahead of the wall clock"));
+    cr_assert(strstr(h_msg_header(by_offset[4], "pql.error"), "limits.max_string"));
+    h_msgs_free(d);
+    cr_assert_eq(sum_counter("g2", "dead_lettered"), 5);
+    cr_assert_eq(sum_counter("g2", "consumed"), 6);
+    /* the good event after them was applied */
+    char *clock = h_redis_hget(h_redis_url(redis), "pql:{g2:0}:a:acme", "c");
+    cr_assert_not_null(clock);
+    cr_assert_eq(atoll(clock), t);
+    free(clock);
+    cr_assert_eq(h_proc_stop(p), 0);
+}
+
+static size_t ids_of(h_msgs *m, char ***out)
+{
+    char **ids = calloc(m->n + 1, sizeof(*ids));
+    size_t n = 0;
+    for (size_t i = 0; i < m->n; i++) {
+        char err[256];
+        json_t *j = pql_alert_avro_to_json(m->msgs[i].value, m->msgs[i].value_len, err, sizeof(err));
+        cr_assert_not_null(j);
+        const char *id = json_string_value(json_object_get(j, "alert_id"));
+        int dup = 0;
+        for (size_t k = 0; k < n && !dup; k++) dup = !strcmp(ids[k], id);
+        if (!dup) ids[n++] = strdup(id);
+        json_decref(j);
+    }
+    *out = ids;
+    return n;
+}
+
+static int cmp_str(const void *a, const void *b)
+{
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+Test(pipeline, kill_9_mid_stream_ends_in_the_state_of_an_uninterrupted_run, .timeout = 420)
+{
+    /* 60k events of the sample workload over 300 accounts */
+    pql_sample_opts so = {.bootstraps = h_kafka_bootstraps(kafka), .usage_topic = USAGE,
+                          .accounts_topic = ACCTS, .rate = 200000, .accounts = 300,
+                          .seed = 7, .max_events = 60000};
+    char err[256];
+    pql_sample *s = pql_sample_start(&so, err, sizeof(err));
+    cr_assert_not_null(s, "%s", err);
+    while (pql_sample_produced(s) < so.max_events) h_sleep_ms(50);
+    pql_sample_stop(s);
+    int64_t total = 0;
+    for (int p = 0; p < PARTS; p++)
+        total += h_high_watermark(kafka, USAGE, p) + h_high_watermark(kafka, ACCTS, p);
+    cr_assert_eq(total, so.max_events);
+
+    /* A: uninterrupted */
+    h_proc *a = start("ga", "alerts-a", "500");
+    wait_done(a, "ga", 180000);
+    cr_assert_eq(h_proc_stop(a), 0);
+
+    /* B: killed -9 three times at moments picked from its progress */
+    unsigned seed = (unsigned)pql_now_ms();
+    fprintf(stderr, "kill test seed=%u\n", seed);
+    srand(seed);
+    int kills = 0;
+    h_proc *b = start("gb", "alerts-b", "500");
+    for (int k = 0; k < 3; k++) {
+        /* wait until this incarnation has written at least one batch */
+        int64_t goal = 1;
+        for (int i = 0; i < 600; i++) {
+            char *v = h_redis_hget(h_redis_url(redis), "pql:{gb:0}:meta", "seq");
+            int64_t seq = v ? atoll(v) : 0;
+            free(v);
+            if (i == 0) goal = seq + 1 + rand() % 5;
+            if (seq >= goal) break;
+            h_sleep_ms(20);
+        }
+        h_proc_kill(b, SIGKILL);
+        cr_assert_eq(h_proc_wait(b, 10000), 128 + SIGKILL);
+        h_proc_stop(b);
+        kills++;
+        b = start("gb", "alerts-b", "500");
+    }
+    wait_done(b, "gb", 240000);
+    cr_assert_eq(h_proc_stop(b), 0);
+    fprintf(stderr, "kill test: %d kills over %lld events\n", kills, (long long)total);
+
+    /* same state, partition by partition, field by field */
+    for (int p = 0; p < PARTS; p++) {
+        h_lines *la = h_redis_dump_partition(h_redis_url(redis), "ga", p);
+        h_lines *lb = h_redis_dump_partition(h_redis_url(redis), "gb", p);
+        cr_assert_gt(la->n, 100, "partition %d has state", p);
+        cr_assert_eq(h_lines_compare(la, lb), 0, "partition %d differs", p);
+        h_lines_free(la);
+        h_lines_free(lb);
+    }
+    cr_assert_eq(sum_counter("ga", "consumed"), total);
+    cr_assert_eq(sum_counter("gb", "consumed"), total, "nothing counted twice, nothing lost");
+    cr_assert_eq(sum_counter("gb", "alerts_pql"), sum_counter("ga", "alerts_pql"));
+
+    /* same alert ids (B may deliver one twice, always with the same id) */
+    h_msgs *ma = h_consume_all(h_kafka_bootstraps(kafka), "alerts-a", 10000);
+    h_msgs *mb = h_consume_all(h_kafka_bootstraps(kafka), "alerts-b", 10000);
+    char **ia, **ib;
+    size_t na = ids_of(ma, &ia), nb = ids_of(mb, &ib);
+    cr_assert_gt(na, 10, "the workload fires alerts");
+    cr_assert_eq(na, (size_t)(sum_counter("ga", "alerts_pql") + sum_counter("ga", "alerts_expansion")));
+    cr_assert_eq(nb, na, "alert ids: uninterrupted %zu, killed %zu", na, nb);
+    qsort(ia, na, sizeof(*ia), cmp_str);
+    qsort(ib, nb, sizeof(*ib), cmp_str);
+    for (size_t i = 0; i < na; i++) cr_assert_str_eq(ia[i], ib[i]);
+    for (size_t i = 0; i < na; i++) free(ia[i]);
+    for (size_t i = 0; i < nb; i++) free(ib[i]);
+    free(ia);
+    free(ib);
+    h_msgs_free(ma);
+    h_msgs_free(mb);
+}
