@@ -72,9 +72,8 @@ static int cmd_run(int argc, char **argv)
 {
     for (int i = 1; i < argc; i++)
         if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
-            printf("usage: pqlstream run [--option=value …]\n\n"
-                   "Options (YAML file via --config FILE or PQLSTREAM_CONFIG; environment\n"
-                   "overrides the file, flags override both):\n\n");
+            printf("usage: pqlstream run [--config FILE] [--option=value …]\n\n"
+                   "A YAML config file comes from --config or PQLSTREAM_CONFIG.\n");
             pql_config_usage(stdout);
             return 0;
         }
@@ -140,7 +139,8 @@ static int cmd_run(int argc, char **argv)
         }
         brokers = pql_embedded_kafka_bootstraps(kafka);
         printf("\nEmbedded Kafka (librdkafka mock cluster) at %s\n"
-               "  watch the alerts:  kcat -b %s -t %s -C -s value=avro … or -f '%%k %%s\\n'\n"
+               "  watch the alerts:  kcat -b %s -t %s -C -f '%%k offset=%%o %%S bytes\\n'\n"
+               "  (Avro values; run with --output.format=json to read them in kcat as JSON)\n"
                "  topics: %s, %s → %s (dead letters: %s)\n\n",
                brokers, brokers, cfg.topic_alerts, cfg.topic_usage, cfg.topic_accounts,
                cfg.topic_alerts, cfg.topic_dlq);

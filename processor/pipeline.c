@@ -608,6 +608,22 @@ int pql_pipeline_run(pql_pipeline *p, volatile sig_atomic_t *stop)
 
 /* ---- construction ------------------------------------------------------ */
 
+/* @returns the whole file as a NUL-terminated string (caller frees), or NULL. */
+static char *read_file(const char *path)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    char *data = NULL;
+    long len = fseek(f, 0, SEEK_END) == 0 ? ftell(f) : -1;
+    if (len >= 0 && fseek(f, 0, SEEK_SET) == 0 && (data = calloc(1, (size_t)len + 1)) &&
+        fread(data, 1, (size_t)len, f) != (size_t)len) {
+        free(data);
+        data = NULL;
+    }
+    fclose(f);
+    return data;
+}
+
 static int check_topics(pql_pipeline *p, char *errstr, size_t errstr_size)
 {
     int counts[PQL_NTOPICS] = {0};
@@ -668,24 +684,36 @@ pql_pipeline *pql_pipeline_new(const pql_config *cfg, const char *brokers, const
     for (int i = 0; i < PQL_NTOPICS; i++) {
         const char *path = i ? cfg->accounts_writer_schema : cfg->usage_writer_schema;
         char *schema = NULL;
-        if (path[0]) {
-            FILE *f = fopen(path, "rb");
-            if (!f) {
-                snprintf(errstr, errstr_size, "cannot open writer schema %s: %m", path);
-                goto fail;
-            }
-            fseek(f, 0, SEEK_END);
-            long len = ftell(f);
-            fseek(f, 0, SEEK_SET);
-            schema = calloc(1, (size_t)len + 1);
-            if (!schema || fread(schema, 1, (size_t)len, f) != (size_t)len) len = -1;
-            fclose(f);
+        if (path[0] && !(schema = read_file(path))) {
+            snprintf(errstr, errstr_size, "cannot read writer schema %s: %m", path);
+            goto fail;
         }
         p->decoders[i] = pql_decoder_new(i ? PQL_INPUT_ACCOUNT : PQL_INPUT_USAGE, cfg->input_format,
                                          schema, &cfg->limits, e, sizeof(e));
         free(schema);
         if (!p->decoders[i]) {
             snprintf(errstr, errstr_size, "%s schema: %s", p->topics[i], e);
+            goto fail;
+        }
+    }
+    /* Confluent schema ids: each writer schema serves both inputs' decoders,
+       which take the ones that resolve against their reader schema. */
+    for (size_t k = 0; k < cfg->nschema_ids; k++) {
+        char *schema = read_file(cfg->schema_ids[k].value);
+        if (!schema) {
+            snprintf(errstr, errstr_size, "input.schemas.%s: cannot read %s: %m",
+                     cfg->schema_ids[k].key, cfg->schema_ids[k].value);
+            goto fail;
+        }
+        int ok = 0;
+        char e2[512] = "";
+        for (int i = 0; i < PQL_NTOPICS; i++)
+            ok |= pql_decoder_register_schema(p->decoders[i], (uint32_t)strtoul(cfg->schema_ids[k].key, NULL, 10),
+                                              schema, i ? e2 : e, sizeof(e)) == PQL_OK;
+        free(schema);
+        if (!ok) {
+            snprintf(errstr, errstr_size, "input.schemas.%s (%s) fits neither input: %s; %s",
+                     cfg->schema_ids[k].key, cfg->schema_ids[k].value, e, e2);
             goto fail;
         }
     }

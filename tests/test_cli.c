@@ -1,0 +1,126 @@
+/* test_cli.c — the pqlstream program as a user meets it: subcommands, exit
+ * codes, and the messages of refusals (rules, config, topics). */
+#include "harness.h"
+
+#include <criterion/criterion.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* Runs pqlstream with args; returns exit code and the combined output. */
+static int run(char **out, const char *const *argv, const char *const *env)
+{
+    h_proc *p = h_proc_start_argv(argv, env);
+    int rc = h_proc_wait(p, 60000);
+    *out = h_proc_log(p);
+    if (rc < 0) h_proc_dump_log(p, 40);
+    h_proc_stop(p);
+    return rc;
+}
+
+static const char *const no_env[] = {NULL};
+
+Test(cli, version)
+{
+    char *out;
+    const char *argv[] = {"pqlstream", "version", NULL};
+    cr_assert_eq(run(&out, argv, no_env), 0);
+    cr_assert(strstr(out, "pqlstream 0.1.0"), "%s", out);
+    free(out);
+}
+
+Test(cli, rules_check_ok_and_errors_with_position)
+{
+    char *out;
+    const char *ok[] = {"pqlstream", "rules", "check", PQL_SOURCE_DIR "/rules", NULL};
+    cr_assert_eq(run(&out, ok, no_env), 0);
+    cr_assert(strstr(out, "ok — version 1, 7 signals, 3 rules"), "%s", out);
+    free(out);
+
+    char *dir = h_mkdtemp(), path[512];
+    snprintf(path, sizeof(path), "%s/bad.yaml", dir);
+    FILE *f = fopen(path, "w");
+    fputs("signals:\n  invites: { count: teammate_invited, window: 14d }\npql:\n"
+          "  - name: r\n    when: invite >= 1\n",
+          f);
+    fclose(f);
+    const char *bad[] = {"pqlstream", "rules", "check", path, NULL};
+    cr_assert_eq(run(&out, bad, no_env), 1);
+    char want[700];
+    snprintf(want, sizeof(want), "%s:5:11: error: in when: unknown signal 'invite' (did you mean 'invites'?)", path);
+    cr_assert(strstr(out, want), "%s", out);
+    free(out);
+    h_rmtree(dir);
+    free(dir);
+}
+
+Test(cli, run_help_documents_options_with_env_and_defaults)
+{
+    char *out;
+    const char *argv[] = {"pqlstream", "run", "--help", NULL};
+    cr_assert_eq(run(&out, argv, no_env), 0);
+    static const char *needles[] = {"PQLSTREAM_BROKERS", "PQLSTREAM_REDIS", "PQLSTREAM_RULES",
+                                    "PQLSTREAM_GROUP", "PQLSTREAM_TOPIC_USAGE",
+                                    "PQLSTREAM_TOPIC_ACCOUNTS", "PQLSTREAM_TOPIC_ALERTS",
+                                    "PQLSTREAM_TOPIC_METRICS", "PQLSTREAM_TOPIC_DLQ",
+                                    "PQLSTREAM_KAFKA_<PROPERTY>", "usage-events"};
+    for (size_t i = 0; i < sizeof(needles) / sizeof(*needles); i++)
+        cr_assert(strstr(out, needles[i]), "missing %s", needles[i]);
+    free(out);
+}
+
+Test(cli, bad_configuration_is_refused_with_the_reason)
+{
+    char *out;
+    const char *argv[] = {"pqlstream", "run", "--batch.max_ms=soon", NULL};
+    cr_assert_eq(run(&out, argv, no_env), 2);
+    cr_assert(strstr(out, "batch.max_ms"), "%s", out);
+    free(out);
+    const char *env[] = {"PQLSTREAM_BROKRS=x", NULL};
+    const char *argv2[] = {"pqlstream", "run", NULL};
+    cr_assert_eq(run(&out, argv2, env), 2);
+    cr_assert(strstr(out, "PQLSTREAM_BROKRS"), "%s", out);
+    free(out);
+}
+
+Test(cli, topics_that_are_not_co_partitioned_are_refused, .timeout = 120)
+{
+    h_redis *r = h_redis_start();
+    h_kafka *k4 = h_kafka_start(4, "usage-events", NULL);
+    /* a second cluster cannot share topics; create the other topic with 6
+       partitions on the same mock cluster instead */
+    cr_assert_eq(rd_kafka_mock_topic_create(h_kafka_mock(k4), "account-updates", 6, 1), 0);
+    char brokers[512], redis[512], rules[512];
+    snprintf(brokers, sizeof(brokers), "PQLSTREAM_BROKERS=%s", h_kafka_bootstraps(k4));
+    snprintf(redis, sizeof(redis), "PQLSTREAM_REDIS=%s", h_redis_url(r));
+    snprintf(rules, sizeof(rules), "PQLSTREAM_RULES=%s/rules", PQL_SOURCE_DIR);
+    const char *env[] = {brokers, redis, rules, NULL};
+    const char *argv[] = {"pqlstream", "run", NULL};
+    char *out;
+    cr_assert_eq(run(&out, argv, env), 1);
+    cr_assert(strstr(out, "input topics are not co-partitioned: 'usage-events' has 4 partitions, "
+                          "'account-updates' has 6"),
+              "%s", out);
+    free(out);
+    h_kafka_stop(k4);
+    h_redis_stop(r);
+}
+
+Test(cli, invalid_rules_refuse_to_start)
+{
+    char *dir = h_mkdtemp(), path[512], env_rules[600];
+    snprintf(path, sizeof(path), "%s/r.yaml", dir);
+    FILE *f = fopen(path, "w");
+    fputs("pql:\n  - name: x\n    when: (1 > 0\n", f);
+    fclose(f);
+    snprintf(env_rules, sizeof(env_rules), "PQLSTREAM_RULES=%s", path);
+    const char *env[] = {env_rules, NULL};
+    const char *argv[] = {"pqlstream", "run", NULL};
+    char *out;
+    cr_assert_eq(run(&out, argv, env), 1);
+    cr_assert(strstr(out, "the rule set is invalid; nothing started"), "%s", out);
+    cr_assert(strstr(out, "r.yaml:3:11: error: in when:"), "%s", out);
+    free(out);
+    h_rmtree(dir);
+    free(dir);
+}
