@@ -22,12 +22,18 @@
 
 extern char **environ;
 
-static volatile sig_atomic_t stop_requested;
+static volatile sig_atomic_t stop_requested, reload_requested;
 
 static void on_stop(int sig)
 {
     (void)sig;
     stop_requested = 1;
+}
+
+static void on_reload(int sig)
+{
+    (void)sig;
+    reload_requested = 1;
 }
 
 static void usage(FILE *out)
@@ -102,6 +108,15 @@ static int cmd_run(int argc, char **argv)
         return 2;
     }
 
+    struct sigaction sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = on_stop;
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
+    sa.sa_handler = on_reload;
+    sigaction(SIGHUP, &sa, NULL);
+    signal(SIGPIPE, SIG_IGN);
+
     pql_buf errors = {0};
     rules = pql_rules_load(cfg.rules_path, &errors);
     if (!rules) {
@@ -152,6 +167,7 @@ static int cmd_run(int argc, char **argv)
         fprintf(stderr, "pqlstream: %s\n", err);
         goto out;
     }
+    rules = NULL; /* the pipeline owns it now */
     if (embedded) {
         pql_pipeline_print_alerts(p, 1);
         if (cfg.sample) {
@@ -169,14 +185,7 @@ static int cmd_run(int argc, char **argv)
             fflush(stdout);
         }
     }
-    struct sigaction sa;
-    memset(&sa, 0, sizeof(sa));
-    sa.sa_handler = on_stop;
-    sigaction(SIGINT, &sa, NULL);
-    sigaction(SIGTERM, &sa, NULL);
-    signal(SIGPIPE, SIG_IGN);
-
-    rc = pql_pipeline_run(p, &stop_requested);
+    rc = pql_pipeline_run(p, &stop_requested, &reload_requested);
     if (sample)
         pql_info("sample workload stopped", "events=%lld", (long long)pql_sample_produced(sample));
 out:

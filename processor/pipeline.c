@@ -27,7 +27,7 @@ typedef struct inbox {
 
 struct pql_pipeline {
     const pql_config *cfg;
-    pql_rules *rules;
+    pql_rules *rules; /* owned; replaced on reload */
     rd_kafka_t *consumer;
     pql_sink *sink;
     pql_store *store;
@@ -41,7 +41,8 @@ struct pql_pipeline {
     int print_alerts;
     int64_t ttl_ms;
     int reset_latest; /* auto.offset.reset=latest: start there when Redis has no offset */
-    volatile sig_atomic_t *stop; /* set by SIGTERM/SIGINT */
+    volatile sig_atomic_t *stop;   /* set by SIGTERM/SIGINT */
+    volatile sig_atomic_t *reload; /* set by SIGHUP */
 };
 
 static void sleep_ms(int ms)
@@ -587,9 +588,37 @@ static void process_inboxes(pql_pipeline *p)
     flush_batches(p);
 }
 
-int pql_pipeline_run(pql_pipeline *p, volatile sig_atomic_t *stop)
+/* Loads the rule files again; if valid, swaps them in at this batch boundary.
+ * Everything applied is written already, so every cached account is clean:
+ * the caches are dropped and accounts reload under the new set — firing
+ * states of rules that still exist are kept (by name), signals whose
+ * definition changed start empty (their storage key changed). */
+static void reload_rules(pql_pipeline *p)
+{
+    pql_buf errors = {0};
+    pql_rules *fresh = pql_rules_load(p->cfg->rules_path, &errors);
+    if (!fresh) {
+        pql_error("rules reload refused; the running rule set stays", "path=%s errors=\"%s\"",
+                  p->cfg->rules_path, errors.data ? errors.data : "");
+        fprintf(stderr, "%s", errors.data ? errors.data : "");
+        pql_buf_free(&errors);
+        return;
+    }
+    pql_buf_free(&errors);
+    flush_batches(p);
+    for (int32_t i = 0; i < p->npartitions; i++)
+        if (p->tasks[i]) pql_task_drop_cache(p->tasks[i]);
+    pql_info("rules reloaded", "path=%s old_version=%s version=%s signals=%zu rules=%zu",
+             p->cfg->rules_path, pql_rules_version(p->rules), pql_rules_version(fresh),
+             pql_rules_nsignals(fresh), pql_rules_nrules(fresh));
+    pql_rules_destroy(p->rules);
+    p->rules = fresh;
+}
+
+int pql_pipeline_run(pql_pipeline *p, volatile sig_atomic_t *stop, volatile sig_atomic_t *reload)
 {
     p->stop = stop;
+    p->reload = reload;
     pql_info("running", "group=%s usage=%s accounts=%s alerts=%s dlq=%s partitions=%d",
              p->cfg->group, p->topics[0], p->topics[1], p->cfg->topic_alerts, p->cfg->topic_dlq,
              p->npartitions);
@@ -597,6 +626,10 @@ int pql_pipeline_run(pql_pipeline *p, volatile sig_atomic_t *stop)
         poll_batch(p);
         pql_sink_poll(p->sink, 0);
         process_inboxes(p); /* also writes outbox removals of delivered alerts */
+        if (reload && *reload) {
+            *reload = 0;
+            reload_rules(p);
+        }
     }
     pql_info("stopping: finishing the batch, flushing alerts, leaving the group", "%s", "");
     flush_batches(p);
@@ -800,5 +833,6 @@ void pql_pipeline_destroy(pql_pipeline *p)
     if (p->consumer) rd_kafka_destroy(p->consumer);
     pql_store_close(p->store);
     for (int i = 0; i < PQL_NTOPICS; i++) pql_decoder_destroy(p->decoders[i]);
+    pql_rules_destroy(p->rules);
     free(p);
 }

@@ -14,6 +14,12 @@
  *     5. produce the batch's alerts (already in the outbox); commit offsets
  *        to Kafka for lag tools
  *
+ * Step 1 keeps per-task inboxes and merges the two partitions of a task by
+ * record timestamp (account updates first on ties), so the sequence applied
+ * is a function of the logs: an interrupted run applies exactly what an
+ * uninterrupted one does.  A side that has no message waits for one, or for
+ * its end-of-partition event, up to processing.max_task_idle.
+ *
  * Redis unavailable at step 4: the consumer is paused, the same batch is
  * retried with back-off (safe: writes are idempotent by seq), the group
  * membership kept alive by polling; then resumed. */
@@ -28,8 +34,9 @@
 typedef struct pql_pipeline pql_pipeline;
 
 /** Connects to Kafka (`brokers`) and Redis (`redis_url`), checks that the
- *  input topics exist and are co-partitioned, and subscribes.
- *  @returns NULL with a reason a person can act on. */
+ *  input topics exist and are co-partitioned, and subscribes.  Takes
+ *  ownership of `rules` on success (it is replaced on reload).
+ *  @returns NULL with a reason a person can act on (rules not taken). */
 pql_pipeline *pql_pipeline_new(const pql_config *cfg, const char *brokers, const char *redis_url,
                                pql_rules *rules, char *errstr, size_t errstr_size);
 
@@ -37,8 +44,11 @@ pql_pipeline *pql_pipeline_new(const pql_config *cfg, const char *brokers, const
 void pql_pipeline_print_alerts(pql_pipeline *p, int on);
 
 /** Runs until *stop becomes non-zero, then finishes the batch, flushes,
- *  commits and leaves the group.  @returns 0 on a clean stop. */
-int pql_pipeline_run(pql_pipeline *p, volatile sig_atomic_t *stop);
+ *  commits and leaves the group.  Whenever *reload is non-zero (SIGHUP) the
+ *  rule files are loaded again and, if valid, swapped in at the next batch
+ *  boundary; an invalid set is logged with file:line:col and the running set
+ *  stays.  @returns 0 on a clean stop. */
+int pql_pipeline_run(pql_pipeline *p, volatile sig_atomic_t *stop, volatile sig_atomic_t *reload);
 
 /** Frees everything.  NULL is fine. */
 void pql_pipeline_destroy(pql_pipeline *p);

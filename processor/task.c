@@ -251,9 +251,7 @@ void pql_task_committed(pql_task *t)
 
 void pql_task_abandon(pql_task *t)
 {
-    pql_cache_destroy(t->cache);
-    t->cache = pql_cache_new();
-    if (!t->cache) abort();
+    pql_task_drop_cache(t);
     pql_task_alerts_clear(t);
     for (int i = 0; i < PQL_NTOPICS; i++) t->next[i] = t->committed[i];
     memset(&t->batch_stats, 0, sizeof(t->batch_stats));
@@ -270,6 +268,13 @@ void pql_task_delivered(pql_task *t, const char *alert_id)
         if (!t->delivered) abort();
     }
     snprintf(t->delivered[t->ndelivered++], PQL_ALERT_ID_LEN + 1, "%s", alert_id);
+}
+
+void pql_task_drop_cache(pql_task *t)
+{
+    pql_cache_destroy(t->cache);
+    t->cache = pql_cache_new();
+    if (!t->cache) abort();
 }
 
 void pql_task_trim(pql_task *t, size_t max)

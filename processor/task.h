@@ -106,6 +106,10 @@ void pql_task_abandon(pql_task *t);
  *  with the next batch. */
 void pql_task_delivered(pql_task *t, const char *alert_id);
 
+/** Drops every cached account (all must be clean: call after a write); they
+ *  reload from Redis on next touch (a rule-set reload). */
+void pql_task_drop_cache(pql_task *t);
+
 /** Evicts clean accounts beyond `max` from the cache. */
 void pql_task_trim(pql_task *t, size_t max);
 

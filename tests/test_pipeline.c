@@ -379,3 +379,69 @@ Test(pipeline, kill_9_mid_stream_ends_in_the_state_of_an_uninterrupted_run, .tim
     h_msgs_free(ma);
     h_msgs_free(mb);
 }
+
+static void write_rules(const char *text)
+{
+    FILE *f = fopen(rules_path, "w");
+    cr_assert_not_null(f);
+    fputs(text, f);
+    fclose(f);
+}
+
+static int count_alerts(const char *rule, const char *version)
+{
+    h_msgs *m = h_consume_all(h_kafka_bootstraps(kafka), "pql-alerts", 5000);
+    int n = 0;
+    for (size_t i = 0; i < m->n; i++) {
+        char err[256];
+        json_t *j = pql_alert_avro_to_json(m->msgs[i].value, m->msgs[i].value_len, err, sizeof(err));
+        n += !strcmp(json_string_value(json_object_get(j, "rule")), rule) &&
+             !strcmp(json_string_value(json_object_get(j, "ruleset_version")), version);
+        json_decref(j);
+    }
+    h_msgs_free(m);
+    return n;
+}
+
+Test(pipeline, sighup_reloads_rules_and_refuses_an_invalid_set)
+{
+    int64_t t = pql_now_ms() - PQL_MS_HOUR;
+    h_proc *p = start("g3", "pql-alerts", "1000");
+    H_ASSERT_PROC(p, h_proc_wait_log(p, "partition assigned", 30000) == 0);
+    for (int i = 0; i < 3; i++)
+        h_produce_usage(kafka, USAGE, -1, "acme", "login", "u1", t + i, H_NO_PROPS);
+    h_produce_usage(kafka, USAGE, -1, "acme", "teammate_invited", "u1", t + 10, H_NO_PROPS);
+    h_flush(kafka);
+    wait_done(p, "g3", 60000);
+
+    /* an invalid set is refused whole; the running one stays */
+    write_rules("pql:\n  - name: x\n    when: nope >= 1\n");
+    h_proc_kill(p, SIGHUP);
+    H_ASSERT_PROC(p, h_proc_wait_log(p, "rules reload refused", 30000) == 0);
+    char *log = h_proc_log(p);
+    cr_assert(strstr(log, "rules.yaml:3:11: error: in when: unknown signal 'nope'"), "%s", log);
+    free(log);
+
+    /* a valid set with a new version and a new rule: alerts carry the version,
+       the old rule's fired state is kept (no second `team` alert) */
+    write_rules("version: 10\n"
+                "signals:\n"
+                "  logins:  { count: login, window: 7d }\n"
+                "  invites: { count: teammate_invited, window: 14d }\n"
+                "pql:\n"
+                "  - name: team\n"
+                "    when: logins >= 3 and invites >= 1\n"
+                "  - name: busy\n"
+                "    when: logins >= 4\n");
+    h_proc_kill(p, SIGHUP);
+    H_ASSERT_PROC(p, h_proc_wait_log(p, "rules reloaded", 30000) == 0);
+    h_produce_usage(kafka, USAGE, -1, "acme", "login", "u1", t + 20, H_NO_PROPS);
+    h_flush(kafka);
+    wait_done(p, "g3", 60000);
+    int busy = 0;
+    for (int i = 0; i < 100 && !(busy = count_alerts("busy", "10")); i++) h_sleep_ms(100);
+    H_ASSERT_PROC(p, busy == 1, "the new rule fires with the new version");
+    cr_assert_eq(count_alerts("team", "9"), 1);
+    cr_assert_eq(count_alerts("team", "10"), 0, "a rule that still exists keeps its state");
+    cr_assert_eq(h_proc_stop(p), 0);
+}
