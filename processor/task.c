@@ -236,8 +236,9 @@ void pql_task_committed(pql_task *t)
     t->claim.seq++;
     for (int i = 0; i < PQL_NTOPICS; i++) t->committed[i] = t->next[i];
     /* deliveries reported while the batch was in flight stay for the next one */
-    memmove(t->delivered, t->delivered + t->delivered_in_batch,
-            (t->ndelivered - t->delivered_in_batch) * sizeof(*t->delivered));
+    if (t->delivered_in_batch)
+        memmove(t->delivered, t->delivered + t->delivered_in_batch,
+                (t->ndelivered - t->delivered_in_batch) * sizeof(*t->delivered));
     t->ndelivered -= t->delivered_in_batch;
     t->delivered_in_batch = 0;
     t->stats.consumed += t->batch_stats.consumed;

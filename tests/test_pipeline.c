@@ -73,10 +73,14 @@ static h_proc *start(const char *group, const char *alerts, const char *batch)
                         "PQLSTREAM_KAFKA_HEARTBEAT_INTERVAL_MS", "500", NULL);
 }
 
+/* Waits until Redis holds every input offset of `group`, failing at once
+ * (with the processor's log) if the processor dies meanwhile. */
 static void wait_done(h_proc *p, const char *group, int timeout_ms)
 {
-    H_ASSERT_PROC(p, h_wait_offsets(kafka, h_redis_url(redis), group, USAGE, PARTS, NULL, timeout_ms) == 0);
-    H_ASSERT_PROC(p, h_wait_offsets(kafka, h_redis_url(redis), group, ACCTS, PARTS, NULL, timeout_ms) == 0);
+    H_ASSERT_PROC(p, h_wait_offsets_of(p, kafka, h_redis_url(redis), group, USAGE, PARTS, NULL,
+                                       timeout_ms) == 0);
+    H_ASSERT_PROC(p, h_wait_offsets_of(p, kafka, h_redis_url(redis), group, ACCTS, PARTS, NULL,
+                                       timeout_ms) == 0);
 }
 
 static redisContext *rc_connect(void)

@@ -693,6 +693,15 @@ int h_proc_stop(h_proc *p)
             reap(p, 0);
         }
     }
+    /* A sanitizer report in the processor is a failure of the test. */
+    char *log = h_proc_log(p);
+    int bad = log && (strstr(log, "runtime error:") || strstr(log, "ERROR: AddressSanitizer") ||
+                      strstr(log, "ERROR: LeakSanitizer"));
+    free(log);
+    if (bad) {
+        h_proc_dump_log(p, 80);
+        cr_assert_fail("pqlstream reported a sanitizer error (log above)");
+    }
     h_rmtree(p->dir);
     free(p->dir);
     free(p->log);
@@ -713,6 +722,12 @@ static int64_t stored_offset(redisContext *c, const char *group, int p, const ch
 int h_wait_offsets(h_kafka *k, const char *redis_url, const char *group, const char *topic,
                    int partitions, const int64_t *expected, int timeout_ms)
 {
+    return h_wait_offsets_of(NULL, k, redis_url, group, topic, partitions, expected, timeout_ms);
+}
+
+int h_wait_offsets_of(h_proc *watch, h_kafka *k, const char *redis_url, const char *group,
+                      const char *topic, int partitions, const int64_t *expected, int timeout_ms)
+{
     int64_t *want = xcalloc((size_t)partitions, sizeof *want);
     for (int p = 0; p < partitions; p++) {
         want[p] = expected ? expected[p] : h_high_watermark(k, topic, p);
@@ -730,6 +745,11 @@ int h_wait_offsets(h_kafka *k, const char *redis_url, const char *group, const c
         }
         if (!behind) {
             rc = 0;
+            break;
+        }
+        if (watch && reap(watch, WNOHANG)) {
+            fprintf(stderr, "harness: pqlstream exited (%d) while waiting for offsets\n",
+                    watch->status);
             break;
         }
         if (mono_ms() >= deadline) break;

@@ -189,6 +189,9 @@ int h_proc_stop(h_proc *p);
  *  at the call).  @returns 0, or -1 on timeout after printing the laggards. */
 int h_wait_offsets(h_kafka *k, const char *redis_url, const char *group, const char *topic,
                    int partitions, const int64_t *expected, int timeout_ms);
+/** Same, but gives up at once (-1) when the process `watch` exits meanwhile. */
+int h_wait_offsets_of(h_proc *watch, h_kafka *k, const char *redis_url, const char *group,
+                      const char *topic, int partitions, const int64_t *expected, int timeout_ms);
 
 typedef struct h_lines {
     char **lines;
