@@ -7,9 +7,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define MAX_TRAITS 1024      /* traits kept per account; more are dropped */
-#define REASON_MAX 1024      /* a rendered reason, like a CRM long-text field */
-#define NO_TIME INT64_MIN
+#define MAX_TRAITS 1024 /* traits kept per account; more are dropped */
+#define REASON_MAX 1024 /* a rendered reason, like a CRM long-text field */
+#define NO_TIME    INT64_MIN
 
 typedef struct trait {
     char *key;
@@ -78,7 +78,8 @@ pql_account *pql_account_new(const pql_rules *r, const char *id, size_t id_len)
     a->clock = NO_TIME;
     a->windows = xcalloc(ns, sizeof(*a->windows));
     a->rstate = xcalloc(nr, sizeof(*a->rstate));
-    for (size_t i = 0; i < nr; i++) a->rstate[i].fired_at = a->rstate[i].held_since = NO_TIME;
+    for (size_t i = 0; i < nr; i++)
+        a->rstate[i].fired_at = a->rstate[i].held_since = NO_TIME;
     a->signed_up_at = a->converted_at = a->pql_at = NO_TIME;
     a->sigval = xcalloc(ns, sizeof(*a->sigval));
     a->sigval_ok = xcalloc(ns, 1);
@@ -99,9 +100,11 @@ void pql_account_destroy(pql_account *a)
         trait_free_value(&a->traits[i]);
     }
     free(a->traits);
-    for (size_t i = 0; i < a->ndeleted; i++) free(a->deleted[i]);
+    for (size_t i = 0; i < a->ndeleted; i++)
+        free(a->deleted[i]);
     free(a->deleted);
-    for (size_t i = 0; i < pql_rules_nsignals(a->rules); i++) pql_window_destroy(a->windows[i]);
+    for (size_t i = 0; i < pql_rules_nsignals(a->rules); i++)
+        pql_window_destroy(a->windows[i]);
     free(a->windows);
     free(a->rstate);
     free(a->pql_rule);
@@ -234,8 +237,8 @@ static pql_value lookup(void *opaque, int slot)
         return t ? t->value : pql_null();
     }
     case PQL_SLOT_PROP: {
-        const pql_prop *p = c->ev ? event_prop(c->ev, pql_rules_prop(c->a->rules, (size_t)idx))
-                                  : NULL;
+        const pql_prop *p =
+            c->ev ? event_prop(c->ev, pql_rules_prop(c->a->rules, (size_t)idx)) : NULL;
         return p ? p->value : pql_null();
     }
     case PQL_SLOT_FIELD:
@@ -267,7 +270,8 @@ static pql_apply observe(pql_account *a, const pql_event *ev)
     int matched = 0, counted = 0;
     for (size_t i = 0; i < pql_rules_nsignals(a->rules); i++) {
         const pql_signal *s = pql_rules_signal(a->rules, i);
-        if (!(s->event[0] == '*' && s->event[1] == '\0') && !streq(ev->event, ev->event_len, s->event))
+        if (!(s->event[0] == '*' && s->event[1] == '\0') &&
+            !streq(ev->event, ev->event_len, s->event))
             continue;
         if (s->where && !pql_expr_test(s->where, lookup, &ctx)) continue;
         double value = 1;
@@ -305,7 +309,8 @@ static pql_apply observe(pql_account *a, const pql_event *ev)
             }
         }
         matched = 1;
-        int rc = pql_window_add(window_of(a, i), a->clock, ev->timestamp, value, member, member_len);
+        int rc =
+            pql_window_add(window_of(a, i), a->clock, ev->timestamp, value, member, member_len);
         if (rc < 0) abort();
         counted |= rc;
     }
@@ -316,7 +321,8 @@ static pql_apply observe(pql_account *a, const pql_event *ev)
 static int lifecycle(pql_account *a, const pql_event *ev)
 {
     int64_t *slot = NULL;
-    if (streq(ev->event, ev->event_len, pql_rules_signup_event(a->rules))) slot = &a->signed_up_at;
+    if (streq(ev->event, ev->event_len, pql_rules_signup_event(a->rules)))
+        slot = &a->signed_up_at;
     else if (streq(ev->event, ev->event_len, pql_rules_conversion_event(a->rules)))
         slot = &a->converted_at;
     if (!slot) return 0;
@@ -501,7 +507,8 @@ typedef struct flush_ctx {
 
 static size_t fmt_num(char *buf, size_t size, double d)
 {
-    if (d == floor(d) && fabs(d) < 9.007199254740992e15) return (size_t)snprintf(buf, size, "%.0f", d);
+    if (d == floor(d) && fabs(d) < 9.007199254740992e15)
+        return (size_t)snprintf(buf, size, "%.0f", d);
     return (size_t)snprintf(buf, size, "%.17g", d);
 }
 
@@ -637,10 +644,14 @@ int pql_account_load_field(pql_account *a, const char *f, size_t flen, const cha
     if (flen > 2 && f[1] == ':' && f[0] == 't') {
         pql_value val;
         double d;
-        if (vlen >= 1 && v[0] == 'n' && parse_double(v + 1, vlen - 1, &d) == 0) val = pql_num(d);
-        else if (vlen == 2 && v[0] == 'b') val = pql_bool(v[1] == '1');
-        else if (vlen >= 1 && v[0] == 's') val = pql_str(v + 1, vlen - 1);
-        else return -1;
+        if (vlen >= 1 && v[0] == 'n' && parse_double(v + 1, vlen - 1, &d) == 0)
+            val = pql_num(d);
+        else if (vlen == 2 && v[0] == 'b')
+            val = pql_bool(v[1] == '1');
+        else if (vlen >= 1 && v[0] == 's')
+            val = pql_str(v + 1, vlen - 1);
+        else
+            return -1;
         trait_set(a, f + 2, flen - 2, val, 0);
         return 0;
     }

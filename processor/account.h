@@ -48,8 +48,8 @@ int pql_account_load_field(pql_account *a, const char *field, size_t field_len, 
 typedef void (*pql_alert_fn)(void *opaque, const pql_alert *alert);
 
 typedef enum pql_apply {
-    PQL_APPLIED = 0, /* counted */
-    PQL_APPLY_LATE,  /* matched signals but was out of every one's reach */
+    PQL_APPLIED = 0,     /* counted */
+    PQL_APPLY_LATE,      /* matched signals but was out of every one's reach */
     PQL_APPLY_UNMATCHED, /* no signal, marker or trait concerned */
 } pql_apply;
 

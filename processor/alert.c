@@ -47,17 +47,6 @@ static const char *const kind_symbols[] = {"PQL", "EXPANSION"};
 static const char *const model_symbols[] = {"threshold", "weighted", "logistic"};
 static const char *const tier_symbols[] = {"HIGH", "MEDIUM", "LOW"};
 
-static void set_err(char *errstr, size_t size, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-static void set_err(char *errstr, size_t size, const char *fmt, ...)
-{
-    va_list ap;
-    if (!errstr || size == 0) return;
-    va_start(ap, fmt);
-    vsnprintf(errstr, size, fmt, ap);
-    va_end(ap);
-}
-
 /* ---- alert_id ------------------------------------------------------------ */
 
 #define FNV_PRIME 0x100000001b3ULL
@@ -119,18 +108,18 @@ static int symbol_index(const char *const *symbols, int n, const char *s)
 static pql_err check_alert(const pql_alert *a, int *model, int *tier, char *errstr, size_t size)
 {
     if (a->kind != PQL_ALERT_PQL && a->kind != PQL_ALERT_EXPANSION) {
-        set_err(errstr, size, "alert kind %d is not PQL or EXPANSION", (int)a->kind);
+        pql_set_err(errstr, size, "alert kind %d is not PQL or EXPANSION", (int)a->kind);
         return PQL_ERR_ARG;
     }
     *model = symbol_index(model_symbols, 3, a->model);
     if (*model < 0) {
-        set_err(errstr, size, "alert model \"%s\" is not threshold, weighted or logistic",
-                a->model ? a->model : "(null)");
+        pql_set_err(errstr, size, "alert model \"%s\" is not threshold, weighted or logistic",
+                    a->model ? a->model : "(null)");
         return PQL_ERR_ARG;
     }
     *tier = a->tier ? symbol_index(tier_symbols, 3, a->tier) : -1;
     if (a->tier && *tier < 0) {
-        set_err(errstr, size, "alert tier \"%s\" is not HIGH, MEDIUM or LOW", a->tier);
+        pql_set_err(errstr, size, "alert tier \"%s\" is not HIGH, MEDIUM or LOW", a->tier);
         return PQL_ERR_ARG;
     }
     int bad = (!a->account_id && a->account_id_len) || !a->rule || !a->ruleset_version ||
@@ -145,7 +134,7 @@ static pql_err check_alert(const pql_alert *a, int *model, int *tier, char *errs
         bad = !a->trait_keys[i] || (a->trait_values[i].type == PQL_V_STR &&
                                     !a->trait_values[i].u.str.ptr && a->trait_values[i].u.str.len);
     if (bad) {
-        set_err(errstr, size, "alert %s has a NULL string or array", a->alert_id);
+        pql_set_err(errstr, size, "alert %s has a NULL string or array", a->alert_id);
         return PQL_ERR_ARG;
     }
     return PQL_OK;
@@ -202,7 +191,7 @@ pql_err pql_alert_encode_avro(const pql_alert *a, pql_buf *out, char *errstr, si
     if (rc) {
         out->len = start;
         if (out->data) out->data[start] = '\0';
-        set_err(errstr, errstr_size, "out of memory");
+        pql_set_err(errstr, errstr_size, "out of memory");
         return PQL_ERR_NOMEM;
     }
     return PQL_OK;
@@ -373,7 +362,7 @@ pql_err pql_alert_encode_json(const pql_alert *a, pql_buf *out, char *errstr, si
     json_decref(o);
     if (!text || pql_buf_append(out, text, strlen(text)) < 0) {
         free(text);
-        set_err(errstr, errstr_size, "out of memory");
+        pql_set_err(errstr, errstr_size, "out of memory");
         return PQL_ERR_NOMEM;
     }
     free(text);
@@ -484,7 +473,7 @@ json_t *pql_alert_avro_to_json(const void *buf, size_t len, char *errstr, size_t
 {
     pthread_once(&alert_once, alert_init);
     if (!alert_check) {
-        set_err(errstr, errstr_size, "%s", alert_init_err);
+        pql_set_err(errstr, errstr_size, "%s", alert_init_err);
         return NULL;
     }
     if (pql_avro_check_bytes(alert_check, buf, len, SIZE_MAX, SIZE_MAX, errstr, errstr_size))
@@ -494,13 +483,13 @@ json_t *pql_alert_avro_to_json(const void *buf, size_t len, char *errstr, size_t
     avro_reader_t in = avro_reader_memory(len ? buf : "", (int64_t)len);
     if (!in || avro_generic_value_new(alert_class, &value)) {
         if (in) avro_reader_free(in);
-        set_err(errstr, errstr_size, "out of memory");
+        pql_set_err(errstr, errstr_size, "out of memory");
         return NULL;
     }
     if (avro_value_read(in, &value))
-        set_err(errstr, errstr_size, "%s", avro_strerror());
+        pql_set_err(errstr, errstr_size, "%s", avro_strerror());
     else if (!(j = value_to_json(&value, 0)))
-        set_err(errstr, errstr_size, "out of memory");
+        pql_set_err(errstr, errstr_size, "out of memory");
     avro_value_decref(&value);
     avro_reader_free(in);
     return j;

@@ -23,7 +23,8 @@ struct pql_cache {
 static uint64_t hash_id(const char *s, size_t len)
 {
     uint64_t h = 1469598103934665603ULL;
-    for (size_t i = 0; i < len; i++) h = (h ^ (unsigned char)s[i]) * 1099511628211ULL;
+    for (size_t i = 0; i < len; i++)
+        h = (h ^ (unsigned char)s[i]) * 1099511628211ULL;
     return h ^ (h >> 29);
 }
 
@@ -67,10 +68,14 @@ static size_t find_slot(const pql_cache *c, const char *id, size_t len, uint64_t
 
 static void lru_unlink(pql_cache *c, node *n)
 {
-    if (n->prev) n->prev->next = n->next;
-    else c->head = n->next;
-    if (n->next) n->next->prev = n->prev;
-    else c->tail = n->prev;
+    if (n->prev)
+        n->prev->next = n->next;
+    else
+        c->head = n->next;
+    if (n->next)
+        n->next->prev = n->prev;
+    else
+        c->tail = n->prev;
     n->prev = n->next = NULL;
 }
 
@@ -103,7 +108,8 @@ static void grow(pql_cache *c)
     c->slots = calloc(c->cap, sizeof(*c->slots));
     if (!c->slots) abort();
     for (size_t i = 0; i < old; i++)
-        if (slots[i]) c->slots[find_slot(c, slots[i]->id, slots[i]->id_len, slots[i]->hash)] = slots[i];
+        if (slots[i])
+            c->slots[find_slot(c, slots[i]->id, slots[i]->id_len, slots[i]->hash)] = slots[i];
     free(slots);
 }
 
@@ -165,5 +171,6 @@ size_t pql_cache_evict(pql_cache *c, size_t max)
 
 void pql_cache_foreach(pql_cache *c, void (*fn)(void *opaque, pql_account *a), void *opaque)
 {
-    for (node *n = c->head; n; n = n->next) fn(opaque, n->a);
+    for (node *n = c->head; n; n = n->next)
+        fn(opaque, n->a);
 }

@@ -10,18 +10,30 @@
 const char *pql_err_str(pql_err err)
 {
     switch (err) {
-    case PQL_OK: return "ok";
-    case PQL_ERR_NOMEM: return "out-of-memory";
-    case PQL_ERR_ARG: return "bad-argument";
-    case PQL_ERR_PARSE: return "parse";
-    case PQL_ERR_TYPE: return "type";
-    case PQL_ERR_DECODE: return "decode";
-    case PQL_ERR_INVALID: return "invalid";
-    case PQL_ERR_LIMIT: return "limit";
-    case PQL_ERR_SCHEMA: return "schema";
-    case PQL_ERR_IO: return "io";
-    case PQL_ERR_FENCED: return "fenced";
-    case PQL_ERR_NOTFOUND: return "not-found";
+    case PQL_OK:
+        return "ok";
+    case PQL_ERR_NOMEM:
+        return "out-of-memory";
+    case PQL_ERR_ARG:
+        return "bad-argument";
+    case PQL_ERR_PARSE:
+        return "parse";
+    case PQL_ERR_TYPE:
+        return "type";
+    case PQL_ERR_DECODE:
+        return "decode";
+    case PQL_ERR_INVALID:
+        return "invalid";
+    case PQL_ERR_LIMIT:
+        return "limit";
+    case PQL_ERR_SCHEMA:
+        return "schema";
+    case PQL_ERR_IO:
+        return "io";
+    case PQL_ERR_FENCED:
+        return "fenced";
+    case PQL_ERR_NOTFOUND:
+        return "not-found";
     }
     return "unknown";
 }
@@ -38,7 +50,8 @@ int pql_format_number(char *buf, size_t size, double d, pql_vfmt fmt)
     int n = snprintf(buf, size, "%.2f", d);
     /* trim trailing zeros: 0.50 -> 0.5 */
     if (n > 0 && (size_t)n < size) {
-        while (n > 0 && buf[n - 1] == '0') buf[--n] = '\0';
+        while (n > 0 && buf[n - 1] == '0')
+            buf[--n] = '\0';
         if (n > 0 && buf[n - 1] == '.') buf[--n] = '\0';
     }
     return n;
@@ -56,13 +69,20 @@ int pql_parse_duration(const char *s, size_t len, int64_t *ms_out)
     const char *unit = s + i;
     size_t ulen = len - i;
     int64_t mult;
-    if (ulen == 2 && memcmp(unit, "ms", 2) == 0) mult = 1;
-    else if (ulen == 1 && unit[0] == 's') mult = 1000;
-    else if (ulen == 1 && unit[0] == 'm') mult = PQL_MS_MINUTE;
-    else if (ulen == 1 && unit[0] == 'h') mult = PQL_MS_HOUR;
-    else if (ulen == 1 && unit[0] == 'd') mult = PQL_MS_DAY;
-    else if (ulen == 1 && unit[0] == 'w') mult = 7 * PQL_MS_DAY;
-    else return -1;
+    if (ulen == 2 && memcmp(unit, "ms", 2) == 0)
+        mult = 1;
+    else if (ulen == 1 && unit[0] == 's')
+        mult = 1000;
+    else if (ulen == 1 && unit[0] == 'm')
+        mult = PQL_MS_MINUTE;
+    else if (ulen == 1 && unit[0] == 'h')
+        mult = PQL_MS_HOUR;
+    else if (ulen == 1 && unit[0] == 'd')
+        mult = PQL_MS_DAY;
+    else if (ulen == 1 && unit[0] == 'w')
+        mult = 7 * PQL_MS_DAY;
+    else
+        return -1;
     if (n > INT64_MAX / mult) return -1;
     *ms_out = n * mult;
     return 0;
@@ -82,7 +102,8 @@ static int buf_reserve(pql_buf *b, size_t extra)
 {
     if (b->len + extra + 1 <= b->cap) return 0;
     size_t cap = b->cap ? b->cap : 256;
-    while (cap < b->len + extra + 1) cap *= 2;
+    while (cap < b->len + extra + 1)
+        cap *= 2;
     char *p = realloc(b->data, cap);
     if (!p) return -1;
     b->data = p;
@@ -125,7 +146,8 @@ int pql_edit_distance(const char *a, size_t alen, const char *b, size_t blen)
 {
     unsigned char row[256];
     if (alen > 254 || blen > 254) return 255;
-    for (size_t j = 0; j <= blen; j++) row[j] = (unsigned char)j;
+    for (size_t j = 0; j <= blen; j++)
+        row[j] = (unsigned char)j;
     for (size_t i = 1; i <= alen; i++) {
         unsigned char diag = row[0];
         row[0] = (unsigned char)i;
@@ -139,4 +161,13 @@ int pql_edit_distance(const char *a, size_t alen, const char *b, size_t blen)
         }
     }
     return row[blen];
+}
+
+void pql_set_err(char *errstr, size_t errstr_size, const char *fmt, ...)
+{
+    if (!errstr || errstr_size == 0) return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(errstr, errstr_size, fmt, ap);
+    va_end(ap);
 }

@@ -11,17 +11,17 @@
 
 typedef enum pql_err {
     PQL_OK = 0,
-    PQL_ERR_NOMEM,      /* out of memory */
-    PQL_ERR_ARG,        /* bad argument or configuration */
-    PQL_ERR_PARSE,      /* syntax error (rules, expressions, config) */
-    PQL_ERR_TYPE,       /* type error in an expression */
-    PQL_ERR_DECODE,     /* bytes that are not the expected Avro */
-    PQL_ERR_INVALID,    /* decoded, but violates the contract (no account id …) */
-    PQL_ERR_LIMIT,      /* over a configured size limit */
-    PQL_ERR_SCHEMA,     /* unknown schema id, unresolvable writer schema */
-    PQL_ERR_IO,         /* a Redis or Kafka call failed (transient: retry) */
-    PQL_ERR_FENCED,     /* our epoch for a partition is stale: another owner took it */
-    PQL_ERR_NOTFOUND,   /* no such thing */
+    PQL_ERR_NOMEM,    /* out of memory */
+    PQL_ERR_ARG,      /* bad argument or configuration */
+    PQL_ERR_PARSE,    /* syntax error (rules, expressions, config) */
+    PQL_ERR_TYPE,     /* type error in an expression */
+    PQL_ERR_DECODE,   /* bytes that are not the expected Avro */
+    PQL_ERR_INVALID,  /* decoded, but violates the contract (no account id …) */
+    PQL_ERR_LIMIT,    /* over a configured size limit */
+    PQL_ERR_SCHEMA,   /* unknown schema id, unresolvable writer schema */
+    PQL_ERR_IO,       /* a Redis or Kafka call failed (transient: retry) */
+    PQL_ERR_FENCED,   /* our epoch for a partition is stale: another owner took it */
+    PQL_ERR_NOTFOUND, /* no such thing */
 } pql_err;
 
 /** @returns a static, lowercase, one-word-ish name for `err` ("decode", "fenced"). */
@@ -92,6 +92,11 @@ int pql_format_number(char *buf, size_t size, double d, pql_vfmt fmt);
  *  @returns 0 on success, -1 if `s` is not a duration. */
 int pql_parse_duration(const char *s, size_t len, int64_t *ms_out);
 
+/** Writes a printf-formatted message into a caller's error buffer (the
+ *  `char *errstr, size_t errstr_size` convention).  NULL or size 0: nothing. */
+void pql_set_err(char *errstr, size_t errstr_size, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
 /** Edit distance between two strings (bytes), capped at 255. */
 int pql_edit_distance(const char *a, size_t alen, const char *b, size_t blen);
 
@@ -99,8 +104,8 @@ int pql_edit_distance(const char *a, size_t alen, const char *b, size_t blen);
 int64_t pql_now_ms(void);
 
 #define PQL_MS_MINUTE 60000LL
-#define PQL_MS_HOUR (60LL * PQL_MS_MINUTE)
-#define PQL_MS_DAY (24LL * PQL_MS_HOUR)
+#define PQL_MS_HOUR   (60LL * PQL_MS_MINUTE)
+#define PQL_MS_DAY    (24LL * PQL_MS_HOUR)
 
 /* A growable byte buffer.  Zero-initialise (`pql_buf b = {0};`), append, and
  * pql_buf_free() when done; reset() keeps the memory for reuse. */

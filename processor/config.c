@@ -89,7 +89,8 @@ static const opt options[] = {
     {"Processing", "processing.max_future_skew", NULL, T_DUR, OFF(max_future_skew_ms), "1h", NULL,
      0, "how far in the future an event time may be"},
     {"Processing", "processing.max_task_idle", NULL, T_DUR, OFF(max_task_idle_ms), "2s", NULL, 0,
-     "how long a task waits for the other input partition before processing out of timestamp order"},
+     "how long a task waits for the other input partition before processing out of timestamp "
+     "order"},
     {"Processing", "state.ttl", NULL, T_DUR, OFF(state_ttl_ms), "400d", NULL, 0,
      "Redis TTL of an account's state"},
     {"Input", "input.format", NULL, T_ENUM, OFF(input_format), "auto", wire_names, 0,
@@ -125,16 +126,6 @@ static const opt options[] = {
 
 /* ---- small helpers ---- */
 
-__attribute__((format(printf, 3, 4))) static void set_err(char *errstr, size_t size,
-                                                          const char *fmt, ...)
-{
-    if (!errstr || size == 0) return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(errstr, size, fmt, ap);
-    va_end(ap);
-}
-
 static int starts_with(const char *s, const char *prefix)
 {
     return strncmp(s, prefix, strlen(prefix)) == 0;
@@ -156,28 +147,6 @@ static void env_name(const char *key, char *out, size_t size)
     out[n] = '\0';
 }
 
-static size_t levenshtein(const char *a, const char *b)
-{
-    size_t la = strlen(a), lb = strlen(b);
-    if (la > 64 || lb > 64) return (size_t)-1;
-    size_t row[65];
-    for (size_t j = 0; j <= lb; j++)
-        row[j] = j;
-    for (size_t i = 1; i <= la; i++) {
-        size_t diag = row[0];
-        row[0] = i;
-        for (size_t j = 1; j <= lb; j++) {
-            size_t up = row[j];
-            size_t best = diag + (a[i - 1] != b[j - 1]);
-            if (up + 1 < best) best = up + 1;
-            if (row[j - 1] + 1 < best) best = row[j - 1] + 1;
-            row[j] = best;
-            diag = up;
-        }
-    }
-    return row[lb];
-}
-
 /* Writes " (did you mean 'X'?)" for the closest option key (or its env name
  * when `as_env`) within distance 2, else "". */
 static void did_you_mean(const char *word, int as_env, const char *quote_prefix, char *out,
@@ -195,7 +164,7 @@ static void did_you_mean(const char *word, int as_env, const char *quote_prefix,
         }
         for (int k = 0; k < 2; k++) {
             if (!cands[k]) continue;
-            size_t d = levenshtein(word, cands[k]);
+            size_t d = (size_t)pql_edit_distance(word, strlen(word), cands[k], strlen(cands[k]));
             if (d < best_d) {
                 best_d = d;
                 snprintf(best_env, sizeof(best_env), "%s", cands[k]);
@@ -298,7 +267,7 @@ static int set_option(pql_config *c, const opt *o, const char *value, const char
         return 0;
     case T_STR:
         if (replace_str((char **)(void *)base, value) == 0) return 0;
-        set_err(errstr, errstr_size, "%s: out of memory", who);
+        pql_set_err(errstr, errstr_size, "%s: out of memory", who);
         return -1;
     case T_INT:
     case T_SIZE: {
@@ -329,7 +298,7 @@ static int set_option(pql_config *c, const opt *o, const char *value, const char
     }
     snprintf(why, sizeof(why), "has an unknown type");
 bad:
-    set_err(errstr, errstr_size, "%s: '%s' %s", who, value, why);
+    pql_set_err(errstr, errstr_size, "%s: '%s' %s", who, value, why);
     return -1;
 }
 
@@ -340,18 +309,18 @@ static int set_schema_id(pql_config *c, const char *id, const char *path, const 
     errno = 0;
     unsigned long long n = strtoull(id, &end, 10);
     if (!isdigit((unsigned char)id[0]) || *end || errno == ERANGE || n > UINT32_MAX) {
-        set_err(errstr, errstr_size, "%s: '%s' is not a schema id (a number up to %" PRIu32 ")",
-                who, id, UINT32_MAX);
+        pql_set_err(errstr, errstr_size, "%s: '%s' is not a schema id (a number up to %" PRIu32 ")",
+                    who, id, UINT32_MAX);
         return -1;
     }
     if (!path[0]) {
-        set_err(errstr, errstr_size, "%s: needs the path of an .avsc file", who);
+        pql_set_err(errstr, errstr_size, "%s: needs the path of an .avsc file", who);
         return -1;
     }
     char canon[16];
     snprintf(canon, sizeof(canon), "%llu", n);
     if (kv_set(&c->schema_ids, &c->nschema_ids, canon, path) < 0) {
-        set_err(errstr, errstr_size, "%s: out of memory", who);
+        pql_set_err(errstr, errstr_size, "%s: out of memory", who);
         return -1;
     }
     return 0;
@@ -367,7 +336,7 @@ static int set_key(pql_config *c, const char *key, const char *value, const char
     if (o) return set_option(c, o, value, who, errstr, errstr_size);
     if (starts_with(key, KAFKA_PREFIX) && key[strlen(KAFKA_PREFIX)]) {
         if (kv_set(&c->kafka, &c->nkafka, key + strlen(KAFKA_PREFIX), value) < 0) {
-            set_err(errstr, errstr_size, "%s: out of memory", who);
+            pql_set_err(errstr, errstr_size, "%s: out of memory", who);
             return -1;
         }
         return 0;
@@ -376,7 +345,7 @@ static int set_key(pql_config *c, const char *key, const char *value, const char
         return set_schema_id(c, key + strlen(SCHEMAS_PREFIX), value, who, errstr, errstr_size);
     char hint[192];
     did_you_mean(key, 0, dashes, hint, sizeof(hint));
-    set_err(errstr, errstr_size, "%sunknown option '%s%s'%s", where, dashes, key, hint);
+    pql_set_err(errstr, errstr_size, "%sunknown option '%s%s'%s", where, dashes, key, hint);
     return -1;
 }
 
@@ -453,8 +422,8 @@ static int walk_pair(file_ctx *f, struct fy_node *k, struct fy_node *v, const ch
     size_t klen;
     const char *ks = fy_node_get_type(k) == FYNT_SCALAR ? fy_node_get_scalar(k, &klen) : NULL;
     if (!ks || klen == 0) {
-        set_err(f->errstr, f->errstr_size, "%s:%d:%d: option names must be plain words", f->path,
-                line, col);
+        pql_set_err(f->errstr, f->errstr_size, "%s:%d:%d: option names must be plain words",
+                    f->path, line, col);
         return -1;
     }
     char *key = NULL, *value = NULL, who[512];
@@ -470,14 +439,14 @@ static int walk_pair(file_ctx *f, struct fy_node *k, struct fy_node *v, const ch
         }
     } else if (vt != FYNT_SCALAR) {
         snprintf(who, sizeof(who), "%s:%d:%d: %s", f->path, line, col, key);
-        set_err(f->errstr, f->errstr_size, "%s: expected a single value, not a %s", who,
-                vt == FYNT_MAPPING ? "mapping" : "list");
+        pql_set_err(f->errstr, f->errstr_size, "%s: expected a single value, not a %s", who,
+                    vt == FYNT_MAPPING ? "mapping" : "list");
         goto out;
     } else if (!o && is_section(key) && !starts_with(key, KAFKA_PREFIX) &&
                !starts_with(key, SCHEMAS_PREFIX)) {
-        set_err(f->errstr, f->errstr_size,
-                "%s:%d:%d: '%s' is a section: expected a mapping (%s: {…})", f->path, line, col,
-                key, key);
+        pql_set_err(f->errstr, f->errstr_size,
+                    "%s:%d:%d: '%s' is a section: expected a mapping (%s: {…})", f->path, line, col,
+                    key, key);
         goto out;
     }
     size_t vlen = 0;
@@ -492,7 +461,7 @@ static int walk_pair(file_ctx *f, struct fy_node *k, struct fy_node *v, const ch
     rc = set_key(f->c, key, value, who, where, "", f->errstr, f->errstr_size);
     goto out;
 nomem:
-    set_err(f->errstr, f->errstr_size, "%s: out of memory", f->path);
+    pql_set_err(f->errstr, f->errstr_size, "%s: out of memory", f->path);
 out:
     free(key);
     free(value);
@@ -512,7 +481,7 @@ int pql_config_load_file(pql_config *c, const char *path, char *errstr, size_t e
 {
     FILE *fp = fopen(path, "r");
     if (!fp) {
-        set_err(errstr, errstr_size, "%s: cannot open: %s", path, strerror(errno));
+        pql_set_err(errstr, errstr_size, "%s: cannot open: %s", path, strerror(errno));
         return -1;
     }
     struct fy_diag_cfg dcfg;
@@ -522,7 +491,7 @@ int pql_config_load_file(pql_config *c, const char *path, char *errstr, size_t e
     struct fy_diag *diag = fy_diag_create(&dcfg);
     if (!diag) {
         fclose(fp);
-        set_err(errstr, errstr_size, "%s: out of memory", path);
+        pql_set_err(errstr, errstr_size, "%s: out of memory", path);
         return -1;
     }
     fy_diag_set_collect_errors(diag, true);
@@ -540,8 +509,8 @@ int pql_config_load_file(pql_config *c, const char *path, char *errstr, size_t e
     while ((e = fy_diag_errors_iterate(diag, &iter))) {
         if (e->type < FYET_ERROR) continue;
         /* libfyaml's collected positions are already 1-based */
-        set_err(errstr, errstr_size, "%s:%d:%d: YAML syntax error: %s", path, e->line, e->column,
-                e->msg ? e->msg : "invalid YAML");
+        pql_set_err(errstr, errstr_size, "%s:%d:%d: YAML syntax error: %s", path, e->line,
+                    e->column, e->msg ? e->msg : "invalid YAML");
         rc = -1;
         break;
     }
@@ -550,15 +519,16 @@ int pql_config_load_file(pql_config *c, const char *path, char *errstr, size_t e
         if (root && fy_node_get_type(root) != FYNT_MAPPING) {
             int line, col;
             node_pos(root, NULL, &line, &col);
-            set_err(errstr, errstr_size, "%s:%d:%d: expected a mapping of options (key: value)",
-                    path, line, col);
+            pql_set_err(errstr, errstr_size, "%s:%d:%d: expected a mapping of options (key: value)",
+                        path, line, col);
             rc = -1;
         } else if (root) {
             file_ctx f = {c, path, errstr, errstr_size};
             rc = walk_mapping(&f, root, "");
         }
     } else if (rc == 0 && (!parser || fy_parser_get_stream_error(parser))) {
-        set_err(errstr, errstr_size, "%s: %s", path, parser ? "not valid YAML" : "out of memory");
+        pql_set_err(errstr, errstr_size, "%s: %s", path,
+                    parser ? "not valid YAML" : "out of memory");
         rc = -1;
     }
     /* no document and no error: an empty file, nothing to set */
@@ -606,14 +576,14 @@ static int env_apply(pql_config *c, const char *name, size_t nlen, const char *v
         char *prop = env_tail_to_key(tail, strlen(tail));
         int rc = prop ? kv_set(&c->kafka, &c->nkafka, prop, value) : -1;
         free(prop);
-        if (rc < 0) set_err(errstr, errstr_size, "%s: out of memory", who);
+        if (rc < 0) pql_set_err(errstr, errstr_size, "%s: out of memory", who);
         return rc;
     }
     if (starts_with(who, schema_env))
         return set_schema_id(c, who + sizeof(schema_env) - 1, value, who, errstr, errstr_size);
     char hint[192];
     did_you_mean(who, 1, "", hint, sizeof(hint));
-    set_err(errstr, errstr_size, "unknown environment variable %s%s", who, hint);
+    pql_set_err(errstr, errstr_size, "unknown environment variable %s%s", who, hint);
     return -1;
 }
 
@@ -653,17 +623,17 @@ int pql_config_parse_flags(pql_config *c, int argc, char **argv, char *errstr, s
         const char *arg = argv[i], *eq = strchr(arg, '=');
         if (strcmp(arg, "--") == 0) return i + 1;
         if (arg[1] != '-' || arg[2] == '\0') {
-            set_err(errstr, errstr_size, "unknown flag '%s' (options are --key=value)", arg);
+            pql_set_err(errstr, errstr_size, "unknown flag '%s' (options are --key=value)", arg);
             return -1;
         }
         if (!eq && i + 1 >= argc) {
-            set_err(errstr, errstr_size, "%s: needs a value (%s=VALUE)", arg, arg);
+            pql_set_err(errstr, errstr_size, "%s: needs a value (%s=VALUE)", arg, arg);
             return -1;
         }
         const char *value = eq ? eq + 1 : argv[i + 1];
         char *key = strndup(arg + 2, eq ? (size_t)(eq - arg - 2) : strlen(arg + 2));
         if (!key) {
-            set_err(errstr, errstr_size, "out of memory");
+            pql_set_err(errstr, errstr_size, "out of memory");
             return -1;
         }
         i += eq ? 1 : 2;

@@ -34,10 +34,11 @@ typedef struct pql_kv {
 
 typedef struct pql_config {
     /* Kafka */
-    char *brokers;       /* kafka.brokers / PQLSTREAM_BROKERS; "" = embedded mock cluster */
-    char *group;         /* group / PQLSTREAM_GROUP, default "pqlstream" */
-    char *topic_usage;   /* topics.usage / PQLSTREAM_TOPIC_USAGE, default "usage-events" */
-    char *topic_accounts;/* topics.accounts / PQLSTREAM_TOPIC_ACCOUNTS, default "account-updates" */
+    char *brokers;     /* kafka.brokers / PQLSTREAM_BROKERS; "" = embedded mock cluster */
+    char *group;       /* group / PQLSTREAM_GROUP, default "pqlstream" */
+    char *topic_usage; /* topics.usage / PQLSTREAM_TOPIC_USAGE, default "usage-events" */
+    char
+        *topic_accounts; /* topics.accounts / PQLSTREAM_TOPIC_ACCOUNTS, default "account-updates" */
     char *topic_alerts;  /* topics.alerts / PQLSTREAM_TOPIC_ALERTS, default "pql-alerts" */
     char *topic_metrics; /* topics.metrics / PQLSTREAM_TOPIC_METRICS, default "pql-metrics" */
     char *topic_dlq;     /* topics.dlq / PQLSTREAM_TOPIC_DLQ, default "pql-dlq" */
@@ -46,41 +47,42 @@ typedef struct pql_config {
     size_t nkafka;
 
     /* Redis */
-    char *redis_url;       /* redis.url / PQLSTREAM_REDIS; "" = private redis-server child */
-    int redis_timeout_ms;  /* redis.timeout_ms, default 2000 */
+    char *redis_url;      /* redis.url / PQLSTREAM_REDIS; "" = private redis-server child */
+    int redis_timeout_ms; /* redis.timeout_ms, default 2000 */
 
     /* Rules */
-    char *rules_path;      /* rules / PQLSTREAM_RULES: file or directory, default "rules" */
+    char *rules_path; /* rules / PQLSTREAM_RULES: file or directory, default "rules" */
 
     /* Processing */
-    int batch_max_messages;  /* batch.max_messages, default 10000 */
-    int batch_max_ms;        /* batch.max_ms, default 100 */
-    int cache_max_accounts;  /* cache.max_accounts (per process), default 200000 */
-    int64_t lateness_ms;     /* processing.lateness, duration, default "1d" */
+    int batch_max_messages;     /* batch.max_messages, default 10000 */
+    int batch_max_ms;           /* batch.max_ms, default 100 */
+    int cache_max_accounts;     /* cache.max_accounts (per process), default 200000 */
+    int64_t lateness_ms;        /* processing.lateness, duration, default "1d" */
     int64_t max_future_skew_ms; /* processing.max_future_skew, default "1h" */
-    int64_t max_task_idle_ms; /* processing.max_task_idle, default "2s": see pipeline.h */
-    int64_t state_ttl_ms;    /* state.ttl: Redis TTL of account state, default "400d" */
+    int64_t max_task_idle_ms;   /* processing.max_task_idle, default "2s": see pipeline.h */
+    int64_t state_ttl_ms;       /* state.ttl: Redis TTL of account state, default "400d" */
 
     /* Input decoding */
-    pql_wire input_format;          /* input.format: auto | avro | confluent, default auto */
-    char *usage_writer_schema;      /* input.usage_writer_schema: .avsc path, "" = ours */
-    char *accounts_writer_schema;   /* input.accounts_writer_schema: .avsc path, "" = ours */
-    pql_kv *schema_ids;             /* input.schemas: {"<id>": "<path.avsc>"} (Confluent ids);
-                                     * also PQLSTREAM_INPUT_SCHEMAS_<ID>, --input.schemas.<id> */
+    pql_wire input_format;        /* input.format: auto | avro | confluent, default auto */
+    char *usage_writer_schema;    /* input.usage_writer_schema: .avsc path, "" = ours */
+    char *accounts_writer_schema; /* input.accounts_writer_schema: .avsc path, "" = ours */
+    pql_kv *schema_ids;           /* input.schemas: {"<id>": "<path.avsc>"} (Confluent ids);
+                                   * also PQLSTREAM_INPUT_SCHEMAS_<ID>, --input.schemas.<id> */
     size_t nschema_ids;
-    pql_limits limits;              /* limits.max_message / max_string / max_properties */
+    pql_limits limits; /* limits.max_message / max_string / max_properties */
 
     /* Output */
-    int output_json;  /* output.format: avro (0, default) | json (1) */
+    int output_json; /* output.format: avro (0, default) | json (1) */
 
     /* Embedded default (used only when brokers and/or redis are unset) */
-    char *data_dir;           /* data_dir / PQLSTREAM_DATA_DIR, default "pqlstream-data" */
-    int embedded_partitions;  /* embedded.partitions, default 4 */
-    int sample;               /* embedded.sample: bool, default true (drive the sample workload) */
-    int sample_rate;          /* embedded.sample_rate: events/s, default 200 */
+    char *data_dir;          /* data_dir / PQLSTREAM_DATA_DIR, default "pqlstream-data" */
+    int embedded_partitions; /* embedded.partitions, default 4 */
+    int sample;              /* embedded.sample: bool, default true (drive the sample workload) */
+    int sample_rate;         /* embedded.sample_rate: events/s, default 200 */
 
     /* Logging */
-    char *log_level;  /* log.level / PQLSTREAM_LOG_LEVEL: debug | info | warn | error, default info */
+    char
+        *log_level; /* log.level / PQLSTREAM_LOG_LEVEL: debug | info | warn | error, default info */
 } pql_config;
 
 /** Fills built-in defaults (every string non-NULL, owned by the config). */
@@ -113,8 +115,7 @@ int pql_config_set(pql_config *c, const char *key, const char *value, char *errs
  *  Stops at the first non-flag argument and returns its index ("--" ends the
  *  flags: the index after it); -1 on error.  Every flag needs a value;
  *  --help is not handled here (an unknown option). */
-int pql_config_parse_flags(pql_config *c, int argc, char **argv, char *errstr,
-                           size_t errstr_size);
+int pql_config_parse_flags(pql_config *c, int argc, char **argv, char *errstr, size_t errstr_size);
 
 /** The whole sequence: defaults, file (from --config in argv or
  *  PQLSTREAM_CONFIG; none is fine), environment, flags.  *argi receives the

@@ -82,17 +82,6 @@ struct pql_decoder {
     size_t props_cap;
 };
 
-static void set_err(char *errstr, size_t size, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-static void set_err(char *errstr, size_t size, const char *fmt, ...)
-{
-    va_list ap;
-    if (!errstr || size == 0) return;
-    va_start(ap, fmt);
-    vsnprintf(errstr, size, fmt, ap);
-    va_end(ap);
-}
-
 void pql_limits_default(pql_limits *l)
 {
     l->max_message = 1024 * 1024;
@@ -147,10 +136,10 @@ static int reader_for_writer(const pql_decoder *d, avro_schema_t writer, avro_sc
             continue;
         }
         if (!json_object_get(field, "default")) {
-            set_err(errstr, size,
-                    "writer schema lacks field %s, which %s requires (it has no default): "
-                    "the writer must send it",
-                    name, d->record);
+            pql_set_err(errstr, size,
+                        "writer schema lacks field %s, which %s requires (it has no default): "
+                        "the writer must send it",
+                        name, d->record);
             goto out;
         }
         json_array_remove(fields, i);
@@ -163,14 +152,14 @@ static int reader_for_writer(const pql_decoder *d, avro_schema_t writer, avro_sc
     }
     if (!(text = json_dumps(doc, JSON_COMPACT))) goto nomem;
     if (avro_schema_from_json_length(text, strlen(text), out)) {
-        set_err(errstr, size, "cannot build the reader schema for this writer: %s",
-                avro_strerror());
+        pql_set_err(errstr, size, "cannot build the reader schema for this writer: %s",
+                    avro_strerror());
         goto out;
     }
     rc = 0;
     goto out;
 nomem:
-    set_err(errstr, size, "out of memory");
+    pql_set_err(errstr, size, "out of memory");
 out:
     free(text);
     json_decref(doc);
@@ -198,13 +187,13 @@ static int plan_fields(const pql_decoder *d, plan *p, char *errstr, size_t size)
         } else if (f != F_TIMESTAMP && f != F_PROPS && json_is_string(def)) {
             fd->len = json_string_length(def);
             if (!(fd->str = malloc(fd->len + 1))) {
-                set_err(errstr, size, "out of memory");
+                pql_set_err(errstr, size, "out of memory");
                 return -1;
             }
             memcpy(fd->str, json_string_value(def), fd->len + 1);
         } else {
-            set_err(errstr, size, "the default of %s.%s in our schema is not supported", d->record,
-                    name);
+            pql_set_err(errstr, size, "the default of %s.%s in our schema is not supported",
+                        d->record, name);
             return -1;
         }
     }
@@ -217,19 +206,19 @@ static plan *plan_new(const pql_decoder *d, const char *writer_json, char *errst
     avro_schema_t writer = NULL;
     plan *p = calloc(1, sizeof *p);
     if (!p) {
-        set_err(errstr, size, "out of memory");
+        pql_set_err(errstr, size, "out of memory");
         return NULL;
     }
     if (!writer_json) {
         writer = avro_schema_incref(d->reader);
     } else if (avro_schema_from_json_length(writer_json, strlen(writer_json), &writer)) {
         writer = NULL;
-        set_err(errstr, size, "writer schema does not parse: %s", avro_strerror());
+        pql_set_err(errstr, size, "writer schema does not parse: %s", avro_strerror());
         goto fail;
     }
     if (!is_avro_record(writer)) {
-        set_err(errstr, size, "writer schema is a %s, expected the record %s",
-                avro_schema_type_name(writer), d->record);
+        pql_set_err(errstr, size, "writer schema is a %s, expected the record %s",
+                    avro_schema_type_name(writer), d->record);
         goto fail;
     }
     if (!(p->check = pql_avro_check_new(writer, errstr, size))) goto fail;
@@ -237,22 +226,22 @@ static plan *plan_new(const pql_decoder *d, const char *writer_json, char *errst
         p->dest_schema = avro_schema_incref(d->reader);
     } else {
         if (strcmp(avro_schema_name(writer), d->record) != 0) {
-            set_err(errstr, size, "writer schema is the record %s, expected %s",
-                    avro_schema_name(writer), d->record);
+            pql_set_err(errstr, size, "writer schema is the record %s, expected %s",
+                        avro_schema_name(writer), d->record);
             goto fail;
         }
         if (reader_for_writer(d, writer, &p->dest_schema, errstr, size)) goto fail;
         p->resolver = avro_resolved_writer_new(writer, p->dest_schema);
         if (!p->resolver) {
-            set_err(errstr, size, "writer schema cannot be resolved against %s: %s", d->record,
-                    avro_strerror());
+            pql_set_err(errstr, size, "writer schema cannot be resolved against %s: %s", d->record,
+                        avro_strerror());
             goto fail;
         }
     }
     p->dest_class = avro_generic_class_from_schema(p->dest_schema);
     if (!p->dest_class || avro_generic_value_new(p->dest_class, &p->dest)) {
         p->dest.self = NULL;
-        set_err(errstr, size, "cannot create a value of %s: %s", d->record, avro_strerror());
+        pql_set_err(errstr, size, "cannot create a value of %s: %s", d->record, avro_strerror());
         goto fail;
     }
     if (plan_fields(d, p, errstr, size)) goto fail;
@@ -274,12 +263,12 @@ pql_decoder *pql_decoder_new(pql_input_kind kind, pql_wire wire, const char *wri
     const char *text = pql_embedded_get(file, &len);
     json_error_t jerr;
     if (kind != PQL_INPUT_USAGE && kind != PQL_INPUT_ACCOUNT) {
-        set_err(errstr, errstr_size, "unknown input kind %d", (int)kind);
+        pql_set_err(errstr, errstr_size, "unknown input kind %d", (int)kind);
         return NULL;
     }
     pql_decoder *d = calloc(1, sizeof *d);
     if (!d) {
-        set_err(errstr, errstr_size, "out of memory");
+        pql_set_err(errstr, errstr_size, "out of memory");
         return NULL;
     }
     d->kind = kind;
@@ -291,20 +280,20 @@ pql_decoder *pql_decoder_new(pql_input_kind kind, pql_wire wire, const char *wri
     d->fields = kind == PQL_INPUT_USAGE ? usage_fields : account_fields;
     d->record = kind == PQL_INPUT_USAGE ? "UsageEvent" : "AccountUpdate";
     if (!text) {
-        set_err(errstr, errstr_size, "schema %s is not compiled in", file);
+        pql_set_err(errstr, errstr_size, "schema %s is not compiled in", file);
         goto fail;
     }
     if (!(d->reader_doc = json_loadb(text, len, 0, &jerr))) {
-        set_err(errstr, errstr_size, "schemas/%s: %s", file, jerr.text);
+        pql_set_err(errstr, errstr_size, "schemas/%s: %s", file, jerr.text);
         goto fail;
     }
     if (avro_schema_from_json_length(text, len, &d->reader)) {
         d->reader = NULL;
-        set_err(errstr, errstr_size, "schemas/%s: %s", file, avro_strerror());
+        pql_set_err(errstr, errstr_size, "schemas/%s: %s", file, avro_strerror());
         goto fail;
     }
     if (!(d->in = avro_reader_memory("", 0))) {
-        set_err(errstr, errstr_size, "out of memory");
+        pql_set_err(errstr, errstr_size, "out of memory");
         goto fail;
     }
     if (!(d->plain = plan_new(d, writer_schema_json, errstr, errstr_size))) goto fail;
@@ -333,12 +322,12 @@ pql_err pql_decoder_register_schema(pql_decoder *d, uint32_t id, const char *sch
 {
     char why[512] = "";
     if (!schema_json) {
-        set_err(errstr, errstr_size, "schema id %u: no schema text", id);
+        pql_set_err(errstr, errstr_size, "schema id %u: no schema text", id);
         return PQL_ERR_SCHEMA;
     }
     plan *p = plan_new(d, schema_json, why, sizeof why);
     if (!p) {
-        set_err(errstr, errstr_size, "schema id %u: %s", id, why);
+        pql_set_err(errstr, errstr_size, "schema id %u: %s", id, why);
         return PQL_ERR_SCHEMA;
     }
     p->id = id;
@@ -352,7 +341,7 @@ pql_err pql_decoder_register_schema(pql_decoder *d, uint32_t id, const char *sch
     plan **ids = realloc(d->ids, (d->nids + 1) * sizeof *ids);
     if (!ids) {
         plan_destroy(p);
-        set_err(errstr, errstr_size, "out of memory");
+        pql_set_err(errstr, errstr_size, "out of memory");
         return PQL_ERR_NOMEM;
     }
     d->ids = ids;
@@ -424,7 +413,7 @@ static pql_err read_props(pql_decoder *d, avro_value_t *map, pql_event *out, cha
             cap *= 2;
         pql_prop *props = realloc(d->props, cap * sizeof *props);
         if (!props) {
-            set_err(errstr, size, "out of memory");
+            pql_set_err(errstr, size, "out of memory");
             return PQL_ERR_NOMEM;
         }
         d->props = props;
@@ -434,8 +423,8 @@ static pql_err read_props(pql_decoder *d, avro_value_t *map, pql_event *out, cha
         avro_value_t child;
         const char *key = "";
         if (avro_value_get_by_index(map, i, &child, &key)) {
-            set_err(errstr, size, "cannot read %s entry %zu: %s", d->fields[F_PROPS], i,
-                    avro_strerror());
+            pql_set_err(errstr, size, "cannot read %s entry %zu: %s", d->fields[F_PROPS], i,
+                        avro_strerror());
             return PQL_ERR_DECODE;
         }
         d->props[i].key = key ? key : "";
@@ -484,17 +473,17 @@ static pql_err extract(pql_decoder *d, plan *p, pql_event *out, char *errstr, si
     }
 
     if (out->account_id_len == 0) {
-        set_err(errstr, size, "account_id is empty");
+        pql_set_err(errstr, size, "account_id is empty");
         return PQL_ERR_INVALID;
     }
     if (d->kind == PQL_INPUT_USAGE && out->event_len == 0) {
-        set_err(errstr, size, "event is empty (usage event of account %.*s)",
-                (int)(out->account_id_len > 64 ? 64 : out->account_id_len), out->account_id);
+        pql_set_err(errstr, size, "event is empty (usage event of account %.*s)",
+                    (int)(out->account_id_len > 64 ? 64 : out->account_id_len), out->account_id);
         return PQL_ERR_INVALID;
     }
     if (out->timestamp < 0) {
-        set_err(errstr, size, "timestamp %lld is negative (expected ms since the epoch)",
-                (long long)out->timestamp);
+        pql_set_err(errstr, size, "timestamp %lld is negative (expected ms since the epoch)",
+                    (long long)out->timestamp);
         return PQL_ERR_INVALID;
     }
     return PQL_OK;
@@ -511,7 +500,7 @@ static pql_err decode_with(pql_decoder *d, plan *p, const uint8_t *buf, size_t l
     if (p->resolver) {
         avro_value_t rv;
         if (avro_resolved_writer_new_value(p->resolver, &rv)) {
-            set_err(errstr, size, "out of memory");
+            pql_set_err(errstr, size, "out of memory");
             return PQL_ERR_NOMEM;
         }
         avro_resolved_writer_set_dest(&rv, &p->dest);
@@ -521,7 +510,7 @@ static pql_err decode_with(pql_decoder *d, plan *p, const uint8_t *buf, size_t l
         rc = avro_value_read(d->in, &p->dest);
     }
     if (rc) {
-        set_err(errstr, size, "avro-c could not read the record: %s", avro_strerror());
+        pql_set_err(errstr, size, "avro-c could not read the record: %s", avro_strerror());
         return PQL_ERR_DECODE;
     }
     return extract(d, p, out, errstr, size);
@@ -533,23 +522,24 @@ pql_err pql_decoder_decode(pql_decoder *d, const void *buf, size_t len, pql_even
     const uint8_t *b = buf ? buf : (const uint8_t *)"";
     if (!buf) len = 0;
     if (len > d->limits.max_message) {
-        set_err(errstr, errstr_size, "message of %zu bytes exceeds limits.max_message=%zu", len,
-                d->limits.max_message);
+        pql_set_err(errstr, errstr_size, "message of %zu bytes exceeds limits.max_message=%zu", len,
+                    d->limits.max_message);
         return PQL_ERR_LIMIT;
     }
     int framed =
         d->wire == PQL_WIRE_CONFLUENT || (d->wire == PQL_WIRE_AUTO && len >= 5 && b[0] == 0);
     if (!framed) return decode_with(d, d->plain, b, len, out, errstr, errstr_size);
     if (len < 5) {
-        set_err(errstr, errstr_size,
-                "message of %zu bytes is too short for the Confluent framing "
-                "(magic byte 0, 4-byte schema id)",
-                len);
+        pql_set_err(errstr, errstr_size,
+                    "message of %zu bytes is too short for the Confluent framing "
+                    "(magic byte 0, 4-byte schema id)",
+                    len);
         return PQL_ERR_DECODE;
     }
     if (b[0] != 0) {
-        set_err(errstr, errstr_size,
-                "magic byte 0x%02x is not the Confluent framing (0x00): check input.format", b[0]);
+        pql_set_err(errstr, errstr_size,
+                    "magic byte 0x%02x is not the Confluent framing (0x00): check input.format",
+                    b[0]);
         return PQL_ERR_DECODE;
     }
     uint32_t id = (uint32_t)b[1] << 24 | (uint32_t)b[2] << 16 | (uint32_t)b[3] << 8 | b[4];
@@ -558,8 +548,9 @@ pql_err pql_decoder_decode(pql_decoder *d, const void *buf, size_t len, pql_even
             return decode_with(d, d->ids[i], b + 5, len - 5, out, errstr, errstr_size);
     if (d->wire == PQL_WIRE_AUTO && decode_with(d, d->plain, b, len, out, NULL, 0) == PQL_OK)
         return PQL_OK;
-    set_err(errstr, errstr_size,
-            "unknown schema id %u: register it in input.schemas (or the writer's registry)", id);
+    pql_set_err(errstr, errstr_size,
+                "unknown schema id %u: register it in input.schemas (or the writer's registry)",
+                id);
     return PQL_ERR_SCHEMA;
 }
 
@@ -606,8 +597,8 @@ pql_err pql_event_encode(const pql_event *ev, pql_buf *out, char *errstr, size_t
     if (rc || bad) {
         out->len = start;
         if (out->data) out->data[start] = '\0';
-        set_err(errstr, errstr_size,
-                bad ? "event has a NULL string with a length" : "out of memory");
+        pql_set_err(errstr, errstr_size,
+                    bad ? "event has a NULL string with a length" : "out of memory");
         return bad ? PQL_ERR_ARG : PQL_ERR_NOMEM;
     }
     return PQL_OK;

@@ -376,26 +376,6 @@ static int check_number(parser *p, const node *n, const char *what)
                 snippet(p, n->start, n->end, text, sizeof text));
 }
 
-static size_t edit_distance(const char *a, size_t la, const char *b, size_t lb)
-{
-    size_t row[16];
-    if (la > 15 || lb > 15) return 99;
-    for (size_t j = 0; j <= lb; j++)
-        row[j] = j;
-    for (size_t i = 1; i <= la; i++) {
-        size_t diag = row[0];
-        row[0] = i;
-        for (size_t j = 1; j <= lb; j++) {
-            size_t up = row[j], best = diag + (a[i - 1] != b[j - 1]);
-            if (up + 1 < best) best = up + 1;
-            if (row[j - 1] + 1 < best) best = row[j - 1] + 1;
-            row[j] = best;
-            diag = up;
-        }
-    }
-    return row[lb];
-}
-
 static int find_function(parser *p, token name)
 {
     const char *s = p->src + name.start, *guess = NULL;
@@ -403,7 +383,7 @@ static int find_function(parser *p, token name)
     for (int i = 0; i < F_COUNT; i++)
         if (strlen(funcs[i].name) == name.len && !memcmp(funcs[i].name, s, name.len)) return i;
     for (int i = 0; i < F_COUNT; i++) {
-        size_t d = edit_distance(s, name.len, funcs[i].name, strlen(funcs[i].name));
+        size_t d = (size_t)pql_edit_distance(s, name.len, funcs[i].name, strlen(funcs[i].name));
         if (d <= best) best = d, guess = funcs[i].name;
     }
     if (guess)

@@ -21,8 +21,8 @@ void pql_log(pql_log_level level, const char *msg, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 
 #define pql_debug(msg, ...) pql_log(PQL_LOG_DEBUG, msg, __VA_ARGS__)
-#define pql_info(msg, ...) pql_log(PQL_LOG_INFO, msg, __VA_ARGS__)
-#define pql_warn(msg, ...) pql_log(PQL_LOG_WARN, msg, __VA_ARGS__)
+#define pql_info(msg, ...)  pql_log(PQL_LOG_INFO, msg, __VA_ARGS__)
+#define pql_warn(msg, ...)  pql_log(PQL_LOG_WARN, msg, __VA_ARGS__)
 #define pql_error(msg, ...) pql_log(PQL_LOG_ERROR, msg, __VA_ARGS__)
 
 #endif

@@ -38,17 +38,20 @@ static void on_reload(int sig)
 
 static void usage(FILE *out)
 {
-    fprintf(out,
-            "pqlstream %s — product-qualified-lead and expansion alerts from product usage\n\n"
-            "usage:\n"
-            "  pqlstream run [--option=value …]   run the stream processor\n"
-            "  pqlstream run --help               list every option, its environment variable and default\n"
-            "  pqlstream rules check PATH…        validate rule files or directories\n"
-            "  pqlstream version                  print the version\n\n"
-            "With no brokers configured (PQLSTREAM_BROKERS) `run` starts an embedded Kafka (librdkafka's\n"
-            "mock cluster) and with no Redis (PQLSTREAM_REDIS) a private redis-server, and drives a\n"
-            "sample workload so alerts appear within seconds.\n",
-            PQL_VERSION);
+    fprintf(
+        out,
+        "pqlstream %s — product-qualified-lead and expansion alerts from product usage\n\n"
+        "usage:\n"
+        "  pqlstream run [--option=value …]   run the stream processor\n"
+        "  pqlstream run --help               list every option, its environment variable and "
+        "default\n"
+        "  pqlstream rules check PATH…        validate rule files or directories\n"
+        "  pqlstream version                  print the version\n\n"
+        "With no brokers configured (PQLSTREAM_BROKERS) `run` starts an embedded Kafka "
+        "(librdkafka's\n"
+        "mock cluster) and with no Redis (PQLSTREAM_REDIS) a private redis-server, and drives a\n"
+        "sample workload so alerts appear within seconds.\n",
+        PQL_VERSION);
 }
 
 static int cmd_rules_check(int argc, char **argv)
@@ -98,12 +101,14 @@ static int cmd_run(int argc, char **argv)
         return 2;
     }
     if (argi < argc) {
-        fprintf(stderr, "pqlstream: unexpected argument '%s' (see pqlstream run --help)\n", argv[argi]);
+        fprintf(stderr, "pqlstream: unexpected argument '%s' (see pqlstream run --help)\n",
+                argv[argi]);
         pql_config_term(&cfg);
         return 2;
     }
     if (pql_log_set_level(cfg.log_level) < 0) {
-        fprintf(stderr, "pqlstream: log.level '%s' must be debug, info, warn or error\n", cfg.log_level);
+        fprintf(stderr, "pqlstream: log.level '%s' must be debug, info, warn or error\n",
+                cfg.log_level);
         pql_config_term(&cfg);
         return 2;
     }
@@ -145,8 +150,8 @@ static int cmd_run(int argc, char **argv)
     const char *brokers = cfg.brokers;
     int embedded = !brokers[0];
     if (embedded) {
-        const char *topics[] = {cfg.topic_usage, cfg.topic_accounts, cfg.topic_alerts,
-                                cfg.topic_metrics, cfg.topic_dlq, NULL};
+        const char *topics[] = {cfg.topic_usage,   cfg.topic_accounts, cfg.topic_alerts,
+                                cfg.topic_metrics, cfg.topic_dlq,      NULL};
         kafka = pql_embedded_kafka_start(3, topics, cfg.embedded_partitions, err, sizeof(err));
         if (!kafka) {
             fprintf(stderr, "pqlstream: cannot start the embedded Kafka: %s\n", err);
@@ -171,17 +176,20 @@ static int cmd_run(int argc, char **argv)
     if (embedded) {
         pql_pipeline_print_alerts(p, 1);
         if (cfg.sample) {
-            pql_sample_opts so = {.bootstraps = brokers, .usage_topic = cfg.topic_usage,
-                                  .accounts_topic = cfg.topic_accounts, .rate = cfg.sample_rate,
+            pql_sample_opts so = {.bootstraps = brokers,
+                                  .usage_topic = cfg.topic_usage,
+                                  .accounts_topic = cfg.topic_accounts,
+                                  .rate = cfg.sample_rate,
                                   .accounts = 200};
             sample = pql_sample_start(&so, err, sizeof(err));
             if (!sample) {
                 fprintf(stderr, "pqlstream: cannot start the sample workload: %s\n", err);
                 goto out;
             }
-            printf("Sample workload: %d events/s over 200 accounts; alerts print below as they fire.\n"
-                   "Press Ctrl-C to stop.\n",
-                   cfg.sample_rate);
+            printf(
+                "Sample workload: %d events/s over 200 accounts; alerts print below as they fire.\n"
+                "Press Ctrl-C to stop.\n",
+                cfg.sample_rate);
             fflush(stdout);
         }
     }
@@ -202,7 +210,8 @@ out:
 int main(int argc, char **argv)
 {
     setvbuf(stdout, NULL, _IOLBF, 0);
-    if (argc < 2 || !strcmp(argv[1], "help") || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h")) {
+    if (argc < 2 || !strcmp(argv[1], "help") || !strcmp(argv[1], "--help") ||
+        !strcmp(argv[1], "-h")) {
         usage(argc < 2 ? stderr : stdout);
         return argc < 2 ? 2 : 0;
     }

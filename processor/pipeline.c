@@ -34,7 +34,7 @@ struct pql_pipeline {
     pql_decoder *decoders[PQL_NTOPICS];
     const char *topics[PQL_NTOPICS];
     int32_t npartitions;
-    pql_task **tasks; /* by partition number; NULL when not ours */
+    pql_task **tasks;              /* by partition number; NULL when not ours */
     inbox (*inboxes)[PQL_NTOPICS]; /* by partition number and topic */
     int64_t *blocked_since;        /* by partition: merge waiting since (ms), 0 if not */
     uint64_t generation;
@@ -102,7 +102,8 @@ static void inbox_pop(inbox *q)
 
 static void inbox_clear(inbox *q)
 {
-    while (q->len) inbox_pop(q);
+    while (q->len)
+        inbox_pop(q);
     q->eof_at = -1;
 }
 
@@ -120,8 +121,10 @@ static void set_paused(pql_pipeline *p, int32_t part, int ti, int pause)
     if (q->paused == pause) return;
     rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(1);
     rd_kafka_topic_partition_list_add(l, p->topics[ti], part);
-    if (pause) rd_kafka_pause_partitions(p->consumer, l);
-    else rd_kafka_resume_partitions(p->consumer, l);
+    if (pause)
+        rd_kafka_pause_partitions(p->consumer, l);
+    else
+        rd_kafka_resume_partitions(p->consumer, l);
     rd_kafka_topic_partition_list_destroy(l);
     q->paused = pause;
 }
@@ -142,9 +145,12 @@ static int merge_next(pql_pipeline *p, int32_t part, int64_t now)
         pick = rd_kafka_message_timestamp(ma, NULL) <= rd_kafka_message_timestamp(mu, NULL)
                    ? PQL_TOPIC_ACCOUNTS
                    : PQL_TOPIC_USAGE;
-    else if (mu && a->eof_at >= 0) pick = PQL_TOPIC_USAGE;
-    else if (ma && u->eof_at >= 0) pick = PQL_TOPIC_ACCOUNTS;
-    else if (!mu && !ma) return -1;
+    else if (mu && a->eof_at >= 0)
+        pick = PQL_TOPIC_USAGE;
+    else if (ma && u->eof_at >= 0)
+        pick = PQL_TOPIC_ACCOUNTS;
+    else if (!mu && !ma)
+        return -1;
     if (pick >= 0) {
         p->blocked_since[part] = 0;
         return pick;
@@ -169,10 +175,12 @@ static void print_alert(const char *payload, size_t len, int json_payload)
            json_string_value(json_object_get(j, "account_id")));
     size_t i;
     json_t *v;
-    json_array_foreach(json_object_get(j, "reasons"), i, v) printf("      · %s\n", json_string_value(v));
+    json_array_foreach(json_object_get(j, "reasons"), i, v)
+        printf("      · %s\n", json_string_value(v));
     const char *k;
     printf("      signals:");
-    json_object_foreach(json_object_get(j, "signals"), k, v) printf(" %s=%g", k, json_number_value(v));
+    json_object_foreach(json_object_get(j, "signals"), k, v)
+        printf(" %s=%g", k, json_number_value(v));
     printf("\n      alert_id=%s ruleset=%s\n", json_string_value(json_object_get(j, "alert_id")),
            json_string_value(json_object_get(j, "ruleset_version")));
     fflush(stdout);
@@ -207,11 +215,12 @@ static void resend_outbox_item(void *opaque, const char *id, size_t id_len, cons
     char err[256], aid[PQL_ALERT_ID_LEN + 1];
     snprintf(aid, sizeof(aid), "%.*s", (int)id_len, id);
     /* the key is the account id, which the alert carries */
-    json_t *j = p->cfg->output_json ? json_loadb(payload, payload_len, 0, NULL)
-                                    : pql_alert_avro_to_json(payload, payload_len, err, sizeof(err));
+    json_t *j = p->cfg->output_json
+                    ? json_loadb(payload, payload_len, 0, NULL)
+                    : pql_alert_avro_to_json(payload, payload_len, err, sizeof(err));
     const char *acct = j ? json_string_value(json_object_get(j, "account_id")) : NULL;
-    pql_sink_alert(p->sink, t->partition, t->generation, aid, acct ? acct : "", acct ? strlen(acct) : 0,
-                   payload, payload_len);
+    pql_sink_alert(p->sink, t->partition, t->generation, aid, acct ? acct : "",
+                   acct ? strlen(acct) : 0, payload, payload_len);
     json_decref(j);
 }
 
@@ -234,10 +243,11 @@ static pql_task *claim_task(pql_pipeline *p, int32_t part)
     void *ctx[2] = {t, p};
     if (pql_store_outbox_scan(p->store, p->cfg->group, part, resend_outbox_item, ctx, err,
                               sizeof(err)) != PQL_OK)
-        pql_warn("outbox scan failed; it is retried at the next assignment", "partition=%d error=\"%s\"",
-                 part, err);
-    pql_info("partition assigned", "partition=%d epoch=%lld seq=%lld usage_offset=%lld accounts_offset=%lld",
-             part, (long long)claim.epoch, (long long)claim.seq, (long long)claim.offsets[0],
+        pql_warn("outbox scan failed; it is retried at the next assignment",
+                 "partition=%d error=\"%s\"", part, err);
+    pql_info("partition assigned",
+             "partition=%d epoch=%lld seq=%lld usage_offset=%lld accounts_offset=%lld", part,
+             (long long)claim.epoch, (long long)claim.seq, (long long)claim.offsets[0],
              (long long)claim.offsets[1]);
     return t;
 }
@@ -265,7 +275,8 @@ static void on_assign(pql_pipeline *p, rd_kafka_topic_partition_list_t *parts)
         pql_task *t = task_of(p, tp->partition, 0);
         if (!t) t = p->tasks[tp->partition] = claim_task(p, tp->partition);
         int64_t off = t->committed[ti];
-        tp->offset = off >= 0 ? off : (p->reset_latest ? RD_KAFKA_OFFSET_END : RD_KAFKA_OFFSET_BEGINNING);
+        tp->offset =
+            off >= 0 ? off : (p->reset_latest ? RD_KAFKA_OFFSET_END : RD_KAFKA_OFFSET_BEGINNING);
     }
 }
 
@@ -278,16 +289,21 @@ static void rebalance_cb(rd_kafka_t *rk, rd_kafka_resp_err_t err,
     int cooperative = !strcmp(rd_kafka_rebalance_protocol(rk), "COOPERATIVE");
     if (err == RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS) {
         on_assign(p, parts);
-        if (cooperative) rd_kafka_incremental_assign(rk, parts);
-        else rd_kafka_assign(rk, parts);
+        if (cooperative)
+            rd_kafka_incremental_assign(rk, parts);
+        else
+            rd_kafka_assign(rk, parts);
         return;
     }
     /* Revoke: everything applied so far is already written (batches are
        flushed before every poll), so finishing means flushing deliveries. */
     flush_batches(p);
-    for (int i = 0; i < parts->cnt; i++) drop_task(p, parts->elems[i].partition, "revoked");
-    if (cooperative) rd_kafka_incremental_unassign(rk, parts);
-    else rd_kafka_assign(rk, NULL);
+    for (int i = 0; i < parts->cnt; i++)
+        drop_task(p, parts->elems[i].partition, "revoked");
+    if (cooperative)
+        rd_kafka_incremental_unassign(rk, parts);
+    else
+        rd_kafka_assign(rk, NULL);
 }
 
 /* ---- batches ----------------------------------------------------------- */
@@ -297,7 +313,8 @@ typedef struct load_ctx {
     pql_account **accts;
 } load_ctx;
 
-static void load_field(void *opaque, size_t i, const char *f, size_t flen, const char *v, size_t vlen)
+static void load_field(void *opaque, size_t i, const char *f, size_t flen, const char *v,
+                       size_t vlen)
 {
     load_ctx *c = opaque;
     pql_account_load_field(c->accts[i], f, flen, v, vlen);
@@ -309,7 +326,8 @@ static void load_field(void *opaque, size_t i, const char *f, size_t flen, const
 static int prefetch(pql_pipeline *p, pql_task *t)
 {
     size_t n = 0;
-    for (int ti = 0; ti < PQL_NTOPICS; ti++) n += inbox_len(&p->inboxes[t->partition][ti]);
+    for (int ti = 0; ti < PQL_NTOPICS; ti++)
+        n += inbox_len(&p->inboxes[t->partition][ti]);
     if (!n) return 0;
     const char **ids = malloc(n * sizeof(*ids));
     size_t *lens = malloc(n * sizeof(*lens));
@@ -338,10 +356,12 @@ static int prefetch(pql_pipeline *p, pql_task *t)
         if (pql_store_load_accounts(p->store, p->cfg->group, t->partition, ids, lens, k, load_field,
                                     &c, err, sizeof(err)) != PQL_OK) {
             pql_warn("account load failed", "partition=%d error=\"%s\"", t->partition, err);
-            for (size_t i = 0; i < k; i++) pql_account_destroy(accts[i]);
+            for (size_t i = 0; i < k; i++)
+                pql_account_destroy(accts[i]);
             rc = -1;
         } else {
-            for (size_t i = 0; i < k; i++) pql_task_adopt(t, accts[i]);
+            for (size_t i = 0; i < k; i++)
+                pql_task_adopt(t, accts[i]);
         }
     }
     free(ids);
@@ -382,7 +402,8 @@ static void dead_letter(pql_pipeline *p, pql_task *t, rd_kafka_message_t *m, int
     pql_task_skip(t, ti, m->offset, 1);
 }
 
-static void process_message(pql_pipeline *p, pql_task *t, rd_kafka_message_t *m, int ti, int64_t now)
+static void process_message(pql_pipeline *p, pql_task *t, rd_kafka_message_t *m, int ti,
+                            int64_t now)
 {
     pql_event ev;
     char err[512];
@@ -393,7 +414,8 @@ static void process_message(pql_pipeline *p, pql_task *t, rd_kafka_message_t *m,
     }
     if (ev.timestamp > now + p->cfg->max_future_skew_ms) {
         snprintf(err, sizeof(err),
-                 "timestamp %lld is %lld ms ahead of the wall clock (processing.max_future_skew=%lld ms): "
+                 "timestamp %lld is %lld ms ahead of the wall clock "
+                 "(processing.max_future_skew=%lld ms): "
                  "fix the producer's clock",
                  (long long)ev.timestamp, (long long)(ev.timestamp - now),
                  (long long)p->cfg->max_future_skew_ms);
@@ -430,7 +452,8 @@ static void flush_batches(pql_pipeline *p)
                 pql_warn("batch abandoned: a dead letter was not delivered; re-reading",
                          "partition=%d", t->partition);
                 pql_task_abandon(t);
-                for (int k = 0; k < PQL_NTOPICS; k++) inbox_clear(&p->inboxes[t->partition][k]);
+                for (int k = 0; k < PQL_NTOPICS; k++)
+                    inbox_clear(&p->inboxes[t->partition][k]);
                 for (int k = 0; k < PQL_NTOPICS; k++) {
                     if (t->committed[k] < 0) continue;
                     rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(1);
@@ -482,8 +505,8 @@ static void flush_batches(pql_pipeline *p)
             /* Stopping and Redis still down: give up this batch.  Nothing is
                lost: Redis keeps the last written offsets, the next owner
                re-reads from there. */
-            pql_error("stopping without writing the last batch: redis unavailable",
-                      "error=\"%s\"", err);
+            pql_error("stopping without writing the last batch: redis unavailable", "error=\"%s\"",
+                      err);
             for (size_t i = 0; i < n; i++)
                 if (results[i] != PQL_OK) owners[i]->state = PQL_TASK_CLOSED;
             break;
@@ -509,8 +532,11 @@ static void flush_batches(pql_pipeline *p)
         pql_info("redis write succeeded again; resumed", "%s", "");
     }
     for (int32_t i = 0; i < p->npartitions; i++) {
-        if (p->tasks[i] && p->tasks[i]->state == PQL_TASK_CLOSED) drop_task(p, i, "fenced");
-        else if (p->tasks[i]) pql_task_trim(p->tasks[i], (size_t)p->cfg->cache_max_accounts / (size_t)p->npartitions + 1);
+        if (p->tasks[i] && p->tasks[i]->state == PQL_TASK_CLOSED)
+            drop_task(p, i, "fenced");
+        else if (p->tasks[i])
+            pql_task_trim(p->tasks[i],
+                          (size_t)p->cfg->cache_max_accounts / (size_t)p->npartitions + 1);
     }
     free(batches);
     free(owners);
@@ -741,7 +767,8 @@ pql_pipeline *pql_pipeline_new(const pql_config *cfg, const char *brokers, const
         int ok = 0;
         char e2[512] = "";
         for (int i = 0; i < PQL_NTOPICS; i++)
-            ok |= pql_decoder_register_schema(p->decoders[i], (uint32_t)strtoul(cfg->schema_ids[k].key, NULL, 10),
+            ok |= pql_decoder_register_schema(p->decoders[i],
+                                              (uint32_t)strtoul(cfg->schema_ids[k].key, NULL, 10),
                                               schema, i ? e2 : e, sizeof(e)) == PQL_OK;
         free(schema);
         if (!ok) {
@@ -778,7 +805,8 @@ pql_pipeline *pql_pipeline_new(const pql_config *cfg, const char *brokers, const
             goto fail;
         }
         if (!strcmp(cfg->kafka[i].key, "auto.offset.reset"))
-            p->reset_latest = !strcmp(cfg->kafka[i].value, "latest") || !strcmp(cfg->kafka[i].value, "end");
+            p->reset_latest =
+                !strcmp(cfg->kafka[i].value, "latest") || !strcmp(cfg->kafka[i].value, "end");
     }
     rd_kafka_conf_set_rebalance_cb(conf, rebalance_cb);
     rd_kafka_conf_set_opaque(conf, p);
@@ -797,7 +825,8 @@ pql_pipeline *pql_pipeline_new(const pql_config *cfg, const char *brokers, const
     p->blocked_since = calloc((size_t)p->npartitions, sizeof(*p->blocked_since));
     if (!p->tasks || !p->inboxes || !p->blocked_since) goto fail;
     for (int32_t i = 0; i < p->npartitions; i++)
-        for (int k = 0; k < PQL_NTOPICS; k++) p->inboxes[i][k].eof_at = -1;
+        for (int k = 0; k < PQL_NTOPICS; k++)
+            p->inboxes[i][k].eof_at = -1;
 
     rd_kafka_topic_partition_list_t *sub = rd_kafka_topic_partition_list_new(2);
     rd_kafka_topic_partition_list_add(sub, cfg->topic_usage, RD_KAFKA_PARTITION_UA);
@@ -811,6 +840,7 @@ pql_pipeline *pql_pipeline_new(const pql_config *cfg, const char *brokers, const
     return p;
 fail:
     if (conf) rd_kafka_conf_destroy(conf);
+    if (p) p->rules = NULL; /* not ours until success: the caller still owns it */
     pql_pipeline_destroy(p);
     return NULL;
 }
@@ -823,16 +853,19 @@ void pql_pipeline_print_alerts(pql_pipeline *p, int on)
 void pql_pipeline_destroy(pql_pipeline *p)
 {
     if (!p) return;
-    for (int32_t i = 0; p->tasks && i < p->npartitions; i++) pql_task_destroy(p->tasks[i]);
+    for (int32_t i = 0; p->tasks && i < p->npartitions; i++)
+        pql_task_destroy(p->tasks[i]);
     for (int32_t i = 0; p->inboxes && i < p->npartitions; i++)
-        for (int k = 0; k < PQL_NTOPICS; k++) inbox_free(&p->inboxes[i][k]);
+        for (int k = 0; k < PQL_NTOPICS; k++)
+            inbox_free(&p->inboxes[i][k]);
     free(p->inboxes);
     free(p->blocked_since);
     free(p->tasks);
     pql_sink_destroy(p->sink, 5000);
     if (p->consumer) rd_kafka_destroy(p->consumer);
     pql_store_close(p->store);
-    for (int i = 0; i < PQL_NTOPICS; i++) pql_decoder_destroy(p->decoders[i]);
+    for (int i = 0; i < PQL_NTOPICS; i++)
+        pql_decoder_destroy(p->decoders[i]);
     pql_rules_destroy(p->rules);
     free(p);
 }

@@ -9,6 +9,8 @@
  * as long as the server should. */
 #include "redis_child.h"
 
+#include "common.h"
+
 #include <errno.h>
 #include <fcntl.h>
 #include <hiredis/hiredis.h>
@@ -37,17 +39,6 @@ struct pql_redis_child {
     int appendonly;
     pid_t pid; /* 0: not running */
 };
-
-static void set_err(char *errstr, size_t size, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-static void set_err(char *errstr, size_t size, const char *fmt, ...)
-{
-    if (!errstr || size == 0) return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(errstr, size, fmt, ap);
-    va_end(ap);
-}
 
 static char *join(const char *a, const char *b)
 {
@@ -150,13 +141,13 @@ static int spawn(pql_redis_child *c, char *errstr, size_t size)
                     NULL};
     int pfd[2], child_errno = 0, status;
     if (pipe2(pfd, O_CLOEXEC) < 0) {
-        set_err(errstr, size, "redis-server: pipe: %s", strerror(errno));
+        pql_set_err(errstr, size, "redis-server: pipe: %s", strerror(errno));
         return -1;
     }
     pid_t parent = getpid();
     pid_t pid = fork();
     if (pid < 0) {
-        set_err(errstr, size, "redis-server: fork: %s", strerror(errno));
+        pql_set_err(errstr, size, "redis-server: fork: %s", strerror(errno));
         close(pfd[0]);
         close(pfd[1]);
         return -1;
@@ -185,12 +176,12 @@ static int spawn(pql_redis_child *c, char *errstr, size_t size)
     if (n == (ssize_t)sizeof child_errno) { /* exec failed */
         reap(c, INT_MAX, &status);
         if (child_errno == ENOENT)
-            set_err(errstr, size,
-                    "%s not found: apt-get install redis-server (or set the "
-                    "Redis URL to an existing server)",
-                    c->binary);
+            pql_set_err(errstr, size,
+                        "%s not found: apt-get install redis-server (or set the "
+                        "Redis URL to an existing server)",
+                        c->binary);
         else
-            set_err(errstr, size, "cannot run %s: %s", c->binary, strerror(child_errno));
+            pql_set_err(errstr, size, "cannot run %s: %s", c->binary, strerror(child_errno));
         return -1;
     }
     int64_t deadline = mono_ms() + START_TIMEOUT_MS;
@@ -199,16 +190,16 @@ static int spawn(pql_redis_child *c, char *errstr, size_t size)
         if (waitpid(pid, &status, WNOHANG) == pid) {
             c->pid = 0;
             last_log_line(c, last, sizeof last);
-            set_err(errstr, size, "redis-server exited during start-up (%s %d): %s (see %s)",
-                    WIFEXITED(status) ? "status" : "signal",
-                    WIFEXITED(status) ? WEXITSTATUS(status) : WTERMSIG(status), last, c->log);
+            pql_set_err(errstr, size, "redis-server exited during start-up (%s %d): %s (see %s)",
+                        WIFEXITED(status) ? "status" : "signal",
+                        WIFEXITED(status) ? WEXITSTATUS(status) : WTERMSIG(status), last, c->log);
             return -1;
         }
         if (mono_ms() >= deadline) {
             kill_hard(c);
             last_log_line(c, last, sizeof last);
-            set_err(errstr, size, "redis-server did not answer PING within %d s: %s (see %s)",
-                    START_TIMEOUT_MS / 1000, last, c->log);
+            pql_set_err(errstr, size, "redis-server did not answer PING within %d s: %s (see %s)",
+                        START_TIMEOUT_MS / 1000, last, c->log);
             return -1;
         }
         sleep_ms(20);
@@ -221,29 +212,29 @@ pql_redis_child *pql_redis_child_start(const pql_redis_child_opts *opts, char *e
 {
     char abs[PATH_MAX];
     if (!opts || !opts->dir || !*opts->dir) {
-        set_err(errstr, errstr_size, "redis-server: a data directory is required");
+        pql_set_err(errstr, errstr_size, "redis-server: a data directory is required");
         return NULL;
     }
     if (mkdir(opts->dir, 0700) < 0 && errno != EEXIST) {
-        set_err(errstr, errstr_size, "redis-server: cannot create %s: %s", opts->dir,
-                strerror(errno));
+        pql_set_err(errstr, errstr_size, "redis-server: cannot create %s: %s", opts->dir,
+                    strerror(errno));
         return NULL;
     }
     if (!realpath(opts->dir, abs)) {
-        set_err(errstr, errstr_size, "redis-server: %s: %s", opts->dir, strerror(errno));
+        pql_set_err(errstr, errstr_size, "redis-server: %s: %s", opts->dir, strerror(errno));
         return NULL;
     }
     pql_redis_child *c = calloc(1, sizeof *c);
     if (!c || !(c->dir = strdup(abs)) || !(c->sock = join(abs, "/redis.sock")) ||
         !(c->log = join(abs, "/redis.log")) || !(c->url = join("unix://", c->sock)) ||
         !(c->binary = strdup(opts->binary ? opts->binary : "redis-server"))) {
-        set_err(errstr, errstr_size, "redis-server: out of memory");
+        pql_set_err(errstr, errstr_size, "redis-server: out of memory");
         goto fail;
     }
     c->appendonly = opts->appendonly;
     if (strlen(c->sock) >= sizeof(((struct sockaddr_un *)0)->sun_path)) {
-        set_err(errstr, errstr_size, "redis-server: socket path %s is too long (max %zu bytes)",
-                c->sock, sizeof(((struct sockaddr_un *)0)->sun_path) - 1);
+        pql_set_err(errstr, errstr_size, "redis-server: socket path %s is too long (max %zu bytes)",
+                    c->sock, sizeof(((struct sockaddr_un *)0)->sun_path) - 1);
         goto fail;
     }
     if (spawn(c, errstr, errstr_size) < 0) goto fail;

@@ -12,13 +12,14 @@
 typedef struct pql_redis_child pql_redis_child;
 
 typedef struct pql_redis_child_opts {
-    const char *dir;        /* data directory, created if missing (required) */
-    int appendonly;         /* 1: appendonly yes, appendfsync everysec */
-    const char *binary;     /* default "redis-server" from PATH */
+    const char *dir;    /* data directory, created if missing (required) */
+    int appendonly;     /* 1: appendonly yes, appendfsync everysec */
+    const char *binary; /* default "redis-server" from PATH */
 } pql_redis_child_opts;
 
 /** Starts redis-server and waits (up to 5 s) until it answers PING.
- *  @returns NULL on error with a reason ("redis-server not found: apt-get install redis-server"). */
+ *  @returns NULL on error with a reason ("redis-server not found: apt-get install redis-server").
+ */
 pql_redis_child *pql_redis_child_start(const pql_redis_child_opts *opts, char *errstr,
                                        size_t errstr_size);
 

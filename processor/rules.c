@@ -188,7 +188,8 @@ static int resolve_rule(void *opaque, const char *name, size_t len, int *slot, p
     snprintf(hint, hint_size, "unknown signal '%.*s'", (int)len, name);
     const char **cands = malloc((l->r->nsignals + 1) * sizeof(*cands));
     if (!cands) abort();
-    for (size_t k = 0; k < l->r->nsignals; k++) cands[k] = l->r->signals[k].name;
+    for (size_t k = 0; k < l->r->nsignals; k++)
+        cands[k] = l->r->signals[k].name;
     did_you_mean(hint, hint_size, name, len, cands, l->r->nsignals, "");
     free(cands);
     if (!strstr(hint, "did you mean")) {
@@ -220,8 +221,8 @@ static int resolve_event(void *opaque, const char *name, size_t len, int *slot, 
         return 0;
     }
     if (find_signal(l->r, name, len) >= 0)
-        snprintf(hint, hint_size,
-                 "a where filter reads the event, not signals: '%.*s' is a signal", (int)len, name);
+        snprintf(hint, hint_size, "a where filter reads the event, not signals: '%.*s' is a signal",
+                 (int)len, name);
     else {
         snprintf(hint, hint_size, "unknown name '%.*s' in a where filter", (int)len, name);
         did_you_mean(hint, hint_size, name, len, fields, 3, "");
@@ -243,7 +244,8 @@ static int resolve_traits_only(void *opaque, const char *name, size_t len, int *
     return -1;
 }
 
-static pql_expr *compile_expr(loader *l, struct fy_node *n, pql_expr_resolve_fn fn, const char *what)
+static pql_expr *compile_expr(loader *l, struct fy_node *n, pql_expr_resolve_fn fn,
+                              const char *what)
 {
     const char *src = scalar(n);
     if (!src || !*src) {
@@ -263,14 +265,16 @@ static const struct {
     const char *key;
     pql_agg agg;
 } aggs[] = {
-    {"count", PQL_AGG_COUNT}, {"sum", PQL_AGG_SUM},   {"distinct", PQL_AGG_DISTINCT},
-    {"days_active", PQL_AGG_DAYS_ACTIVE}, {"max", PQL_AGG_MAX}, {"last", PQL_AGG_LAST},
+    {"count", PQL_AGG_COUNT},       {"sum", PQL_AGG_SUM},
+    {"distinct", PQL_AGG_DISTINCT}, {"days_active", PQL_AGG_DAYS_ACTIVE},
+    {"max", PQL_AGG_MAX},           {"last", PQL_AGG_LAST},
 };
 #define NAGGS (sizeof(aggs) / sizeof(aggs[0]))
 
 static uint32_t fnv1a32(const char *s, uint32_t h)
 {
-    for (; *s; s++) h = (h ^ (unsigned char)*s) * 16777619u;
+    for (; *s; s++)
+        h = (h ^ (unsigned char)*s) * 16777619u;
     return h;
 }
 
@@ -291,8 +295,8 @@ static void compile_signal(loader *l, pql_signal *s, struct fy_node *def)
     int nagg = 0;
     pql_agg agg = PQL_AGG_COUNT;
     if (!fy_node_is_mapping(def)) {
-        error_at(l, def, 0,
-                 "signal '%s' must be a mapping such as { count: login, window: 7d }", s->name);
+        error_at(l, def, 0, "signal '%s' must be a mapping such as { count: login, window: 7d }",
+                 s->name);
         return;
     }
     void *it = NULL;
@@ -307,10 +311,14 @@ static void compile_signal(loader *l, pql_signal *s, struct fy_node *def)
             agg = aggs[a].agg;
             aggval = v;
             nagg++;
-        } else if (ks && strcmp(ks, "where") == 0) where = v;
-        else if (ks && strcmp(ks, "window") == 0) window = v;
-        else if (ks && strcmp(ks, "of") == 0) of = v;
-        else unknown_key(l, k, known, sizeof(known) / sizeof(*known), "a signal");
+        } else if (ks && strcmp(ks, "where") == 0)
+            where = v;
+        else if (ks && strcmp(ks, "window") == 0)
+            window = v;
+        else if (ks && strcmp(ks, "of") == 0)
+            of = v;
+        else
+            unknown_key(l, k, known, sizeof(known) / sizeof(*known), "a signal");
     }
     if (nagg != 1) {
         error_at(l, def, 0,
@@ -327,7 +335,8 @@ static void compile_signal(loader *l, pql_signal *s, struct fy_node *def)
     const char *event = "*";
     if (agg == PQL_AGG_COUNT || agg == PQL_AGG_DAYS_ACTIVE) {
         event = av;
-        if (of) error_at(l, of, 0, "'of' is for sum, distinct, max and last; count names its event");
+        if (of)
+            error_at(l, of, 0, "'of' is for sum, distinct, max and last; count names its event");
     } else {
         if (of) {
             event = scalar(of);
@@ -387,9 +396,12 @@ static void collect_slot(void *opaque, int slot)
     pql_rule *rule = opaque;
     int **arr = NULL;
     size_t *n = NULL;
-    if (PQL_SLOT_KIND(slot) == PQL_SLOT_SIGNAL) arr = &rule->signals, n = &rule->nsignals;
-    else if (PQL_SLOT_KIND(slot) == PQL_SLOT_TRAIT) arr = &rule->traits, n = &rule->ntraits;
-    else return;
+    if (PQL_SLOT_KIND(slot) == PQL_SLOT_SIGNAL)
+        arr = &rule->signals, n = &rule->nsignals;
+    else if (PQL_SLOT_KIND(slot) == PQL_SLOT_TRAIT)
+        arr = &rule->traits, n = &rule->ntraits;
+    else
+        return;
     int idx = PQL_SLOT_INDEX(slot);
     for (size_t i = 0; i < *n; i++)
         if ((*arr)[i] == idx) return;
@@ -412,9 +424,9 @@ static int64_t duration_of(loader *l, struct fy_node *n, const char *what)
 
 static void compile_rule(loader *l, pql_rule *rule, struct fy_node *def, pql_alert_kind kind)
 {
-    static const char *const known[] = {"name",     "model",      "when",     "clear",
-                                        "fit",      "applies_to", "cooldown", "held_for",
-                                        "reasons",  "description"};
+    static const char *const known[] = {"name",    "model",      "when",     "clear",
+                                        "fit",     "applies_to", "cooldown", "held_for",
+                                        "reasons", "description"};
     rule->kind = kind;
     rule->applies_to = kind == PQL_ALERT_PQL ? PQL_APPLIES_FREE : PQL_APPLIES_PAID;
     struct fy_node *when = NULL, *reasons = NULL;
@@ -428,7 +440,8 @@ static void compile_rule(loader *l, pql_rule *rule, struct fy_node *def, pql_ale
             continue; /* name read by the caller */
         } else if (!strcmp(ks, "model")) {
             const char *m = scalar(v);
-            if (m && !strcmp(m, "threshold")) rule->model = PQL_MODEL_THRESHOLD;
+            if (m && !strcmp(m, "threshold"))
+                rule->model = PQL_MODEL_THRESHOLD;
             else if (m && (!strcmp(m, "weighted") || !strcmp(m, "logistic")))
                 error_at(l, v, 0,
                          "model '%s' is not available in this version: use threshold with a "
@@ -445,10 +458,14 @@ static void compile_rule(loader *l, pql_rule *rule, struct fy_node *def, pql_ale
             rule->fit = compile_expr(l, v, resolve_traits_only, "fit");
         } else if (!strcmp(ks, "applies_to")) {
             const char *a = scalar(v);
-            if (a && !strcmp(a, "free")) rule->applies_to = PQL_APPLIES_FREE;
-            else if (a && !strcmp(a, "paid")) rule->applies_to = PQL_APPLIES_PAID;
-            else if (a && !strcmp(a, "all")) rule->applies_to = PQL_APPLIES_ALL;
-            else error_at(l, v, 0, "applies_to '%s' must be free, paid or all", a ? a : "");
+            if (a && !strcmp(a, "free"))
+                rule->applies_to = PQL_APPLIES_FREE;
+            else if (a && !strcmp(a, "paid"))
+                rule->applies_to = PQL_APPLIES_PAID;
+            else if (a && !strcmp(a, "all"))
+                rule->applies_to = PQL_APPLIES_ALL;
+            else
+                error_at(l, v, 0, "applies_to '%s' must be free, paid or all", a ? a : "");
         } else if (!strcmp(ks, "cooldown")) {
             rule->cooldown_ms = duration_of(l, v, "cooldown");
         } else if (!strcmp(ks, "held_for")) {
@@ -472,11 +489,14 @@ static void compile_rule(loader *l, pql_rule *rule, struct fy_node *def, pql_ale
             const char *src = scalar(item);
             char err[512];
             size_t off = 0;
-            pql_template *t = src ? pql_template_compile(src, resolve_rule, l, &off, err, sizeof(err))
-                                  : NULL;
-            if (!src) error_at(l, item, 0, "a reason must be a string");
-            else if (!t) error_at(l, item, off, "in reason: %s", err);
-            else rule->reasons[rule->nreasons++] = t;
+            pql_template *t =
+                src ? pql_template_compile(src, resolve_rule, l, &off, err, sizeof(err)) : NULL;
+            if (!src)
+                error_at(l, item, 0, "a reason must be a string");
+            else if (!t)
+                error_at(l, item, off, "in reason: %s", err);
+            else
+                rule->reasons[rule->nreasons++] = t;
         }
     }
     /* Every signal and trait the rule reads: the alert's signals map. */
@@ -490,8 +510,8 @@ static void compile_rule(loader *l, pql_rule *rule, struct fy_node *def, pql_ale
 
 static void declare(loader *l, const rule_file *f, int *have_lifecycle)
 {
-    static const char *const known[] = {"version", "lifecycle", "signals", "pql", "expansion",
-                                        "description"};
+    static const char *const known[] = {"version", "lifecycle", "signals",
+                                        "pql",     "expansion", "description"};
     l->file = f;
     if (!f->root || !fy_node_is_mapping(f->root)) {
         error_at(l, f->root, 0, "a rule file is a mapping with version, signals, pql, expansion");
@@ -509,7 +529,8 @@ static void declare(loader *l, const rule_file *f, int *have_lifecycle)
                 error_at(l, v, 0, "version must be a number or a string");
                 continue;
             }
-            if (!l->r->version) l->r->version = dup_s(vs);
+            if (!l->r->version)
+                l->r->version = dup_s(vs);
             else {
                 char *nv = malloc(strlen(l->r->version) + strlen(vs) + 2);
                 if (!nv) abort();
@@ -523,7 +544,8 @@ static void declare(loader *l, const rule_file *f, int *have_lifecycle)
                 continue;
             }
             if (!fy_node_is_mapping(v)) {
-                error_at(l, v, 0, "lifecycle must be a mapping { signup: EVENT, conversion: EVENT }");
+                error_at(l, v, 0,
+                         "lifecycle must be a mapping { signup: EVENT, conversion: EVENT }");
                 continue;
             }
             void *it2 = NULL;
@@ -582,9 +604,8 @@ static void compile_file(loader *l, const rule_file *f)
     l->file = f;
     if (!f->root || !fy_node_is_mapping(f->root)) return;
     struct fy_node *lc = fy_node_mapping_lookup_by_string(f->root, "lifecycle", FY_NT);
-    struct fy_node *paid = lc && fy_node_is_mapping(lc)
-                               ? fy_node_mapping_lookup_by_string(lc, "paid", FY_NT)
-                               : NULL;
+    struct fy_node *paid =
+        lc && fy_node_is_mapping(lc) ? fy_node_mapping_lookup_by_string(lc, "paid", FY_NT) : NULL;
     if (paid) l->r->paid = compile_expr(l, paid, resolve_traits_only, "lifecycle.paid");
 
     struct fy_node *sigs = fy_node_mapping_lookup_by_string(f->root, "signals", FY_NT);
@@ -666,8 +687,10 @@ static pql_rules *load_files(rule_file *files, size_t nfiles, pql_buf *errors)
     if (!r) abort();
     loader l = {.r = r, .errors = errors};
     int have_lifecycle = 0;
-    for (size_t i = 0; i < nfiles; i++) declare(&l, &files[i], &have_lifecycle);
-    for (size_t i = 0; i < nfiles; i++) compile_file(&l, &files[i]);
+    for (size_t i = 0; i < nfiles; i++)
+        declare(&l, &files[i], &have_lifecycle);
+    for (size_t i = 0; i < nfiles; i++)
+        compile_file(&l, &files[i]);
     if (!r->version) r->version = dup_s("0");
     if (l.nerrors) {
         pql_rules_destroy(r);
@@ -703,7 +726,9 @@ pql_rules *pql_rules_load(const char *path, pql_buf *errors)
     char **names = NULL;
     size_t n = 0;
     if (stat(path, &st) < 0) {
-        pql_buf_printf(errors, "%s: error: no such rule file or directory (set PQLSTREAM_RULES or --rules)\n", path);
+        pql_buf_printf(
+            errors, "%s: error: no such rule file or directory (set PQLSTREAM_RULES or --rules)\n",
+            path);
         return NULL;
     }
     if (S_ISDIR(st.st_mode)) {
@@ -732,10 +757,12 @@ pql_rules *pql_rules_load(const char *path, pql_buf *errors)
     rule_file *files = calloc(n, sizeof(*files));
     if (!files) abort();
     int bad = 0;
-    for (size_t i = 0; i < n; i++) bad |= parse_file(&files[i], names[i], NULL, errors) < 0;
+    for (size_t i = 0; i < n; i++)
+        bad |= parse_file(&files[i], names[i], NULL, errors) < 0;
     pql_rules *r = bad ? NULL : load_files(files, n, errors);
     free_files(files, n);
-    for (size_t i = 0; i < n; i++) free(names[i]);
+    for (size_t i = 0; i < n; i++)
+        free(names[i]);
     free(names);
     return r;
 }
@@ -764,13 +791,16 @@ void pql_rules_destroy(pql_rules *r)
         pql_expr_destroy(u->when);
         pql_expr_destroy(u->clear);
         pql_expr_destroy(u->fit);
-        for (size_t k = 0; k < u->nreasons; k++) pql_template_destroy(u->reasons[k]);
+        for (size_t k = 0; k < u->nreasons; k++)
+            pql_template_destroy(u->reasons[k]);
         free(u->reasons);
         free(u->signals);
         free(u->traits);
     }
-    for (size_t i = 0; i < r->ntraits; i++) free(r->traits[i]);
-    for (size_t i = 0; i < r->nprops; i++) free(r->props[i]);
+    for (size_t i = 0; i < r->ntraits; i++)
+        free(r->traits[i]);
+    for (size_t i = 0; i < r->nprops; i++)
+        free(r->props[i]);
     free(r->traits);
     free(r->props);
     free(r->signals);
@@ -784,19 +814,58 @@ void pql_rules_destroy(pql_rules *r)
 
 /* ---- accessors --------------------------------------------------------- */
 
-const char *pql_rules_version(const pql_rules *r) { return r->version; }
-size_t pql_rules_nsignals(const pql_rules *r) { return r->nsignals; }
-const pql_signal *pql_rules_signal(const pql_rules *r, size_t i) { return &r->signals[i]; }
-size_t pql_rules_nrules(const pql_rules *r) { return r->nrules; }
-const pql_rule *pql_rules_rule(const pql_rules *r, size_t i) { return &r->rules[i]; }
-size_t pql_rules_ntraits(const pql_rules *r) { return r->ntraits; }
-const char *pql_rules_trait(const pql_rules *r, size_t i) { return r->traits[i]; }
-size_t pql_rules_nprops(const pql_rules *r) { return r->nprops; }
-const char *pql_rules_prop(const pql_rules *r, size_t i) { return r->props[i]; }
-const char *pql_rules_signup_event(const pql_rules *r) { return r->signup_event; }
-const char *pql_rules_conversion_event(const pql_rules *r) { return r->conversion_event; }
-const pql_expr *pql_rules_paid_expr(const pql_rules *r) { return r->paid; }
-int64_t pql_rules_max_window(const pql_rules *r) { return r->max_window; }
+const char *pql_rules_version(const pql_rules *r)
+{
+    return r->version;
+}
+size_t pql_rules_nsignals(const pql_rules *r)
+{
+    return r->nsignals;
+}
+const pql_signal *pql_rules_signal(const pql_rules *r, size_t i)
+{
+    return &r->signals[i];
+}
+size_t pql_rules_nrules(const pql_rules *r)
+{
+    return r->nrules;
+}
+const pql_rule *pql_rules_rule(const pql_rules *r, size_t i)
+{
+    return &r->rules[i];
+}
+size_t pql_rules_ntraits(const pql_rules *r)
+{
+    return r->ntraits;
+}
+const char *pql_rules_trait(const pql_rules *r, size_t i)
+{
+    return r->traits[i];
+}
+size_t pql_rules_nprops(const pql_rules *r)
+{
+    return r->nprops;
+}
+const char *pql_rules_prop(const pql_rules *r, size_t i)
+{
+    return r->props[i];
+}
+const char *pql_rules_signup_event(const pql_rules *r)
+{
+    return r->signup_event;
+}
+const char *pql_rules_conversion_event(const pql_rules *r)
+{
+    return r->conversion_event;
+}
+const pql_expr *pql_rules_paid_expr(const pql_rules *r)
+{
+    return r->paid;
+}
+int64_t pql_rules_max_window(const pql_rules *r)
+{
+    return r->max_window;
+}
 
 int pql_rules_signal_by_key(const pql_rules *r, const char *key, size_t len)
 {

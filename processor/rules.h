@@ -47,25 +47,25 @@ enum {
     PQL_FIELD_EVENT_ID = 2,
 };
 #define PQL_SLOT(kind, index) (((kind) << 24) | (index))
-#define PQL_SLOT_KIND(slot) ((slot) >> 24)
-#define PQL_SLOT_INDEX(slot) ((slot)&0xffffff)
+#define PQL_SLOT_KIND(slot)   ((slot) >> 24)
+#define PQL_SLOT_INDEX(slot)  ((slot)&0xffffff)
 
 /* Where an observation's value (sum/max/last) or member (distinct) comes from. */
 typedef enum pql_source {
-    PQL_SRC_NONE = 0,   /* count, days_active */
-    PQL_SRC_FIELD,      /* user_id, event_id (distinct) */
-    PQL_SRC_PROPERTY,   /* properties.<key> */
+    PQL_SRC_NONE = 0, /* count, days_active */
+    PQL_SRC_FIELD,    /* user_id, event_id (distinct) */
+    PQL_SRC_PROPERTY, /* properties.<key> */
 } pql_source;
 
 typedef struct pql_signal {
-    char *name;         /* as written: "core_uses" */
-    char *key;          /* storage key: name + "#" + 8 hex digits of a hash of the
-                           definition, so a changed definition starts empty */
+    char *name; /* as written: "core_uses" */
+    char *key;  /* storage key: name + "#" + 8 hex digits of a hash of the
+                   definition, so a changed definition starts empty */
     pql_window_spec spec;
-    char *event;        /* event name matched, or "*" for any */
-    pql_expr *where;    /* NULL: every matching event */
+    char *event;     /* event name matched, or "*" for any */
+    pql_expr *where; /* NULL: every matching event */
     pql_source source;
-    int source_index;   /* PQL_FIELD_* or property index */
+    int source_index; /* PQL_FIELD_* or property index */
 } pql_signal;
 
 typedef enum pql_model {
@@ -84,17 +84,17 @@ typedef struct pql_rule {
     char *name;
     pql_alert_kind kind;
     pql_model model;
-    pql_expr *when;          /* the firing condition */
-    pql_expr *clear;         /* re-arm condition; NULL: `not when` */
-    pql_expr *fit;           /* NULL: every account */
+    pql_expr *when;  /* the firing condition */
+    pql_expr *clear; /* re-arm condition; NULL: `not when` */
+    pql_expr *fit;   /* NULL: every account */
     pql_applies applies_to;
-    int64_t cooldown_ms;     /* 0: none */
-    int64_t held_for_ms;     /* 0: fires at once */
+    int64_t cooldown_ms; /* 0: none */
+    int64_t held_for_ms; /* 0: fires at once */
     pql_template **reasons;
     size_t nreasons;
-    int *signals;            /* indexes of every signal the rule reads, in order */
+    int *signals; /* indexes of every signal the rule reads, in order */
     size_t nsignals;
-    int *traits;             /* indexes of every trait the rule reads */
+    int *traits; /* indexes of every trait the rule reads */
     size_t ntraits;
 } pql_rule;
 

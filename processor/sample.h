@@ -15,13 +15,13 @@
 typedef struct pql_sample pql_sample;
 
 typedef struct pql_sample_opts {
-    const char *bootstraps;     /* Kafka bootstrap servers */
+    const char *bootstraps; /* Kafka bootstrap servers */
     const char *usage_topic;
     const char *accounts_topic;
-    int rate;                   /* events per second (default 200) */
-    int accounts;               /* number of accounts (default 200) */
-    uint64_t seed;              /* PRNG seed (0: time-based) */
-    int64_t max_events;         /* stop after this many (0: run until stopped) */
+    int rate;           /* events per second (default 200) */
+    int accounts;       /* number of accounts (default 200) */
+    uint64_t seed;      /* PRNG seed (0: time-based) */
+    int64_t max_events; /* stop after this many (0: run until stopped) */
 } pql_sample_opts;
 
 /** Starts the generator thread.  @returns NULL on error with a reason. */

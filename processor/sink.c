@@ -81,11 +81,14 @@ pql_sink *pql_sink_new(const pql_config *cfg, const char *brokers, const pql_sin
         goto fail;
     for (size_t i = 0; i < cfg->nkafka; i++) {
         /* consumer-only properties are for the consumer; skip them quietly */
-        if (!strncmp(cfg->kafka[i].key, "group.", 6) || !strncmp(cfg->kafka[i].key, "session.", 8) ||
-            !strncmp(cfg->kafka[i].key, "auto.", 5) || !strncmp(cfg->kafka[i].key, "fetch.", 6) ||
+        if (!strncmp(cfg->kafka[i].key, "group.", 6) ||
+            !strncmp(cfg->kafka[i].key, "session.", 8) || !strncmp(cfg->kafka[i].key, "auto.", 5) ||
+            !strncmp(cfg->kafka[i].key, "fetch.", 6) ||
             !strncmp(cfg->kafka[i].key, "partition.assignment", 20) ||
-            !strncmp(cfg->kafka[i].key, "max.poll", 8) || !strncmp(cfg->kafka[i].key, "queued.", 7) ||
-            !strncmp(cfg->kafka[i].key, "heartbeat.", 10) || !strncmp(cfg->kafka[i].key, "enable.auto", 11))
+            !strncmp(cfg->kafka[i].key, "max.poll", 8) ||
+            !strncmp(cfg->kafka[i].key, "queued.", 7) ||
+            !strncmp(cfg->kafka[i].key, "heartbeat.", 10) ||
+            !strncmp(cfg->kafka[i].key, "enable.auto", 11))
             continue;
         char e[256];
         if (rd_kafka_conf_set(conf, cfg->kafka[i].key, cfg->kafka[i].value, e, sizeof(e))) {
@@ -110,8 +113,8 @@ fail:
 
 static pql_err produce_alert(pql_sink *s, item *it)
 {
-    if (rd_kafka_produce(s->alerts, RD_KAFKA_PARTITION_UA, 0, it->payload, it->payload_len,
-                         it->key, it->key_len, it) == -1) {
+    if (rd_kafka_produce(s->alerts, RD_KAFKA_PARTITION_UA, 0, it->payload, it->payload_len, it->key,
+                         it->key_len, it) == -1) {
         /* local queue full or similar: retry soon */
         it->retry_at = pql_now_ms() + 100;
         it->next = s->retry;

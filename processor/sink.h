@@ -41,8 +41,8 @@ pql_err pql_sink_alert(pql_sink *s, int32_t partition, uint64_t generation, cons
 
 /** Dead-letters `msg` (read from partition `partition` of its topic) with a
  *  reason.  The caller must not commit past msg until dlq_done says ok. */
-pql_err pql_sink_dlq(pql_sink *s, uint64_t generation, const rd_kafka_message_t *msg,
-                     pql_err code, const char *reason);
+pql_err pql_sink_dlq(pql_sink *s, uint64_t generation, const rd_kafka_message_t *msg, pql_err code,
+                     const char *reason);
 
 /** Serves delivery reports and re-sends failed alerts whose back-off passed. */
 void pql_sink_poll(pql_sink *s, int timeout_ms);

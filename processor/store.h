@@ -56,14 +56,14 @@ void pql_store_close(pql_store *s);
 pql_err pql_store_ping(pql_store *s, char *errstr, size_t errstr_size);
 
 /** The key of an account's state hash (for tests and tools). Appends to out. */
-void pql_store_account_key(pql_buf *out, const char *group, int32_t partition,
-                           const char *account, size_t account_len);
+void pql_store_account_key(pql_buf *out, const char *group, int32_t partition, const char *account,
+                           size_t account_len);
 
 /* What a claim returns. */
 typedef struct pql_claim {
-    int64_t epoch;       /* our epoch for the partition, >= 1 */
-    int64_t seq;         /* write sequence number to pass to the next batch */
-    int64_t offsets[4];  /* next offset of topics[i], or -1 when none stored */
+    int64_t epoch;      /* our epoch for the partition, >= 1 */
+    int64_t seq;        /* write sequence number to pass to the next batch */
+    int64_t offsets[4]; /* next offset of topics[i], or -1 when none stored */
 } pql_claim;
 
 /** Claims partition `partition`: atomically increments its epoch and reads
@@ -126,8 +126,8 @@ int pql_store_batch_empty(const pql_store_batch *b);
  *  seq: nothing written) or PQL_ERR_IO.  @returns PQL_OK if every reply was
  *  read, PQL_ERR_IO if the connection failed (then results are PQL_ERR_IO
  *  where unknown; retrying the same batches is safe). */
-pql_err pql_store_commit(pql_store *s, pql_store_batch *const *batches, size_t n,
-                         pql_err *results, char *errstr, size_t errstr_size);
+pql_err pql_store_commit(pql_store *s, pql_store_batch *const *batches, size_t n, pql_err *results,
+                         char *errstr, size_t errstr_size);
 
 /** Reads partition counters hash pql:{g:p}:c:<name> (tests, metrics). */
 pql_err pql_store_counters(pql_store *s, const char *group, int32_t partition, const char *name,

@@ -57,7 +57,8 @@ pql_task *pql_task_new(int32_t partition, uint64_t generation)
     t->partition = partition;
     t->generation = generation;
     t->state = PQL_TASK_ASSIGNED;
-    for (int i = 0; i < PQL_NTOPICS; i++) t->next[i] = t->committed[i] = -1;
+    for (int i = 0; i < PQL_NTOPICS; i++)
+        t->next[i] = t->committed[i] = -1;
     t->cache = pql_cache_new();
     t->batch = pql_store_batch_new();
     if (!t->cache || !t->batch) {
@@ -90,7 +91,8 @@ void pql_task_destroy(pql_task *t)
 void pql_task_claimed(pql_task *t, const pql_claim *claim)
 {
     t->claim = *claim;
-    for (int i = 0; i < PQL_NTOPICS; i++) t->next[i] = t->committed[i] = claim->offsets[i];
+    for (int i = 0; i < PQL_NTOPICS; i++)
+        t->next[i] = t->committed[i] = claim->offsets[i];
     t->state = PQL_TASK_RUNNING;
     CHECK(t);
 }
@@ -133,8 +135,10 @@ static void on_alert(void *opaque, const pql_alert *al)
     ta->key_len = al->account_id_len;
     ta->payload = b.data; /* ownership moves from the buffer */
     ta->payload_len = b.len;
-    if (al->kind == PQL_ALERT_PQL) t->batch_stats.alerts_pql++;
-    else t->batch_stats.alerts_expansion++;
+    if (al->kind == PQL_ALERT_PQL)
+        t->batch_stats.alerts_pql++;
+    else
+        t->batch_stats.alerts_expansion++;
 }
 
 static void advance(pql_task *t, int topic, int64_t offset)
@@ -234,7 +238,8 @@ void pql_task_committed(pql_task *t)
 {
     CHECK(t);
     t->claim.seq++;
-    for (int i = 0; i < PQL_NTOPICS; i++) t->committed[i] = t->next[i];
+    for (int i = 0; i < PQL_NTOPICS; i++)
+        t->committed[i] = t->next[i];
     /* deliveries reported while the batch was in flight stay for the next one */
     if (t->delivered_in_batch)
         memmove(t->delivered, t->delivered + t->delivered_in_batch,
@@ -254,7 +259,8 @@ void pql_task_abandon(pql_task *t)
 {
     pql_task_drop_cache(t);
     pql_task_alerts_clear(t);
-    for (int i = 0; i < PQL_NTOPICS; i++) t->next[i] = t->committed[i];
+    for (int i = 0; i < PQL_NTOPICS; i++)
+        t->next[i] = t->committed[i];
     memset(&t->batch_stats, 0, sizeof(t->batch_stats));
     t->delivered_in_batch = 0;
     t->dlq_failed = 0;

@@ -16,9 +16,9 @@
 #include "rules.h"
 #include "store.h"
 
-#define PQL_TOPIC_USAGE 0
+#define PQL_TOPIC_USAGE    0
 #define PQL_TOPIC_ACCOUNTS 1
-#define PQL_NTOPICS 2
+#define PQL_NTOPICS        2
 
 typedef enum pql_task_state {
     PQL_TASK_ASSIGNED = 0, /* created on assignment, not yet claimed */
@@ -44,8 +44,8 @@ typedef struct pql_task_stats {
 typedef struct pql_task {
     int32_t partition;
     pql_task_state state;
-    uint64_t generation;   /* distinguishes this incarnation from earlier ones */
-    pql_claim claim;       /* epoch and seq (seq advances with every write) */
+    uint64_t generation;            /* distinguishes this incarnation from earlier ones */
+    pql_claim claim;                /* epoch and seq (seq advances with every write) */
     int64_t next[PQL_NTOPICS];      /* next offset to process per topic (-1 unknown) */
     int64_t committed[PQL_NTOPICS]; /* next offset as stored in Redis */
     pql_cache *cache;
@@ -54,11 +54,11 @@ typedef struct pql_task {
     char (*delivered)[PQL_ALERT_ID_LEN + 1]; /* delivered: to remove from the outbox */
     size_t ndelivered, delivered_cap;
     size_t delivered_in_batch; /* how many of `delivered` the current batch removes */
-    int dlq_outstanding;   /* dead-letter produces not yet acknowledged */
-    int dlq_failed;        /* a dead-letter produce failed: the batch must not commit */
+    int dlq_outstanding;       /* dead-letter produces not yet acknowledged */
+    int dlq_failed;            /* a dead-letter produce failed: the batch must not commit */
     pql_task_stats stats, batch_stats;
     pql_store_batch *batch;
-    int dirty;             /* something to write */
+    int dirty; /* something to write */
 } pql_task;
 
 /** @returns a new task in state ASSIGNED, or NULL. */

@@ -8,7 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define T0 1700000000000LL /* 2023-11-14T22:13:20Z */
+#define T0  1700000000000LL /* 2023-11-14T22:13:20Z */
 #define DAY PQL_MS_DAY
 
 typedef struct fired {
@@ -74,15 +74,14 @@ static void trait(pql_account *a, const char *key, pql_value v, int64_t ts, fire
     pql_account_apply(a, &ev, 0, on_alert, f);
 }
 
-static const char *simple =
-    "version: 3\n"
-    "lifecycle: { signup: signed_up, conversion: paid }\n"
-    "signals:\n"
-    "  logins: { count: login, window: 7d }\n"
-    "pql:\n"
-    "  - name: active\n"
-    "    when: logins >= 3\n"
-    "    reasons: ['Logged in {logins} times in 7 days']\n";
+static const char *simple = "version: 3\n"
+                            "lifecycle: { signup: signed_up, conversion: paid }\n"
+                            "signals:\n"
+                            "  logins: { count: login, window: 7d }\n"
+                            "pql:\n"
+                            "  - name: active\n"
+                            "    when: logins >= 3\n"
+                            "    reasons: ['Logged in {logins} times in 7 days']\n";
 
 Test(account, fires_once_on_the_edge_with_exact_alert)
 {
@@ -115,7 +114,8 @@ Test(account, rearms_when_condition_clears_and_fires_with_next_id)
     pql_rules *r = rules_of(simple);
     pql_account *a = pql_account_new(r, "acme", 4);
     fired f = {0};
-    for (int i = 0; i < 3; i++) usage(a, "login", "u1", T0 + i, &f);
+    for (int i = 0; i < 3; i++)
+        usage(a, "login", "u1", T0 + i, &f);
     cr_assert_eq(f.n, 1);
     /* 8 days later the window is empty: the condition clears */
     usage(a, "other", "u1", T0 + 8 * DAY, &f);
@@ -124,7 +124,8 @@ Test(account, rearms_when_condition_clears_and_fires_with_next_id)
     pql_account_rule_state(a, 0, &seq, &isfired);
     cr_assert_eq(seq, 1);
     cr_assert_eq(isfired, 0);
-    for (int i = 0; i < 3; i++) usage(a, "login", "u1", T0 + 8 * DAY + i, &f);
+    for (int i = 0; i < 3; i++)
+        usage(a, "login", "u1", T0 + 8 * DAY + i, &f);
     cr_assert_eq(f.n, 2);
     char expect[PQL_ALERT_ID_LEN + 1];
     pql_alert_id("acme", 4, "active", "2", expect);
@@ -140,7 +141,8 @@ Test(account, converted_accounts_get_no_pql_alert)
     pql_account *a = pql_account_new(r, "acme", 4);
     fired f = {0};
     usage(a, "paid", "u1", T0, &f);
-    for (int i = 0; i < 5; i++) usage(a, "login", "u1", T0 + i, &f);
+    for (int i = 0; i < 5; i++)
+        usage(a, "login", "u1", T0 + i, &f);
     cr_assert_eq(f.n, 0);
     pql_account_destroy(a);
     pql_rules_destroy(r);
@@ -153,27 +155,28 @@ Test(account, late_events_are_reported_and_not_counted)
     fired f = {0};
     cr_assert_eq(usage(a, "login", "u1", T0 + 10 * DAY, &f), PQL_APPLIED);
     cr_assert_eq(usage(a, "login", "u1", T0, &f), PQL_APPLY_LATE);
-    cr_assert_eq(usage(a, "login", "u1", T0 + 9 * DAY, &f), PQL_APPLIED); /* out of order, in reach */
+    cr_assert_eq(usage(a, "login", "u1", T0 + 9 * DAY, &f),
+                 PQL_APPLIED); /* out of order, in reach */
     cr_assert_eq(usage(a, "nothing", "u1", T0 + 9 * DAY, &f), PQL_APPLY_UNMATCHED);
     cr_assert_eq(pql_account_signal(a, 0).u.num, 2);
     pql_account_destroy(a);
     pql_rules_destroy(r);
 }
 
-static const char *expansion =
-    "signals:\n"
-    "  users: { distinct: user_id, of: '*', window: 30d }\n"
-    "expansion:\n"
-    "  - name: seats\n"
-    "    applies_to: all\n"
-    "    when: account.seats > 0 and users / account.seats >= 0.8\n"
-    "    clear: users / account.seats < 0.5\n"
-    "    cooldown: 14d\n"
-    "    reasons: ['Seat usage at {pct(users / account.seats)} ({users} of {account.seats} seats)']\n"
-    "  - name: held\n"
-    "    applies_to: all\n"
-    "    when: users >= 1\n"
-    "    held_for: 2d\n";
+static const char *expansion = "signals:\n"
+                               "  users: { distinct: user_id, of: '*', window: 30d }\n"
+                               "expansion:\n"
+                               "  - name: seats\n"
+                               "    applies_to: all\n"
+                               "    when: account.seats > 0 and users / account.seats >= 0.8\n"
+                               "    clear: users / account.seats < 0.5\n"
+                               "    cooldown: 14d\n"
+                               "    reasons: ['Seat usage at {pct(users / account.seats)} ({users} "
+                               "of {account.seats} seats)']\n"
+                               "  - name: held\n"
+                               "    applies_to: all\n"
+                               "    when: users >= 1\n"
+                               "    held_for: 2d\n";
 
 Test(account, hysteresis_cooldown_and_reason)
 {
@@ -201,7 +204,8 @@ Test(account, hysteresis_cooldown_and_reason)
     /* after the cooldown, the next event fires it (episode 2) */
     usage(a, "x", "u1", T0 + 15 * DAY, &f);
     int seats_alerts = 0;
-    for (int i = 0; i < f.n; i++) seats_alerts += !strcmp(f.rule[i], "seats");
+    for (int i = 0; i < f.n; i++)
+        seats_alerts += !strcmp(f.rule[i], "seats");
     cr_assert_eq(seats_alerts, 2);
     pql_account_destroy(a);
     pql_rules_destroy(r);
@@ -264,7 +268,8 @@ Test(account, flush_then_load_restores_state_and_firing)
     usage(a, "signed_up", "u1", T0, &f);
     trait(a, "plan", pql_str("free", 4), T0, &f);
     trait(a, "seats", pql_num(3), T0, &f);
-    for (int i = 0; i < 3; i++) usage(a, "login", "u1", T0 + i, &f);
+    for (int i = 0; i < 3; i++)
+        usage(a, "login", "u1", T0 + i, &f);
     cr_assert_eq(f.n, 1);
     cr_assert(pql_account_dirty(a));
     pql_account_flush(a, st_set, st_del, &s);

@@ -47,7 +47,8 @@ Test(cli, rules_check_ok_and_errors_with_position)
     const char *bad[] = {"pqlstream", "rules", "check", path, NULL};
     cr_assert_eq(run(&out, bad, no_env), 1);
     char want[700];
-    snprintf(want, sizeof(want), "%s:5:11: error: in when: unknown signal 'invite' (did you mean 'invites'?)", path);
+    snprintf(want, sizeof(want),
+             "%s:5:11: error: in when: unknown signal 'invite' (did you mean 'invites'?)", path);
     cr_assert(strstr(out, want), "%s", out);
     free(out);
     h_rmtree(dir);
@@ -59,11 +60,17 @@ Test(cli, run_help_documents_options_with_env_and_defaults)
     char *out;
     const char *argv[] = {"pqlstream", "run", "--help", NULL};
     cr_assert_eq(run(&out, argv, no_env), 0);
-    static const char *needles[] = {"PQLSTREAM_BROKERS", "PQLSTREAM_REDIS", "PQLSTREAM_RULES",
-                                    "PQLSTREAM_GROUP", "PQLSTREAM_TOPIC_USAGE",
-                                    "PQLSTREAM_TOPIC_ACCOUNTS", "PQLSTREAM_TOPIC_ALERTS",
-                                    "PQLSTREAM_TOPIC_METRICS", "PQLSTREAM_TOPIC_DLQ",
-                                    "PQLSTREAM_KAFKA_<PROPERTY>", "usage-events"};
+    static const char *needles[] = {"PQLSTREAM_BROKERS",
+                                    "PQLSTREAM_REDIS",
+                                    "PQLSTREAM_RULES",
+                                    "PQLSTREAM_GROUP",
+                                    "PQLSTREAM_TOPIC_USAGE",
+                                    "PQLSTREAM_TOPIC_ACCOUNTS",
+                                    "PQLSTREAM_TOPIC_ALERTS",
+                                    "PQLSTREAM_TOPIC_METRICS",
+                                    "PQLSTREAM_TOPIC_DLQ",
+                                    "PQLSTREAM_KAFKA_<PROPERTY>",
+                                    "usage-events"};
     for (size_t i = 0; i < sizeof(needles) / sizeof(*needles); i++)
         cr_assert(strstr(out, needles[i]), "missing %s", needles[i]);
     free(out);

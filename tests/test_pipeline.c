@@ -36,7 +36,8 @@ static const char *rules_yaml =
     "expansion:\n"
     "  - name: seats\n"
     "    when: account.seats > 0 and users / account.seats >= 0.8\n"
-    "    reasons: ['Seat usage at {pct(users / account.seats)} ({users} of {account.seats} seats)']\n";
+    "    reasons: ['Seat usage at {pct(users / account.seats)} ({users} of {account.seats} "
+    "seats)']\n";
 
 static h_redis *redis;
 static h_kafka *kafka;
@@ -124,7 +125,8 @@ static json_t *find_alert(h_msgs *m, const char *account, const char *rule, int 
     *count = 0;
     for (size_t i = 0; i < m->n; i++) {
         char err[256];
-        json_t *j = pql_alert_avro_to_json(m->msgs[i].value, m->msgs[i].value_len, err, sizeof(err));
+        json_t *j =
+            pql_alert_avro_to_json(m->msgs[i].value, m->msgs[i].value_len, err, sizeof(err));
         cr_assert_not_null(j, "alert %zu does not decode: %s", i, err);
         if (!strcmp(json_string_value(json_object_get(j, "account_id")), account) &&
             !strcmp(json_string_value(json_object_get(j, "rule")), rule)) {
@@ -162,7 +164,8 @@ Test(pipeline, exact_alerts_for_a_scripted_stream)
         h_produce_usage(kafka, USAGE, -1, "initech", "login", "u1", t + 1 + i, H_NO_PROPS);
     h_produce_usage(kafka, USAGE, -1, "initech", "teammate_invited", "u1", t + 9, H_NO_PROPS);
     /* hooli: paid, 2 seats, 2 active users → seats at 100% */
-    h_produce_account(kafka, ACCTS, -1, "hooli", t, H_PROPS(H_NUM("seats", 2), H_STR("plan", "team")));
+    h_produce_account(kafka, ACCTS, -1, "hooli", t,
+                      H_PROPS(H_NUM("seats", 2), H_STR("plan", "team")));
     h_produce_usage(kafka, USAGE, -1, "hooli", "subscription_started", "u1", t, H_NO_PROPS);
     h_produce_usage(kafka, USAGE, -1, "hooli", "login", "u1", t + 10, H_NO_PROPS);
     h_produce_usage(kafka, USAGE, -1, "hooli", "login", "u2", t + 20, H_NO_PROPS);
@@ -212,7 +215,8 @@ Test(pipeline, exact_alerts_for_a_scripted_stream)
     cr_assert_str_eq(json_string_value(json_array_get(json_object_get(s, "reasons"), 0)),
                      "Seat usage at 100% (2 of 2 seats)");
     cr_assert_eq(json_integer_value(json_object_get(json_object_get(s, "account"), "seats")), 2);
-    cr_assert_str_eq(json_string_value(json_object_get(json_object_get(s, "account"), "plan")), "team");
+    cr_assert_str_eq(json_string_value(json_object_get(json_object_get(s, "account"), "plan")),
+                     "team");
     cr_assert_eq(json_integer_value(json_object_get(s, "triggered_at")), t + 20);
     json_decref(s);
     h_msgs_free(m);
@@ -224,7 +228,8 @@ Test(pipeline, exact_alerts_for_a_scripted_stream)
     cr_assert_eq(sum_counter("g1", "dead_lettered"), 0);
     /* delivered alerts leave the outbox (removed with a later write) */
     int empty = 0;
-    for (int i = 0; i < 100 && !(empty = outbox_len("g1") == 0); i++) h_sleep_ms(100);
+    for (int i = 0; i < 100 && !(empty = outbox_len("g1") == 0); i++)
+        h_sleep_ms(100);
     H_ASSERT_PROC(p, empty, "outbox not emptied after delivery");
     cr_assert_eq(h_proc_stop(p), 0, "SIGTERM must exit 0");
 }
@@ -232,11 +237,11 @@ Test(pipeline, exact_alerts_for_a_scripted_stream)
 Test(pipeline, bad_input_goes_to_the_dlq_with_headers)
 {
     int64_t t = pql_now_ms() - PQL_MS_HOUR;
-    h_produce_raw(kafka, USAGE, 0, "acme", "\x02garbage!", 9);                       /* not Avro */
-    h_produce_usage(kafka, USAGE, 0, "", "login", "u1", t, H_NO_PROPS);              /* no account */
-    h_produce_usage(kafka, USAGE, 0, "acme", "", "u1", t, H_NO_PROPS);               /* no event */
+    h_produce_raw(kafka, USAGE, 0, "acme", "\x02garbage!", 9);          /* not Avro */
+    h_produce_usage(kafka, USAGE, 0, "", "login", "u1", t, H_NO_PROPS); /* no account */
+    h_produce_usage(kafka, USAGE, 0, "acme", "", "u1", t, H_NO_PROPS);  /* no event */
     h_produce_usage(kafka, USAGE, 0, "acme", "login", "u1", t + 48 * PQL_MS_HOUR + PQL_MS_HOUR,
-                    H_NO_PROPS);                                                     /* future */
+                    H_NO_PROPS); /* future */
     char *huge = malloc(10000);
     memset(huge, 'x', 9999);
     huge[9999] = 0;
@@ -287,11 +292,13 @@ static size_t ids_of(h_msgs *m, char ***out)
     size_t n = 0;
     for (size_t i = 0; i < m->n; i++) {
         char err[256];
-        json_t *j = pql_alert_avro_to_json(m->msgs[i].value, m->msgs[i].value_len, err, sizeof(err));
+        json_t *j =
+            pql_alert_avro_to_json(m->msgs[i].value, m->msgs[i].value_len, err, sizeof(err));
         cr_assert_not_null(j);
         const char *id = json_string_value(json_object_get(j, "alert_id"));
         int dup = 0;
-        for (size_t k = 0; k < n && !dup; k++) dup = !strcmp(ids[k], id);
+        for (size_t k = 0; k < n && !dup; k++)
+            dup = !strcmp(ids[k], id);
         if (!dup) ids[n++] = strdup(id);
         json_decref(j);
     }
@@ -307,13 +314,18 @@ static int cmp_str(const void *a, const void *b)
 Test(pipeline, kill_9_mid_stream_ends_in_the_state_of_an_uninterrupted_run, .timeout = 420)
 {
     /* 60k events of the sample workload over 300 accounts */
-    pql_sample_opts so = {.bootstraps = h_kafka_bootstraps(kafka), .usage_topic = USAGE,
-                          .accounts_topic = ACCTS, .rate = 200000, .accounts = 300,
-                          .seed = 7, .max_events = 60000};
+    pql_sample_opts so = {.bootstraps = h_kafka_bootstraps(kafka),
+                          .usage_topic = USAGE,
+                          .accounts_topic = ACCTS,
+                          .rate = 200000,
+                          .accounts = 300,
+                          .seed = 7,
+                          .max_events = 60000};
     char err[256];
     pql_sample *s = pql_sample_start(&so, err, sizeof(err));
     cr_assert_not_null(s, "%s", err);
-    while (pql_sample_produced(s) < so.max_events) h_sleep_ms(50);
+    while (pql_sample_produced(s) < so.max_events)
+        h_sleep_ms(50);
     pql_sample_stop(s);
     int64_t total = 0;
     for (int p = 0; p < PARTS; p++)
@@ -371,13 +383,17 @@ Test(pipeline, kill_9_mid_stream_ends_in_the_state_of_an_uninterrupted_run, .tim
     char **ia, **ib;
     size_t na = ids_of(ma, &ia), nb = ids_of(mb, &ib);
     cr_assert_gt(na, 10, "the workload fires alerts");
-    cr_assert_eq(na, (size_t)(sum_counter("ga", "alerts_pql") + sum_counter("ga", "alerts_expansion")));
+    cr_assert_eq(na,
+                 (size_t)(sum_counter("ga", "alerts_pql") + sum_counter("ga", "alerts_expansion")));
     cr_assert_eq(nb, na, "alert ids: uninterrupted %zu, killed %zu", na, nb);
     qsort(ia, na, sizeof(*ia), cmp_str);
     qsort(ib, nb, sizeof(*ib), cmp_str);
-    for (size_t i = 0; i < na; i++) cr_assert_str_eq(ia[i], ib[i]);
-    for (size_t i = 0; i < na; i++) free(ia[i]);
-    for (size_t i = 0; i < nb; i++) free(ib[i]);
+    for (size_t i = 0; i < na; i++)
+        cr_assert_str_eq(ia[i], ib[i]);
+    for (size_t i = 0; i < na; i++)
+        free(ia[i]);
+    for (size_t i = 0; i < nb; i++)
+        free(ib[i]);
     free(ia);
     free(ib);
     h_msgs_free(ma);
@@ -398,7 +414,8 @@ static int count_alerts(const char *rule, const char *version)
     int n = 0;
     for (size_t i = 0; i < m->n; i++) {
         char err[256];
-        json_t *j = pql_alert_avro_to_json(m->msgs[i].value, m->msgs[i].value_len, err, sizeof(err));
+        json_t *j =
+            pql_alert_avro_to_json(m->msgs[i].value, m->msgs[i].value_len, err, sizeof(err));
         n += !strcmp(json_string_value(json_object_get(j, "rule")), rule) &&
              !strcmp(json_string_value(json_object_get(j, "ruleset_version")), version);
         json_decref(j);
@@ -443,7 +460,8 @@ Test(pipeline, sighup_reloads_rules_and_refuses_an_invalid_set)
     h_flush(kafka);
     wait_done(p, "g3", 60000);
     int busy = 0;
-    for (int i = 0; i < 100 && !(busy = count_alerts("busy", "10")); i++) h_sleep_ms(100);
+    for (int i = 0; i < 100 && !(busy = count_alerts("busy", "10")); i++)
+        h_sleep_ms(100);
     H_ASSERT_PROC(p, busy == 1, "the new rule fires with the new version");
     cr_assert_eq(count_alerts("team", "9"), 1);
     cr_assert_eq(count_alerts("team", "10"), 0, "a rule that still exists keeps its state");

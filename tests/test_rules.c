@@ -30,7 +30,8 @@ Test(rules, shipped_rule_set_loads)
     cr_assert_eq(pql_rules_nrules(r), 3);
     cr_assert_str_eq(pql_rules_signup_event(r), "signed_up");
     cr_assert_str_eq(pql_rules_conversion_event(r), "subscription_started");
-    const pql_rule *seat = pql_rules_rule(r, (size_t)pql_rules_rule_by_name(r, "seat-saturation", 15));
+    const pql_rule *seat =
+        pql_rules_rule(r, (size_t)pql_rules_rule_by_name(r, "seat-saturation", 15));
     cr_assert_eq(seat->kind, PQL_ALERT_EXPANSION);
     cr_assert_eq(seat->applies_to, PQL_APPLIES_PAID);
     cr_assert_eq(seat->cooldown_ms, 14 * PQL_MS_DAY);
@@ -58,9 +59,10 @@ Test(rules, signal_key_changes_with_definition)
 
 Test(rules, unknown_signal_with_did_you_mean_and_position)
 {
-    expect_error("signals:\n  core_uses: { count: feature_used, window: 7d }\n"
-                 "pql:\n  - name: a\n    when: core_use >= 5\n",
-                 "t.yaml:5:11: error: in when: unknown signal 'core_use' (did you mean 'core_uses'?)");
+    expect_error(
+        "signals:\n  core_uses: { count: feature_used, window: 7d }\n"
+        "pql:\n  - name: a\n    when: core_use >= 5\n",
+        "t.yaml:5:11: error: in when: unknown signal 'core_use' (did you mean 'core_uses'?)");
 }
 
 Test(rules, position_inside_quoted_expression)
@@ -77,9 +79,12 @@ Test(rules, syntax_error_in_yaml_has_position)
 
 Test(rules, bad_window_and_aggregate)
 {
-    expect_error("signals:\n  a: { count: x, window: 7 days }\n", "t.yaml:2:26: error: window '7 days' is not a duration");
-    expect_error("signals:\n  a: { count: x, sum: properties.y, window: 7d }\n", "needs exactly one of count");
-    expect_error("signals:\n  a: { sum: user_id, window: 7d }\n", "cannot aggregate 'user_id' — use properties.<key>");
+    expect_error("signals:\n  a: { count: x, window: 7 days }\n",
+                 "t.yaml:2:26: error: window '7 days' is not a duration");
+    expect_error("signals:\n  a: { count: x, sum: properties.y, window: 7d }\n",
+                 "needs exactly one of count");
+    expect_error("signals:\n  a: { sum: user_id, window: 7d }\n",
+                 "cannot aggregate 'user_id' — use properties.<key>");
     expect_error("signals:\n  a: { count: x }\n", "signal 'a' needs a window");
 }
 
@@ -93,27 +98,32 @@ Test(rules, unknown_keys_suggest)
 
 Test(rules, duplicates_and_missing_parts)
 {
-    expect_error("pql:\n  - name: r\n    when: 1 > 0\n  - name: r\n    when: 1 > 0\n", "rule 'r' is declared twice");
+    expect_error("pql:\n  - name: r\n    when: 1 > 0\n  - name: r\n    when: 1 > 0\n",
+                 "rule 'r' is declared twice");
     expect_error("pql:\n  - name: r\n", "rule 'r' needs a 'when' condition");
     expect_error("pql:\n  - when: 1 > 0\n", "every rule needs a name");
 }
 
 Test(rules, where_filter_cannot_read_signals)
 {
-    expect_error("signals:\n  a: { count: x, window: 7d }\n  b: { count: y, where: 'a > 1', window: 7d }\n",
-                 "a where filter reads the event, not signals");
+    expect_error(
+        "signals:\n  a: { count: x, window: 7d }\n  b: { count: y, where: 'a > 1', window: 7d }\n",
+        "a where filter reads the event, not signals");
 }
 
 Test(rules, type_error_is_caught)
 {
-    expect_error("signals:\n  a: { count: x, window: 7d }\npql:\n  - name: r\n    when: a == \"x\"\n",
-                 "t.yaml:5:11: error: in when:");
+    expect_error(
+        "signals:\n  a: { count: x, window: 7d }\npql:\n  - name: r\n    when: a == \"x\"\n",
+        "t.yaml:5:11: error: in when:");
 }
 
 Test(rules, all_errors_reported_not_just_first)
 {
     pql_buf errors = {0};
-    pql_rules *r = load("signals:\n  a: { count: x, window: nope }\npql:\n  - name: r\n    when: zz > 1\n", &errors);
+    pql_rules *r =
+        load("signals:\n  a: { count: x, window: nope }\npql:\n  - name: r\n    when: zz > 1\n",
+             &errors);
     cr_assert_null(r);
     cr_assert(strstr(errors.data, "window 'nope'"));
     cr_assert(strstr(errors.data, "unknown signal 'zz'"));
