@@ -472,7 +472,8 @@ static void flush_batches(pql_pipeline *p)
         }
         if (!n) break;
         char err[512];
-        pql_err rc = pql_store_commit(p->store, batches, n, results, err, sizeof(err));
+        /* per-batch outcomes are in results[]; a lost connection marks them IO */
+        pql_store_commit(p->store, batches, n, results, err, sizeof(err));
         int retry = 0;
         for (size_t i = 0; i < n; i++) {
             pql_task *t = owners[i];
@@ -500,7 +501,6 @@ static void flush_batches(pql_pipeline *p)
             }
         }
         if (!retry) break;
-        (void)rc;
         if (p->stop && *p->stop && backoff >= MAX_BACKOFF_MS) {
             /* Stopping and Redis still down: give up this batch.  Nothing is
                lost: Redis keeps the last written offsets, the next owner
