@@ -23,8 +23,19 @@ typedef struct rule_state {
     int fired;          /* 1: FIRED (waiting for clear), 0: ARMED */
     int64_t fired_at;   /* event time of the last fire, NO_TIME if never */
     int64_t held_since; /* clock when `when` started holding, NO_TIME if not */
+    int tier;           /* tier of the last alert (PQL_TIER_*), -1 if none */
     int dirty;
 } rule_state;
+
+/* A rule's reading of the account as it is now. */
+typedef struct verdict {
+    int holds;     /* the rule's condition: when / a tier reached / score >= threshold */
+    int has_score; /* weighted: points; logistic: probability */
+    double score;
+    int tier; /* PQL_TIER_*, -1 if none */
+} verdict;
+
+#define MAX_REASONS 16
 
 struct pql_account {
     const pql_rules *rules;
@@ -343,14 +354,89 @@ static int is_paid(pql_account *a)
 
 /* ---- firing ------------------------------------------------------------ */
 
-static void emit(pql_account *a, size_t ri, const pql_event *ev, int64_t now_ms, pql_alert_fn fn,
-                 void *opaque)
+static int tier_for(const pql_rule *rule, double score)
+{
+    for (int t = 0; t < PQL_NTIERS; t++)
+        if (!isnan(rule->tier_min[t]) && score >= rule->tier_min[t]) return t;
+    return -1;
+}
+
+static verdict judge(pql_account *a, const pql_rule *rule)
+{
+    eval_ctx ctx = {a, NULL};
+    verdict v = {0, 0, 0, -1};
+    if (rule->model == PQL_MODEL_THRESHOLD) {
+        v.holds = pql_expr_test(rule->when, lookup, &ctx);
+        return v;
+    }
+    v.has_score = 1;
+    if (rule->model == PQL_MODEL_WEIGHTED) {
+        for (size_t i = 0; i < rule->npoints; i++)
+            if (pql_expr_test(rule->point_when[i], lookup, &ctx)) v.score += rule->points[i];
+        v.tier = tier_for(rule, v.score);
+        v.holds = v.tier >= 0;
+        return v;
+    }
+    double z = rule->intercept;
+    for (size_t i = 0; i < rule->nterms; i++) {
+        pql_value x = pql_expr_eval(rule->terms[i], lookup, &ctx);
+        if (x.type == PQL_V_NUM) z += rule->weights[i] * x.u.num;
+    }
+    v.score = z >= 0 ? 1.0 / (1.0 + exp(-z)) : exp(z) / (1.0 + exp(z));
+    v.tier = tier_for(rule, v.score);
+    v.holds = v.score >= rule->threshold;
+    return v;
+}
+
+/* Reasons when the rule author wrote none: what held, with its weight. */
+static size_t default_reasons(pql_account *a, const pql_rule *rule, const verdict *v,
+                              char (*buf)[REASON_MAX], size_t max)
+{
+    eval_ctx ctx = {a, NULL};
+    char num[64], num2[64];
+    size_t n = 0;
+    if (rule->model == PQL_MODEL_THRESHOLD) {
+        snprintf(buf[n++], REASON_MAX, "Condition met: %s", rule->when_src);
+        return n;
+    }
+    pql_format_number(num, sizeof(num), v->score,
+                      rule->model == PQL_MODEL_LOGISTIC ? PQL_FMT_PERCENT : PQL_FMT_PLAIN);
+    if (rule->model == PQL_MODEL_WEIGHTED) {
+        snprintf(buf[n++], REASON_MAX, "Score %s (tier %s)", num, pql_tier_name(v->tier));
+        for (size_t i = 0; i < rule->npoints && n < max; i++)
+            if (pql_expr_test(rule->point_when[i], lookup, &ctx)) {
+                pql_format_number(num2, sizeof(num2), rule->points[i], PQL_FMT_PLAIN);
+                snprintf(buf[n++], REASON_MAX, "%s (%s%s points)", rule->point_src[i],
+                         rule->points[i] >= 0 ? "+" : "", num2);
+            }
+        return n;
+    }
+    pql_format_number(num2, sizeof(num2), rule->threshold, PQL_FMT_PERCENT);
+    snprintf(buf[n++], REASON_MAX, "Propensity %s (fires at %s)", num, num2);
+    for (size_t i = 0; i < rule->nterms && n < max; i++) {
+        pql_value x = pql_expr_eval(rule->terms[i], lookup, &ctx);
+        if (x.type != PQL_V_NUM) continue;
+        pql_format_number(num, sizeof(num), x.u.num, PQL_FMT_PLAIN);
+        pql_format_number(num2, sizeof(num2), rule->weights[i], PQL_FMT_PLAIN);
+        snprintf(buf[n++], REASON_MAX, "%s = %s (weight %s)", rule->term_src[i], num, num2);
+    }
+    return n;
+}
+
+static const char *model_name(pql_model m)
+{
+    return m == PQL_MODEL_WEIGHTED   ? "weighted"
+           : m == PQL_MODEL_LOGISTIC ? "logistic"
+                                     : "threshold";
+}
+
+/* Emits the alert of rule ri for `episode` (its arming sequence number, plus
+ * the tier for a tier rise): the id derives from (account, rule, episode). */
+static void emit(pql_account *a, size_t ri, const verdict *v, const char *episode,
+                 const pql_event *ev, int64_t now_ms, pql_alert_fn fn, void *opaque)
 {
     const pql_rule *rule = pql_rules_rule(a->rules, ri);
-    rule_state *st = &a->rstate[ri];
     eval_ctx ctx = {a, NULL};
-    char episode[24];
-    snprintf(episode, sizeof(episode), "%u", st->seq);
 
     pql_alert al;
     memset(&al, 0, sizeof(al));
@@ -360,17 +446,25 @@ static void emit(pql_account *a, size_t ri, const pql_event *ev, int64_t now_ms,
     al.kind = rule->kind;
     al.rule = rule->name;
     al.ruleset_version = pql_rules_version(a->rules);
-    al.model = "threshold";
+    al.model = model_name(rule->model);
+    al.has_score = v->has_score;
+    al.score = v->score;
+    al.tier = pql_tier_name(v->tier);
+    if (v->tier >= 0 && rule->sla_ms[v->tier] > 0) {
+        al.has_sla_due_at = 1;
+        al.sla_due_at = now_ms + rule->sla_ms[v->tier];
+    }
     al.triggered_at = ev->timestamp;
     al.emitted_at = now_ms;
 
-    char reasons_buf[8][REASON_MAX];
-    const char *reasons[8];
-    size_t nr = rule->nreasons < 8 ? rule->nreasons : 8;
-    for (size_t i = 0; i < nr; i++) {
+    char(*reasons_buf)[REASON_MAX] = xmalloc(MAX_REASONS * sizeof(*reasons_buf));
+    const char *reasons[MAX_REASONS];
+    size_t nr = rule->nreasons < MAX_REASONS ? rule->nreasons : MAX_REASONS;
+    for (size_t i = 0; i < nr; i++)
         pql_template_render(rule->reasons[i], lookup, &ctx, reasons_buf[i], REASON_MAX);
+    if (!nr) nr = default_reasons(a, rule, v, reasons_buf, MAX_REASONS);
+    for (size_t i = 0; i < nr; i++)
         reasons[i] = reasons_buf[i];
-    }
     al.reasons = reasons;
     al.nreasons = nr;
 
@@ -406,6 +500,7 @@ static void emit(pql_account *a, size_t ri, const pql_event *ev, int64_t now_ms,
         al.time_to_pql_ms = a->pql_at - a->signed_up_at;
     }
     fn(opaque, &al);
+    free(reasons_buf);
     free(names);
     free(values);
     free(keys);
@@ -425,20 +520,29 @@ static void evaluate(pql_account *a, const pql_event *ev, int64_t now_ms, pql_al
 {
     eval_ctx ctx = {a, NULL};
     int paid = is_paid(a);
+    char episode[32];
     for (size_t i = 0; i < pql_rules_nrules(a->rules); i++) {
         const pql_rule *rule = pql_rules_rule(a->rules, i);
         rule_state *st = &a->rstate[i];
-        int holds = pql_expr_test(rule->when, lookup, &ctx);
+        verdict v = judge(a, rule);
         if (st->fired) {
-            int clear = rule->clear ? pql_expr_test(rule->clear, lookup, &ctx) : !holds;
+            int clear = rule->clear ? pql_expr_test(rule->clear, lookup, &ctx) : !v.holds;
             if (clear) {
                 st->fired = 0;
                 st->held_since = NO_TIME;
+                st->tier = -1;
                 st->dirty = 1;
+            } else if (v.tier >= 0 && (st->tier < 0 || v.tier < st->tier) &&
+                       applies(a, rule, paid)) {
+                /* the tier rose (MEDIUM → HIGH): a new alert of the same arming */
+                st->tier = v.tier;
+                st->dirty = 1;
+                snprintf(episode, sizeof(episode), "%u:%s", st->seq, pql_tier_name(v.tier));
+                emit(a, i, &v, episode, ev, now_ms, fn, opaque);
             }
             continue;
         }
-        if (!holds || !applies(a, rule, paid)) {
+        if (!v.holds || !applies(a, rule, paid)) {
             if (st->held_since != NO_TIME) {
                 st->held_since = NO_TIME;
                 st->dirty = 1;
@@ -459,6 +563,7 @@ static void evaluate(pql_account *a, const pql_event *ev, int64_t now_ms, pql_al
         st->fired = 1;
         st->fired_at = ev->timestamp;
         st->held_since = NO_TIME;
+        st->tier = v.tier;
         st->dirty = 1;
         if (rule->kind == PQL_ALERT_PQL && a->pql_at == NO_TIME) {
             a->pql_at = ev->timestamp;
@@ -467,7 +572,8 @@ static void evaluate(pql_account *a, const pql_event *ev, int64_t now_ms, pql_al
             if (!a->pql_rule) abort();
             a->lifecycle_dirty = 1;
         }
-        emit(a, i, ev, now_ms, fn, opaque);
+        snprintf(episode, sizeof(episode), "%u", st->seq);
+        emit(a, i, &v, episode, ev, now_ms, fn, opaque);
     }
 }
 
@@ -587,8 +693,8 @@ void pql_account_flush(pql_account *a, pql_field_set_fn set, pql_field_del_fn de
         if (!st->dirty) continue;
         pql_buf_reset(&c.field);
         pql_buf_printf(&c.field, "r:%s", pql_rules_rule(a->rules, i)->name);
-        int n = snprintf(num, sizeof(num), "%u %d %lld %lld", st->seq, st->fired,
-                         (long long)st->fired_at, (long long)st->held_since);
+        int n = snprintf(num, sizeof(num), "%u %d %lld %lld %d", st->seq, st->fired,
+                         (long long)st->fired_at, (long long)st->held_since, st->tier);
         set(opaque, c.field.data, c.field.len, num, (size_t)n);
         st->dirty = 0;
     }
@@ -677,8 +783,9 @@ int pql_account_load_field(pql_account *a, const char *f, size_t flen, const cha
         unsigned seq;
         int fired;
         long long fa, hs;
-        if (sscanf(buf, "%u %d %lld %lld", &seq, &fired, &fa, &hs) != 4) return -1;
-        a->rstate[i] = (rule_state){seq, fired, fa, hs, 0};
+        int tier = -1; /* absent in states written before scored models */
+        if (sscanf(buf, "%u %d %lld %lld %d", &seq, &fired, &fa, &hs, &tier) < 4) return -1;
+        a->rstate[i] = (rule_state){seq, fired, fa, hs, tier, 0};
         return 0;
     }
     if (flen > 2 && f[0] == 'l' && f[1] == ':') {

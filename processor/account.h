@@ -11,13 +11,18 @@
  *   c                      clock (ms)
  *   t:<trait>              trait value: "n<number>" | "s<string>" | "b0" | "b1"
  *   s:<signal key>|<field> a window pair (window.h), as a number
- *   r:<rule>               "<seq> <state> <fired_at> <held_since>"
+ *   r:<rule>               "<seq> <state> <fired_at> <held_since> <tier>"
  *   l:signup l:conversion l:pql_at   lifecycle times (ms);  l:pql_rule  rule name
  *
  * Firing (DESIGN §3), per (account, rule), edge-triggered:
  *   ARMED --when true (held for held_for, past cooldown since the last fire)--> FIRED
  *          emits an alert with episode = ++seq (so alert_id is stable)
  *   FIRED --clear true (default: when false)--> ARMED
+ *   FIRED --tier rises (MEDIUM → HIGH)--> FIRED, emits an alert with episode
+ *          "<seq>:<TIER>"
+ * A rule's condition is `when` (threshold), a tier reached (weighted: points
+ * summed over the conditions that hold), or probability >= threshold
+ * (logistic: sigmoid(intercept + Σ weight × term)).
  * A rule only fires for accounts it applies to (applies_to free/paid/all; paid
  * = converted, or lifecycle.paid holds) and that pass its fit condition.
  * Times in the firing logic are event times: held_for and cooldown are

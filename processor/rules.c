@@ -11,6 +11,7 @@
 #include "rules.h"
 
 #include <dirent.h>
+#include <math.h>
 #include <libfyaml.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -422,14 +423,223 @@ static int64_t duration_of(loader *l, struct fy_node *n, const char *what)
     return ms;
 }
 
+static int number_of(loader *l, struct fy_node *n, const char *what, double *out)
+{
+    const char *s = scalar(n);
+    char *end = NULL;
+    double d = s ? strtod(s, &end) : 0;
+    if (!s || !*s || *end || !isfinite(d)) {
+        error_at(l, n, 0, "%s '%s' must be a number", what, s ? s : "");
+        return -1;
+    }
+    *out = d;
+    return 0;
+}
+
+static char **grow_strs(char **a, size_t n)
+{
+    a = realloc(a, (n + 1) * sizeof(*a));
+    if (!a) abort();
+    return a;
+}
+
+/* points: [ { when: EXPR, points: N }, … ] */
+static void compile_points(loader *l, pql_rule *rule, struct fy_node *list)
+{
+    if (!fy_node_is_sequence(list)) {
+        error_at(l, list, 0, "points must be a list of { when: CONDITION, points: N }");
+        return;
+    }
+    void *it = NULL;
+    struct fy_node *item;
+    while ((item = fy_node_sequence_iterate(list, &it))) {
+        struct fy_node *w =
+            fy_node_is_mapping(item) ? fy_node_mapping_lookup_by_string(item, "when", FY_NT) : NULL;
+        struct fy_node *pts = fy_node_is_mapping(item)
+                                  ? fy_node_mapping_lookup_by_string(item, "points", FY_NT)
+                                  : NULL;
+        if (!w || !pts || fy_node_mapping_item_count(item) != 2) {
+            error_at(l, item, 0, "each entry of points is { when: CONDITION, points: N }");
+            continue;
+        }
+        double v;
+        pql_expr *e = compile_expr(l, w, resolve_rule, "points when");
+        if (number_of(l, pts, "points", &v) < 0 || !e) {
+            pql_expr_destroy(e);
+            continue;
+        }
+        size_t n = rule->npoints;
+        rule->point_when = (pql_expr **)grow_strs((char **)rule->point_when, n);
+        rule->point_src = grow_strs(rule->point_src, n);
+        rule->points = realloc(rule->points, (n + 1) * sizeof(double));
+        if (!rule->points) abort();
+        rule->point_when[n] = e;
+        rule->point_src[n] = dup_s(scalar(w));
+        rule->points[n] = v;
+        rule->npoints++;
+    }
+}
+
+/* weights: { EXPR: W, … } — each key is an expression over signals and traits */
+static void compile_weights(loader *l, pql_rule *rule, struct fy_node *map)
+{
+    if (!fy_node_is_mapping(map)) {
+        error_at(l, map, 0, "weights must be a mapping of signal (or expression): weight");
+        return;
+    }
+    void *it = NULL;
+    struct fy_node_pair *p;
+    while ((p = fy_node_mapping_iterate(map, &it))) {
+        struct fy_node *k = fy_node_pair_key(p);
+        double w;
+        pql_expr *e = compile_expr(l, k, resolve_rule, "weights");
+        if (number_of(l, fy_node_pair_value(p), "weight", &w) < 0 || !e) {
+            pql_expr_destroy(e);
+            continue;
+        }
+        size_t n = rule->nterms;
+        rule->terms = (pql_expr **)grow_strs((char **)rule->terms, n);
+        rule->term_src = grow_strs(rule->term_src, n);
+        rule->weights = realloc(rule->weights, (n + 1) * sizeof(double));
+        if (!rule->weights) abort();
+        rule->terms[n] = e;
+        rule->term_src[n] = dup_s(scalar(k));
+        rule->weights[n] = w;
+        rule->nterms++;
+    }
+}
+
+static const char *const tier_keys[PQL_NTIERS] = {"high", "medium", "low"};
+
+static int tier_of(const char *key)
+{
+    for (int t = 0; t < PQL_NTIERS; t++)
+        if (key && !strcmp(key, tier_keys[t])) return t;
+    return -1;
+}
+
+/* tiers: { high: N, medium: N, low: N } — at least one, strictly decreasing */
+static void compile_tiers(loader *l, pql_rule *rule, struct fy_node *map)
+{
+    if (!fy_node_is_mapping(map)) {
+        error_at(l, map, 0, "tiers must be a mapping such as { high: 90, medium: 70 }");
+        return;
+    }
+    void *it = NULL;
+    struct fy_node_pair *p;
+    while ((p = fy_node_mapping_iterate(map, &it))) {
+        int t = tier_of(scalar(fy_node_pair_key(p)));
+        if (t < 0) {
+            unknown_key(l, fy_node_pair_key(p), tier_keys, PQL_NTIERS, "tiers");
+            continue;
+        }
+        number_of(l, fy_node_pair_value(p), "tier", &rule->tier_min[t]);
+    }
+    double above = INFINITY;
+    for (int t = 0; t < PQL_NTIERS; t++) {
+        if (isnan(rule->tier_min[t])) continue;
+        if (rule->tier_min[t] >= above)
+            error_at(l, map, 0,
+                     "tiers must decrease from high to low: %s (%g) is not below the "
+                     "tier above it (%g)",
+                     tier_keys[t], rule->tier_min[t], above);
+        above = rule->tier_min[t];
+    }
+}
+
+/* sla: { high: 4h, medium: 24h } — only for tiers the rule has */
+static void compile_sla(loader *l, pql_rule *rule, struct fy_node *map)
+{
+    if (!fy_node_is_mapping(map)) {
+        error_at(l, map, 0, "sla must be a mapping such as { high: 4h, medium: 24h }");
+        return;
+    }
+    void *it = NULL;
+    struct fy_node_pair *p;
+    while ((p = fy_node_mapping_iterate(map, &it))) {
+        struct fy_node *k = fy_node_pair_key(p);
+        int t = tier_of(scalar(k));
+        if (t < 0)
+            unknown_key(l, k, tier_keys, PQL_NTIERS, "sla");
+        else if (isnan(rule->tier_min[t]))
+            error_at(l, k, 0, "sla for tier '%s', which the rule's tiers do not define",
+                     tier_keys[t]);
+        else
+            rule->sla_ms[t] = duration_of(l, fy_node_pair_value(p), "sla");
+    }
+}
+
+static int has_tiers(const pql_rule *rule)
+{
+    for (int t = 0; t < PQL_NTIERS; t++)
+        if (!isnan(rule->tier_min[t])) return 1;
+    return 0;
+}
+
+/* What each model requires and refuses, checked once every key is read. */
+static void check_model(loader *l, pql_rule *rule, struct fy_node *def, struct fy_node *const *keys)
+{
+    enum { K_WHEN, K_POINTS, K_WEIGHTS, K_INTERCEPT, K_THRESHOLD, K_TIERS };
+    static const char *const names[] = {"when",      "points",    "weights",
+                                        "intercept", "threshold", "tiers"};
+    static const char allowed[3][6] = {
+        /* threshold */ {1, 0, 0, 0, 0, 0},
+        /* weighted  */ {0, 1, 0, 0, 0, 1},
+        /* logistic  */ {0, 0, 1, 1, 1, 1},
+    };
+    static const char *const model_names[] = {"threshold", "weighted", "logistic"};
+    for (int k = 0; k <= K_TIERS; k++)
+        if (keys[k] && !allowed[rule->model][k])
+            error_at(l, keys[k], 0, "'%s' is not part of a %s rule", names[k],
+                     model_names[rule->model]);
+    if (rule->model == PQL_MODEL_THRESHOLD && !keys[K_WHEN])
+        error_at(l, def, 0, "rule '%s' needs a 'when' condition", rule->name);
+    if (rule->model == PQL_MODEL_WEIGHTED) {
+        if (!keys[K_POINTS]) error_at(l, def, 0, "weighted rule '%s' needs points", rule->name);
+        if (!has_tiers(rule))
+            error_at(l, def, 0,
+                     "weighted rule '%s' needs tiers (e.g. { high: 90, medium: 70 }): "
+                     "below the lowest tier it does not fire",
+                     rule->name);
+        double most = 0;
+        for (size_t i = 0; i < rule->npoints; i++)
+            if (rule->points[i] > 0) most += rule->points[i];
+        for (int t = 0; t < PQL_NTIERS && keys[K_TIERS]; t++)
+            if (!isnan(rule->tier_min[t]) && rule->tier_min[t] > most)
+                error_at(l, keys[K_TIERS], 0,
+                         "tier %s (%g) is unreachable: the points add up to "
+                         "at most %g",
+                         tier_keys[t], rule->tier_min[t], most);
+    }
+    if (rule->model == PQL_MODEL_LOGISTIC) {
+        if (!keys[K_WEIGHTS]) error_at(l, def, 0, "logistic rule '%s' needs weights", rule->name);
+        if (!keys[K_THRESHOLD])
+            error_at(l, def, 0, "logistic rule '%s' needs a threshold (a probability, e.g. 0.6)",
+                     rule->name);
+        else if (!(rule->threshold > 0 && rule->threshold < 1))
+            error_at(l, keys[K_THRESHOLD], 0, "threshold %g must be a probability between 0 and 1",
+                     rule->threshold);
+        for (int t = 0; t < PQL_NTIERS; t++)
+            if (!isnan(rule->tier_min[t]) && !(rule->tier_min[t] > 0 && rule->tier_min[t] < 1))
+                error_at(l, keys[K_TIERS], 0,
+                         "tier %s (%g) of a logistic rule must be a "
+                         "probability between 0 and 1",
+                         tier_keys[t], rule->tier_min[t]);
+    }
+}
+
 static void compile_rule(loader *l, pql_rule *rule, struct fy_node *def, pql_alert_kind kind)
 {
-    static const char *const known[] = {"name",    "model",      "when",     "clear",
-                                        "fit",     "applies_to", "cooldown", "held_for",
-                                        "reasons", "description"};
+    static const char *const known[] = {"name",      "model",       "when",     "clear",
+                                        "fit",       "applies_to",  "cooldown", "held_for",
+                                        "reasons",   "description", "points",   "weights",
+                                        "intercept", "threshold",   "tiers",    "sla"};
     rule->kind = kind;
     rule->applies_to = kind == PQL_ALERT_PQL ? PQL_APPLIES_FREE : PQL_APPLIES_PAID;
-    struct fy_node *when = NULL, *reasons = NULL;
+    for (int t = 0; t < PQL_NTIERS; t++)
+        rule->tier_min[t] = NAN;
+    /* when, points, weights, intercept, threshold, tiers (see check_model) */
+    struct fy_node *keys[6] = {0}, *reasons = NULL, *sla = NULL;
     void *it = NULL;
     struct fy_node_pair *p;
     while ((p = fy_node_mapping_iterate(def, &it))) {
@@ -442,16 +652,34 @@ static void compile_rule(loader *l, pql_rule *rule, struct fy_node *def, pql_ale
             const char *m = scalar(v);
             if (m && !strcmp(m, "threshold"))
                 rule->model = PQL_MODEL_THRESHOLD;
-            else if (m && (!strcmp(m, "weighted") || !strcmp(m, "logistic")))
-                error_at(l, v, 0,
-                         "model '%s' is not available in this version: use threshold with a "
-                         "'when' condition",
-                         m);
+            else if (m && !strcmp(m, "weighted"))
+                rule->model = PQL_MODEL_WEIGHTED;
+            else if (m && !strcmp(m, "logistic"))
+                rule->model = PQL_MODEL_LOGISTIC;
             else
-                error_at(l, v, 0, "unknown model '%s': use threshold", m ? m : "");
+                error_at(l, v, 0, "unknown model '%s': use threshold, weighted or logistic",
+                         m ? m : "");
         } else if (!strcmp(ks, "when")) {
-            when = v;
+            keys[0] = k;
             rule->when = compile_expr(l, v, resolve_rule, "when");
+            if (scalar(v)) rule->when_src = dup_s(scalar(v));
+        } else if (!strcmp(ks, "points")) {
+            keys[1] = k;
+            compile_points(l, rule, v);
+        } else if (!strcmp(ks, "weights")) {
+            keys[2] = k;
+            compile_weights(l, rule, v);
+        } else if (!strcmp(ks, "intercept")) {
+            keys[3] = k;
+            number_of(l, v, "intercept", &rule->intercept);
+        } else if (!strcmp(ks, "threshold")) {
+            keys[4] = k;
+            number_of(l, v, "threshold", &rule->threshold);
+        } else if (!strcmp(ks, "tiers")) {
+            keys[5] = k;
+            compile_tiers(l, rule, v);
+        } else if (!strcmp(ks, "sla")) {
+            sla = v;
         } else if (!strcmp(ks, "clear")) {
             rule->clear = compile_expr(l, v, resolve_rule, "clear");
         } else if (!strcmp(ks, "fit")) {
@@ -476,7 +704,8 @@ static void compile_rule(loader *l, pql_rule *rule, struct fy_node *def, pql_ale
             unknown_key(l, k, known, sizeof(known) / sizeof(*known), "a rule");
         }
     }
-    if (!when) error_at(l, def, 0, "rule '%s' needs a 'when' condition", rule->name);
+    if (sla) compile_sla(l, rule, sla); /* after tiers, whatever the key order */
+    check_model(l, rule, def, keys);
     if (reasons && !fy_node_is_sequence(reasons)) {
         error_at(l, reasons, 0, "reasons must be a list of strings");
     } else if (reasons) {
@@ -501,6 +730,10 @@ static void compile_rule(loader *l, pql_rule *rule, struct fy_node *def, pql_ale
     }
     /* Every signal and trait the rule reads: the alert's signals map. */
     if (rule->when) pql_expr_foreach_slot(rule->when, collect_slot, rule);
+    for (size_t i = 0; i < rule->npoints; i++)
+        pql_expr_foreach_slot(rule->point_when[i], collect_slot, rule);
+    for (size_t i = 0; i < rule->nterms; i++)
+        pql_expr_foreach_slot(rule->terms[i], collect_slot, rule);
     if (rule->clear) pql_expr_foreach_slot(rule->clear, collect_slot, rule);
     for (size_t i = 0; i < rule->nreasons; i++)
         pql_template_foreach_slot(rule->reasons[i], collect_slot, rule);
@@ -789,6 +1022,21 @@ void pql_rules_destroy(pql_rules *r)
         pql_rule *u = &r->rules[i];
         free(u->name);
         pql_expr_destroy(u->when);
+        free(u->when_src);
+        for (size_t k = 0; k < u->npoints; k++) {
+            pql_expr_destroy(u->point_when[k]);
+            free(u->point_src[k]);
+        }
+        free(u->point_when);
+        free(u->point_src);
+        free(u->points);
+        for (size_t k = 0; k < u->nterms; k++) {
+            pql_expr_destroy(u->terms[k]);
+            free(u->term_src[k]);
+        }
+        free(u->terms);
+        free(u->term_src);
+        free(u->weights);
         pql_expr_destroy(u->clear);
         pql_expr_destroy(u->fit);
         for (size_t k = 0; k < u->nreasons; k++)
@@ -865,6 +1113,12 @@ const pql_expr *pql_rules_paid_expr(const pql_rules *r)
 int64_t pql_rules_max_window(const pql_rules *r)
 {
     return r->max_window;
+}
+
+const char *pql_tier_name(int tier)
+{
+    static const char *const names[PQL_NTIERS] = {"HIGH", "MEDIUM", "LOW"};
+    return tier >= 0 && tier < PQL_NTIERS ? names[tier] : NULL;
 }
 
 int pql_rules_signal_by_key(const pql_rules *r, const char *key, size_t len)

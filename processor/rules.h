@@ -18,6 +18,10 @@
  *     api_calls:   { sum: properties.calls, of: api_request, window: 30d }
  *     peak_seats:  { max: properties.seats, of: seat_report, window: 30d }
  *   pql:       [ { name, when, reasons, fit, applies_to, clear, cooldown, held_for } … ]
+ *              or scored: { name, model: weighted, points: [{when, points}…],
+ *                           tiers: {high, medium, low}, sla: {high: 4h, …} }
+ *                         { name, model: logistic, intercept, weights: {EXPR: w…},
+ *                           threshold, tiers?, sla? }
  *   expansion: [ same keys … ]
  *
  * A directory loads every *.yaml / *.yml file directly in it (not
@@ -80,11 +84,31 @@ typedef enum pql_applies {
     PQL_APPLIES_ALL,
 } pql_applies;
 
+/* Tiers of a scored rule, highest first. */
+enum { PQL_TIER_HIGH = 0, PQL_TIER_MEDIUM = 1, PQL_TIER_LOW = 2, PQL_NTIERS = 3 };
+
 typedef struct pql_rule {
     char *name;
     pql_alert_kind kind;
     pql_model model;
-    pql_expr *when;  /* the firing condition */
+    pql_expr *when; /* threshold: the firing condition (NULL for scored models) */
+    char *when_src; /* its text, for the default reason */
+    /* weighted: score = sum of points[i] over the conditions point_when[i] that hold */
+    pql_expr **point_when;
+    char **point_src;
+    double *points;
+    size_t npoints;
+    /* logistic: score = sigmoid(intercept + sum of weights[i] * terms[i]); a null term adds 0 */
+    double intercept;
+    pql_expr **terms;
+    char **term_src;
+    double *weights;
+    size_t nterms;
+    double threshold; /* logistic: fires when score >= threshold */
+    /* tiers (weighted: required; logistic: optional): the least score of each
+       tier, NAN when unused; the response SLA of each tier (0: none) */
+    double tier_min[PQL_NTIERS];
+    int64_t sla_ms[PQL_NTIERS];
     pql_expr *clear; /* re-arm condition; NULL: `not when` */
     pql_expr *fit;   /* NULL: every account */
     pql_applies applies_to;
@@ -126,6 +150,9 @@ const char *pql_rules_trait(const pql_rules *r, size_t i);
 int pql_rules_trait_index(const pql_rules *r, const char *name, size_t len);
 size_t pql_rules_nprops(const pql_rules *r);
 const char *pql_rules_prop(const pql_rules *r, size_t i);
+/** "HIGH", "MEDIUM", "LOW" for PQL_TIER_*, NULL for anything else. */
+const char *pql_tier_name(int tier);
+
 /** Lifecycle event names (NULL when not declared). */
 const char *pql_rules_signup_event(const pql_rules *r);
 const char *pql_rules_conversion_event(const pql_rules *r);

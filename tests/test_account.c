@@ -4,6 +4,7 @@
 #include "account.h"
 
 #include <criterion/criterion.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -20,6 +21,14 @@ typedef struct fired {
     double sig0[8];
     int has_ttp[8];
     int64_t ttp[8];
+    char model[8][16];
+    int has_score[8];
+    double score[8];
+    char tier[8][8];
+    int has_sla[8];
+    int64_t sla_in[8]; /* sla_due_at - emitted_at */
+    size_t nreasons[8];
+    char reason2[8][256];
 } fired;
 
 static void on_alert(void *opaque, const pql_alert *a)
@@ -33,6 +42,14 @@ static void on_alert(void *opaque, const pql_alert *a)
     f->sig0[f->n] = a->nsignals ? a->signal_values[0] : -1;
     f->has_ttp[f->n] = a->has_time_to_pql_ms;
     f->ttp[f->n] = a->time_to_pql_ms;
+    snprintf(f->model[f->n], 16, "%s", a->model);
+    f->has_score[f->n] = a->has_score;
+    f->score[f->n] = a->score;
+    snprintf(f->tier[f->n], 8, "%s", a->tier ? a->tier : "");
+    f->has_sla[f->n] = a->has_sla_due_at;
+    f->sla_in[f->n] = a->sla_due_at - a->emitted_at;
+    f->nreasons[f->n] = a->nreasons;
+    snprintf(f->reason2[f->n], 256, "%s", a->nreasons > 1 ? a->reasons[1] : "");
     f->n++;
 }
 
@@ -315,6 +332,141 @@ Test(account, fields_of_changed_signals_are_deleted_on_load)
     s.n = 1;
     pql_account_flush(a, st_set, st_del, &s);
     cr_assert_eq(s.n, 0);
+    pql_account_destroy(a);
+    pql_rules_destroy(r);
+}
+
+/* The weighted table of the product seeds: signed up 10, onboarding 20, core
+ * feature 15, invited teammate 30, viewed pricing 25, hit usage limit 35;
+ * MEDIUM at 70, HIGH at 90. */
+static const char *weighted = "lifecycle: { signup: signed_up }\n"
+                              "signals:\n"
+                              "  signups:    { count: signed_up, window: lifetime }\n"
+                              "  onboarded:  { count: onboarding_completed, window: lifetime }\n"
+                              "  core:       { count: feature_used, window: 14d }\n"
+                              "  invites:    { count: teammate_invited, window: 14d }\n"
+                              "  pricing:    { count: pricing_viewed, window: 14d }\n"
+                              "  limits:     { count: usage_limit_hit, window: 14d }\n"
+                              "pql:\n"
+                              "  - name: engagement\n"
+                              "    model: weighted\n"
+                              "    points:\n"
+                              "      - { when: signups >= 1,   points: 10 }\n"
+                              "      - { when: onboarded >= 1, points: 20 }\n"
+                              "      - { when: core >= 1,      points: 15 }\n"
+                              "      - { when: invites >= 1,   points: 30 }\n"
+                              "      - { when: pricing >= 1,   points: 25 }\n"
+                              "      - { when: limits >= 1,    points: 35 }\n"
+                              "    tiers: { high: 90, medium: 70 }\n"
+                              "    sla: { high: 4h, medium: 24h }\n";
+
+Test(account, weighted_fires_at_the_lowest_tier_then_on_the_rise)
+{
+    pql_rules *r = rules_of(weighted);
+    pql_account *a = pql_account_new(r, "acme", 4);
+    fired f = {0};
+    usage(a, "signed_up", "u1", T0, &f);                /* 10 */
+    usage(a, "onboarding_completed", "u1", T0 + 1, &f); /* 30 */
+    usage(a, "teammate_invited", "u1", T0 + 2, &f);     /* 60 */
+    cr_assert_eq(f.n, 0, "below the medium tier: no alert");
+    usage(a, "pricing_viewed", "u1", T0 + 3, &f); /* 85: MEDIUM */
+    cr_assert_eq(f.n, 1);
+    cr_assert_str_eq(f.model[0], "weighted");
+    cr_assert_eq(f.has_score[0], 1);
+    cr_assert_eq(f.score[0], 85);
+    cr_assert_str_eq(f.tier[0], "MEDIUM");
+    cr_assert_eq(f.has_sla[0], 1);
+    cr_assert_eq(f.sla_in[0], 24 * PQL_MS_HOUR);
+    cr_assert_str_eq(f.reason[0], "Score 85 (tier MEDIUM)");
+    cr_assert_str_eq(f.reason2[0], "signups >= 1 (+10 points)");
+    cr_assert_eq(f.nreasons[0], 5);
+    char id[PQL_ALERT_ID_LEN + 1];
+    pql_alert_id("acme", 4, "engagement", "1", id);
+    cr_assert_str_eq(f.id[0], id);
+    usage(a, "feature_used", "u1", T0 + 4, &f); /* 100: HIGH — the tier rose */
+    cr_assert_eq(f.n, 2);
+    cr_assert_eq(f.score[1], 100);
+    cr_assert_str_eq(f.tier[1], "HIGH");
+    cr_assert_eq(f.sla_in[1], 4 * PQL_MS_HOUR);
+    pql_alert_id("acme", 4, "engagement", "1:HIGH", id);
+    cr_assert_str_eq(f.id[1], id);
+    usage(a, "usage_limit_hit", "u1", T0 + 5, &f); /* 135: still HIGH */
+    cr_assert_eq(f.n, 2);
+    pql_account_destroy(a);
+    pql_rules_destroy(r);
+}
+
+static const char *logistic = "signals:\n"
+                              "  core_uses: { count: feature_used, window: 7d }\n"
+                              "  invites:   { count: teammate_invited, window: 14d }\n"
+                              "pql:\n"
+                              "  - name: propensity\n"
+                              "    model: logistic\n"
+                              "    intercept: -4.2\n"
+                              "    weights: { core_uses: 0.30, invites: 0.80 }\n"
+                              "    threshold: 0.6\n";
+
+Test(account, logistic_fires_when_the_probability_crosses_the_threshold)
+{
+    pql_rules *r = rules_of(logistic);
+    pql_account *a = pql_account_new(r, "acme", 4);
+    fired f = {0};
+    usage(a, "teammate_invited", "u1", T0, &f);
+    for (int i = 0; i < 12; i++)
+        usage(a, "feature_used", "u1", T0 + 1 + i, &f);
+    cr_assert_eq(f.n, 0, "z = -4.2 + 3.6 + 0.8 = 0.2: p = 0.55 < 0.6");
+    usage(a, "feature_used", "u1", T0 + 20, &f);
+    cr_assert_eq(f.n, 1, "z = 0.5: p = 0.6225 >= 0.6");
+    cr_assert_str_eq(f.model[0], "logistic");
+    cr_assert_float_eq(f.score[0], 1.0 / (1.0 + exp(-0.5)), 1e-12);
+    cr_assert_str_eq(f.tier[0], "");
+    cr_assert_eq(f.has_sla[0], 0);
+    cr_assert_str_eq(f.reason[0], "Propensity 62.2% (fires at 60%)");
+    cr_assert_str_eq(f.reason2[0], "core_uses = 13 (weight 0.3)");
+    pql_account_destroy(a);
+    pql_rules_destroy(r);
+}
+
+Test(account, scored_rule_state_survives_flush_and_load)
+{
+    pql_rules *r = rules_of(weighted);
+    pql_account *a = pql_account_new(r, "acme", 4);
+    fired f = {0};
+    store s = {0};
+    usage(a, "signed_up", "u1", T0, &f);
+    usage(a, "teammate_invited", "u1", T0 + 1, &f);
+    usage(a, "pricing_viewed", "u1", T0 + 2, &f);
+    usage(a, "onboarding_completed", "u1", T0 + 3, &f); /* 85: MEDIUM */
+    cr_assert_eq(f.n, 1);
+    pql_account_flush(a, st_set, st_del, &s);
+    pql_account *b = pql_account_new(r, "acme", 4);
+    for (int i = 0; i < s.n; i++)
+        pql_account_load_field(b, s.f[i], strlen(s.f[i]), s.v[i], strlen(s.v[i]));
+    usage(b, "feature_used", "u1", T0 + 4, &f); /* 100: HIGH rise, not a new MEDIUM */
+    cr_assert_eq(f.n, 2);
+    cr_assert_str_eq(f.tier[1], "HIGH");
+    char id[PQL_ALERT_ID_LEN + 1];
+    pql_alert_id("acme", 4, "engagement", "1:HIGH", id);
+    cr_assert_str_eq(f.id[1], id);
+    pql_account_destroy(a);
+    pql_account_destroy(b);
+    pql_rules_destroy(r);
+}
+
+Test(account, fit_gates_a_rule_on_traits)
+{
+    pql_rules *r =
+        rules_of("signals:\n  logins: { count: login, window: 7d }\n"
+                 "pql:\n  - name: big\n    when: logins >= 1\n"
+                 "    fit: account.employees >= 50 and account.industry == \"fintech\"\n");
+    pql_account *a = pql_account_new(r, "acme", 4);
+    fired f = {0};
+    trait(a, "employees", pql_num(80), T0, &f);
+    usage(a, "login", "u1", T0 + 1, &f);
+    cr_assert_eq(f.n, 0, "industry missing: null == \"fintech\" is false");
+    trait(a, "industry", pql_str("fintech", 7), T0 + 2, &f);
+    cr_assert_eq(f.n, 1, "the trait update makes it fit: fires on the update");
+    cr_assert_eq(f.triggered_at[0], T0 + 2);
     pql_account_destroy(a);
     pql_rules_destroy(r);
 }

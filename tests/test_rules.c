@@ -129,3 +129,69 @@ Test(rules, all_errors_reported_not_just_first)
     cr_assert(strstr(errors.data, "unknown signal 'zz'"));
     pql_buf_free(&errors);
 }
+
+Test(rules, scored_models_are_validated)
+{
+    const char *sig = "signals:\n  a: { count: x, window: 7d }\n";
+    char y[1024];
+    snprintf(y, sizeof(y),
+             "%spql:\n  - name: w\n    model: weighted\n"
+             "    points: [ { when: a >= 1, points: 30 }, { when: a >= 2, points: 40 } ]\n"
+             "    tiers: { high: 90, medium: 70 }\n",
+             sig);
+    expect_error(y, "tier high (90) is unreachable: the points add up to at most 70");
+    snprintf(y, sizeof(y),
+             "%spql:\n  - name: w\n    model: weighted\n"
+             "    points: [ { when: a >= 1, points: 30 } ]\n",
+             sig);
+    expect_error(y, "weighted rule 'w' needs tiers");
+    snprintf(y, sizeof(y),
+             "%spql:\n  - name: w\n    model: weighted\n    when: a > 1\n"
+             "    points: [ { when: a >= 1, points: 30 } ]\n    tiers: { medium: 20 }\n",
+             sig);
+    expect_error(y, "t.yaml:6:5: error: 'when' is not part of a weighted rule");
+    snprintf(y, sizeof(y),
+             "%spql:\n  - name: w\n    model: weighted\n"
+             "    points: [ { when: a >= 1, points: 30 } ]\n    tiers: { medium: 20, high: 10 }\n",
+             sig);
+    expect_error(y, "tiers must decrease from high to low");
+    snprintf(y, sizeof(y),
+             "%spql:\n  - name: w\n    model: weighted\n"
+             "    points: [ { when: a >= 1, points: 30 } ]\n    tiers: { medium: 20 }\n"
+             "    sla: { high: 4h }\n",
+             sig);
+    expect_error(y, "sla for tier 'high', which the rule's tiers do not define");
+    snprintf(y, sizeof(y),
+             "%spql:\n  - name: l\n    model: logistic\n"
+             "    weights: { a: 0.5 }\n    threshold: 1.5\n",
+             sig);
+    expect_error(y, "threshold 1.5 must be a probability between 0 and 1");
+    snprintf(y, sizeof(y),
+             "%spql:\n  - name: l\n    model: logistic\n"
+             "    weights: { 'log1p(b)': 0.5 }\n    threshold: 0.5\n",
+             sig);
+    expect_error(y, "unknown signal 'b'");
+    snprintf(y, sizeof(y), "%spql:\n  - name: l\n    model: logistic\n    threshold: 0.5\n", sig);
+    expect_error(y, "logistic rule 'l' needs weights");
+}
+
+Test(rules, logistic_terms_may_be_expressions)
+{
+    pql_buf e = {0};
+    pql_rules *r = load("signals:\n  a: { count: x, window: 7d }\n  b: { count: y, window: 7d }\n"
+                        "pql:\n  - name: l\n    model: logistic\n    intercept: -1\n"
+                        "    weights: { 'log1p(a)': 0.5, b: 2 }\n    threshold: 0.5\n"
+                        "    tiers: { high: 0.9 }\n",
+                        &e);
+    cr_assert_not_null(r, "%s", e.data ? e.data : "");
+    const pql_rule *l = pql_rules_rule(r, 0);
+    cr_assert_eq(l->model, PQL_MODEL_LOGISTIC);
+    cr_assert_eq(l->nterms, 2);
+    cr_assert_str_eq(l->term_src[0], "log1p(a)");
+    cr_assert_eq(l->weights[1], 2);
+    cr_assert_eq(l->intercept, -1);
+    cr_assert_eq(l->tier_min[PQL_TIER_HIGH], 0.9);
+    cr_assert_eq(l->nsignals, 2, "both signals are in the alert's signals map");
+    pql_rules_destroy(r);
+    pql_buf_free(&e);
+}
