@@ -429,106 +429,124 @@ static void process_message(pql_pipeline *p, pql_task *t, rd_kafka_message_t *m,
     pql_task_apply(t, p->rules, &ev, ti, m->offset, now, p->cfg->output_json);
 }
 
-/* Writes every task's batch to Redis in one round trip, retrying while Redis
- * is unavailable; then produces the alerts and commits offsets to Kafka. */
+/* A dead letter of t's batch was not delivered: the batch must not be
+ * written (its offsets would pass the message).  Drops it and seeks back to
+ * the stored offsets, so the batch is read and applied again. */
+static void abandon_batch(pql_pipeline *p, pql_task *t)
+{
+    pql_warn("batch abandoned: a dead letter was not delivered; re-reading", "partition=%d",
+             t->partition);
+    pql_task_abandon(t);
+    for (int k = 0; k < PQL_NTOPICS; k++) {
+        inbox_clear(&p->inboxes[t->partition][k]);
+        if (t->committed[k] < 0) continue;
+        rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(1);
+        rd_kafka_topic_partition_list_add(l, p->topics[k], t->partition)->offset = t->committed[k];
+        rd_kafka_error_t *e = rd_kafka_seek_partitions(p->consumer, l, 5000);
+        if (e) rd_kafka_error_destroy(e);
+        rd_kafka_topic_partition_list_destroy(l);
+    }
+}
+
+/* Redis applied t's batch: produce its alerts (already in the outbox) and
+ * commit its offsets to Kafka for lag tools. */
+static void publish(pql_pipeline *p, pql_task *t)
+{
+    pql_task_committed(t);
+    for (size_t k = 0; k < t->nalerts; k++)
+        pql_sink_alert(p->sink, t->partition, t->generation, t->alerts[k].id, t->alerts[k].key,
+                       t->alerts[k].key_len, t->alerts[k].payload, t->alerts[k].payload_len);
+    pql_task_alerts_clear(t);
+    rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(2);
+    for (int k = 0; k < PQL_NTOPICS; k++)
+        if (t->committed[k] >= 0)
+            rd_kafka_topic_partition_list_add(l, p->topics[k], t->partition)->offset =
+                t->committed[k];
+    if (l->cnt) rd_kafka_commit(p->consumer, l, 1);
+    rd_kafka_topic_partition_list_destroy(l);
+}
+
+static void pause_all(pql_pipeline *p, int pause)
+{
+    rd_kafka_topic_partition_list_t *a = NULL;
+    if (rd_kafka_assignment(p->consumer, &a) || !a) return;
+    if (pause)
+        rd_kafka_pause_partitions(p->consumer, a);
+    else
+        rd_kafka_resume_partitions(p->consumer, a);
+    rd_kafka_topic_partition_list_destroy(a);
+}
+
+/* Writes every task's batch to Redis in one round trip; then produces the
+ * alerts and commits offsets to Kafka.  Each batch is built once: building
+ * flushes the accounts (marks them clean), so after an I/O error the very
+ * same batches are sent again — safe, the script recognises an applied one
+ * by its seq — until each is applied or fenced. */
 static void flush_batches(pql_pipeline *p)
 {
     pql_store_batch **batches = malloc((size_t)p->npartitions * sizeof(*batches));
     pql_task **owners = malloc((size_t)p->npartitions * sizeof(*owners));
     pql_err *results = malloc((size_t)p->npartitions * sizeof(*results));
     if (!batches || !owners || !results) abort();
-    int backoff = 100, paused = 0;
-    for (;;) {
-        /* dead letters must be acknowledged before the offset moves past them */
-        int waiting = 0;
-        for (int32_t i = 0; i < p->npartitions; i++)
-            if (p->tasks[i] && p->tasks[i]->dlq_outstanding) waiting = 1;
-        if (waiting) pql_sink_flush(p->sink, 10000);
-        size_t n = 0;
-        for (int32_t i = 0; i < p->npartitions; i++) {
-            pql_task *t = p->tasks[i];
-            if (!t || t->state != PQL_TASK_RUNNING) continue;
-            if (t->dlq_failed || t->dlq_outstanding) {
-                pql_warn("batch abandoned: a dead letter was not delivered; re-reading",
-                         "partition=%d", t->partition);
-                pql_task_abandon(t);
-                for (int k = 0; k < PQL_NTOPICS; k++)
-                    inbox_clear(&p->inboxes[t->partition][k]);
-                for (int k = 0; k < PQL_NTOPICS; k++) {
-                    if (t->committed[k] < 0) continue;
-                    rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(1);
-                    rd_kafka_topic_partition_list_add(l, p->topics[k], t->partition)->offset =
-                        t->committed[k];
-                    rd_kafka_error_t *e = rd_kafka_seek_partitions(p->consumer, l, 5000);
-                    if (e) rd_kafka_error_destroy(e);
-                    rd_kafka_topic_partition_list_destroy(l);
-                }
-                continue;
-            }
-            if (pql_task_build_batch(t, p->cfg->group, p->topics, p->ttl_ms)) {
-                batches[n] = t->batch;
-                owners[n++] = t;
-            }
+
+    /* dead letters must be acknowledged before the offset moves past them */
+    for (int32_t i = 0; i < p->npartitions; i++)
+        if (p->tasks[i] && p->tasks[i]->dlq_outstanding) {
+            pql_sink_flush(p->sink, 10000);
+            break;
         }
-        if (!n) break;
+    size_t n = 0;
+    for (int32_t i = 0; i < p->npartitions; i++) {
+        pql_task *t = p->tasks[i];
+        if (!t || t->state != PQL_TASK_RUNNING) continue;
+        if (t->dlq_failed || t->dlq_outstanding)
+            abandon_batch(p, t);
+        else if (pql_task_build_batch(t, p->cfg->group, p->topics, p->ttl_ms)) {
+            batches[n] = t->batch;
+            owners[n++] = t;
+        }
+    }
+
+    int backoff = 100, paused = 0;
+    while (n) {
         char err[512];
         /* per-batch outcomes are in results[]; a lost connection marks them IO */
         pql_store_commit(p->store, batches, n, results, err, sizeof(err));
-        int retry = 0;
+        size_t left = 0;
         for (size_t i = 0; i < n; i++) {
             pql_task *t = owners[i];
             if (results[i] == PQL_OK) {
-                pql_task_committed(t);
-                for (size_t k = 0; k < t->nalerts; k++)
-                    pql_sink_alert(p->sink, t->partition, t->generation, t->alerts[k].id,
-                                   t->alerts[k].key, t->alerts[k].key_len, t->alerts[k].payload,
-                                   t->alerts[k].payload_len);
-                pql_task_alerts_clear(t);
-                rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(2);
-                for (int k = 0; k < PQL_NTOPICS; k++)
-                    if (t->committed[k] >= 0)
-                        rd_kafka_topic_partition_list_add(l, p->topics[k], t->partition)->offset =
-                            t->committed[k];
-                if (l->cnt) rd_kafka_commit(p->consumer, l, 1);
-                rd_kafka_topic_partition_list_destroy(l);
+                publish(p, t);
             } else if (results[i] == PQL_ERR_FENCED) {
                 pql_error("fenced: another member owns this partition now; dropping it",
                           "partition=%d epoch=%lld", t->partition, (long long)t->claim.epoch);
                 t->state = PQL_TASK_CLOSED;
                 pql_task_abandon(t);
             } else {
-                retry = 1;
+                batches[left] = batches[i];
+                owners[left++] = t;
             }
         }
-        if (!retry) break;
+        n = left;
+        if (!n) break;
         if (p->stop && *p->stop && backoff >= MAX_BACKOFF_MS) {
-            /* Stopping and Redis still down: give up this batch.  Nothing is
-               lost: Redis keeps the last written offsets, the next owner
+            /* Stopping and Redis still down: give up these batches.  Nothing
+               is lost: Redis keeps the last written offsets, the next owner
                re-reads from there. */
             pql_error("stopping without writing the last batch: redis unavailable", "error=\"%s\"",
                       err);
             for (size_t i = 0; i < n; i++)
-                if (results[i] != PQL_OK) owners[i]->state = PQL_TASK_CLOSED;
+                owners[i]->state = PQL_TASK_CLOSED;
             break;
         }
         pql_warn("redis write failed, retrying", "error=\"%s\" retry_ms=%d", err, backoff);
-        if (!paused) {
-            rd_kafka_topic_partition_list_t *a = NULL;
-            if (!rd_kafka_assignment(p->consumer, &a) && a) {
-                rd_kafka_pause_partitions(p->consumer, a);
-                rd_kafka_topic_partition_list_destroy(a);
-            }
-            paused = 1;
-        }
+        if (!paused) pause_all(p, 1);
+        paused = 1;
         pql_sink_poll(p->sink, backoff);
         backoff = backoff * 2 > MAX_BACKOFF_MS ? MAX_BACKOFF_MS : backoff * 2;
     }
     if (paused) {
-        rd_kafka_topic_partition_list_t *a = NULL;
-        if (!rd_kafka_assignment(p->consumer, &a) && a) {
-            rd_kafka_resume_partitions(p->consumer, a);
-            rd_kafka_topic_partition_list_destroy(a);
-        }
+        pause_all(p, 0);
         pql_info("redis write succeeded again; resumed", "%s", "");
     }
     for (int32_t i = 0; i < p->npartitions; i++) {

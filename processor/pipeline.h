@@ -20,9 +20,11 @@
  * uninterrupted one does.  A side that has no message waits for one, or for
  * its end-of-partition event, up to processing.max_task_idle.
  *
- * Redis unavailable at step 4: the consumer is paused, the same batch is
- * retried with back-off (safe: writes are idempotent by seq), the group
- * membership kept alive by polling; then resumed. */
+ * Redis unavailable at step 4: the consumer is paused and the very same
+ * batches are retried with back-off (safe: writes are idempotent by seq),
+ * serving producer callbacks meanwhile; then resumed.  The consumer is not
+ * polled during the retry, so an outage longer than max.poll.interval.ms
+ * costs the group membership (a rebalance; nothing is lost). */
 #ifndef PQL_PIPELINE_H
 #define PQL_PIPELINE_H
 

@@ -467,3 +467,51 @@ Test(pipeline, sighup_reloads_rules_and_refuses_an_invalid_set)
     cr_assert_eq(count_alerts("team", "10"), 0, "a rule that still exists keeps its state");
     cr_assert_eq(h_proc_stop(p), 0);
 }
+
+/* The account hash of `account` in whichever partition holds it, field `f`. */
+static char *account_field(const char *group, const char *account, const char *f)
+{
+    for (int p = 0; p < PARTS; p++) {
+        char key[256];
+        snprintf(key, sizeof(key), "pql:{%s:%d}:a:%s", group, p, account);
+        char *v = h_redis_hget(h_redis_url(redis), key, f);
+        if (v) return v;
+    }
+    return NULL;
+}
+
+Test(pipeline, a_batch_written_while_redis_is_down_is_retried_whole)
+{
+    /* this test needs a Redis whose data survives a kill: swap in an AOF one */
+    h_redis_stop(redis);
+    redis = h_redis_start_aof();
+    int64_t t = pql_now_ms() - PQL_MS_HOUR;
+    h_produce_usage(kafka, USAGE, -1, "acme", "login", "u1", t, H_NO_PROPS);
+    h_produce_usage(kafka, USAGE, -1, "acme", "teammate_invited", "u1", t + 1, H_NO_PROPS);
+    h_flush(kafka);
+    h_proc *p = start("g4", "pql-alerts", "1000");
+    wait_done(p, "g4", 60000);
+    h_sleep_ms(1500); /* appendfsync everysec: let the AOF catch up before the kill */
+
+    /* Redis dies; acme (cached) gets two more logins: the second crosses `team` */
+    kill(pql_redis_child_pid(h_redis_child(redis)), SIGKILL);
+    h_produce_usage(kafka, USAGE, -1, "acme", "login", "u1", t + 2, H_NO_PROPS);
+    h_produce_usage(kafka, USAGE, -1, "acme", "login", "u1", t + 3, H_NO_PROPS);
+    h_flush(kafka);
+    H_ASSERT_PROC(p, h_proc_wait_log(p, "redis write failed, retrying", 30000) == 0);
+    h_sleep_ms(300); /* at least one more failed attempt */
+    char err[256];
+    cr_assert_eq(pql_redis_child_restart(h_redis_child(redis), err, sizeof(err)), 0, "%s", err);
+    wait_done(p, "g4", 60000);
+
+    /* the retried write carried the batch's state, not just its offsets */
+    char *clock = account_field("g4", "acme", "c");
+    char *team = account_field("g4", "acme", "r:team");
+    H_ASSERT_PROC(p, clock && atoll(clock) == t + 3, "clock %s", clock ? clock : "(none)");
+    H_ASSERT_PROC(p, team && !strncmp(team, "1 1 ", 4), "r:team %s", team ? team : "(none)");
+    free(clock);
+    free(team);
+    cr_assert_eq(sum_counter("g4", "consumed"), 4);
+    cr_assert_eq(sum_counter("g4", "alerts_pql"), 1);
+    cr_assert_eq(h_proc_stop(p), 0);
+}
