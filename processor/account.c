@@ -55,6 +55,7 @@ struct pql_account {
     /* per-evaluation cache of signal values */
     pql_value *sigval;
     unsigned char *sigval_ok;
+    unsigned batch_mark; /* see pql_account_mark */
 };
 
 /* What expression lookups see while an event is applied. */
@@ -706,6 +707,13 @@ void pql_account_flush(pql_account *a, pql_field_set_fn set, pql_field_del_fn de
         a->lifecycle_dirty = 0;
     }
     pql_buf_free(&c.field);
+}
+
+unsigned pql_account_mark(pql_account *a, unsigned mark)
+{
+    unsigned old = a->batch_mark;
+    a->batch_mark = mark;
+    return old;
 }
 
 int pql_account_dirty(const pql_account *a)

@@ -72,6 +72,10 @@ typedef void (*pql_field_del_fn)(void *opaque, const char *field, size_t field_l
  *  deleted since the last flush and marks the account clean. */
 void pql_account_flush(pql_account *a, pql_field_set_fn set, pql_field_del_fn del, void *opaque);
 
+/** Sets the account's batch mark to `mark` and returns the previous one: how
+ *  a task lists each account it touched in a batch once (marks start at 0). */
+unsigned pql_account_mark(pql_account *a, unsigned mark);
+
 /** @returns non-zero if the account has unflushed changes. */
 int pql_account_dirty(const pql_account *a);
 

@@ -168,9 +168,3 @@ size_t pql_cache_evict(pql_cache *c, size_t max)
     }
     return evicted;
 }
-
-void pql_cache_foreach(pql_cache *c, void (*fn)(void *opaque, pql_account *a), void *opaque)
-{
-    for (node *n = c->head; n; n = n->next)
-        fn(opaque, n->a);
-}

@@ -26,7 +26,4 @@ size_t pql_cache_count(const pql_cache *c);
  *  only dirty ones are left).  @returns how many were evicted. */
 size_t pql_cache_evict(pql_cache *c, size_t max);
 
-/** Calls fn for every account, most recently used first. */
-void pql_cache_foreach(pql_cache *c, void (*fn)(void *opaque, pql_account *a), void *opaque);
-
 #endif

@@ -320,8 +320,40 @@ static void load_field(void *opaque, size_t i, const char *f, size_t flen, const
     pql_account_load_field(c->accts[i], f, flen, v, vlen);
 }
 
-/* Loads (one round trip per task) the accounts of the task's queued
- * messages that are not in cache, keyed by the message key (= account_id).
+/* Fills n fresh accounts, already adopted by task t, from Redis in one
+ * pipelined round trip.  On failure they stay empty in the cache: the caller
+ * marks the batch failed, and abandoning it drops the whole cache before any
+ * of them is used.  @returns 0 or -1 (Redis). */
+static int load_accounts(pql_pipeline *p, pql_task *t, pql_account **accts, size_t n)
+{
+    const char **ids = malloc(n * sizeof(*ids));
+    size_t *lens = malloc(n * sizeof(*lens));
+    if (!ids || !lens) abort();
+    for (size_t i = 0; i < n; i++)
+        ids[i] = pql_account_id(accts[i], &lens[i]);
+    char err[512];
+    load_ctx c = {p, accts};
+    int rc = pql_store_load_accounts(p->store, p->cfg->group, t->partition, ids, lens, n,
+                                     load_field, &c, err, sizeof(err)) == PQL_OK
+                 ? 0
+                 : -1;
+    if (rc < 0) pql_warn("account load failed", "partition=%d error=\"%s\"", t->partition, err);
+    free(ids);
+    free(lens);
+    return rc;
+}
+
+/* A new account of task t, adopted by its cache (which dedupes later lookups). */
+static pql_account *adopt_new(pql_pipeline *p, pql_task *t, const char *id, size_t len)
+{
+    pql_account *a = pql_account_new(p->rules, id, len);
+    if (!a) abort();
+    pql_task_adopt(t, a);
+    return a;
+}
+
+/* Loads the accounts of the task's queued messages that are not in cache,
+ * keyed by the message key (= account_id), in one round trip.
  * @returns 0 or -1 (Redis). */
 static int prefetch(pql_pipeline *p, pql_task *t)
 {
@@ -329,43 +361,18 @@ static int prefetch(pql_pipeline *p, pql_task *t)
     for (int ti = 0; ti < PQL_NTOPICS; ti++)
         n += inbox_len(&p->inboxes[t->partition][ti]);
     if (!n) return 0;
-    const char **ids = malloc(n * sizeof(*ids));
-    size_t *lens = malloc(n * sizeof(*lens));
     pql_account **accts = malloc(n * sizeof(*accts));
-    if (!ids || !lens || !accts) abort();
+    if (!accts) abort();
     size_t k = 0;
     for (int ti = 0; ti < PQL_NTOPICS; ti++) {
         inbox *q = &p->inboxes[t->partition][ti];
         for (size_t i = 0; i < q->len; i++) {
             rd_kafka_message_t *m = q->m[q->head + i];
-            if (!m->key || !m->key_len || pql_task_account(t, m->key, m->key_len)) continue;
-            int dup = 0;
-            for (size_t j = 0; j < k && !dup; j++)
-                dup = lens[j] == m->key_len && !memcmp(ids[j], m->key, m->key_len);
-            if (dup) continue;
-            ids[k] = m->key;
-            lens[k] = m->key_len;
-            accts[k] = pql_account_new(p->rules, m->key, m->key_len);
-            k++;
+            if (m->key && m->key_len && !pql_task_account(t, m->key, m->key_len))
+                accts[k++] = adopt_new(p, t, m->key, m->key_len);
         }
     }
-    int rc = 0;
-    if (k) {
-        char err[512];
-        load_ctx c = {p, accts};
-        if (pql_store_load_accounts(p->store, p->cfg->group, t->partition, ids, lens, k, load_field,
-                                    &c, err, sizeof(err)) != PQL_OK) {
-            pql_warn("account load failed", "partition=%d error=\"%s\"", t->partition, err);
-            for (size_t i = 0; i < k; i++)
-                pql_account_destroy(accts[i]);
-            rc = -1;
-        } else {
-            for (size_t i = 0; i < k; i++)
-                pql_task_adopt(t, accts[i]);
-        }
-    }
-    free(ids);
-    free(lens);
+    int rc = k ? load_accounts(p, t, accts, k) : 0;
     free(accts);
     return rc;
 }
@@ -374,19 +381,8 @@ static int prefetch(pql_pipeline *p, pql_task *t)
 static int ensure_account(pql_pipeline *p, pql_task *t, const pql_event *ev)
 {
     if (pql_task_account(t, ev->account_id, ev->account_id_len)) return 0;
-    pql_account *a = pql_account_new(p->rules, ev->account_id, ev->account_id_len);
-    pql_account *accts[1] = {a};
-    const char *ids[1] = {ev->account_id};
-    size_t lens[1] = {ev->account_id_len};
-    load_ctx c = {p, accts};
-    char err[512];
-    if (pql_store_load_accounts(p->store, p->cfg->group, t->partition, ids, lens, 1, load_field, &c,
-                                err, sizeof(err)) != PQL_OK) {
-        pql_account_destroy(a);
-        return -1;
-    }
-    pql_task_adopt(t, a);
-    return 0;
+    pql_account *a = adopt_new(p, t, ev->account_id, ev->account_id_len);
+    return load_accounts(p, t, &a, 1);
 }
 
 static void dead_letter(pql_pipeline *p, pql_task *t, rd_kafka_message_t *m, int ti, pql_err code,
@@ -426,7 +422,7 @@ static void process_message(pql_pipeline *p, pql_task *t, rd_kafka_message_t *m,
         t->dlq_failed = 1; /* Redis failed: abandon the batch, retry later */
         return;
     }
-    pql_task_apply(t, p->rules, &ev, ti, m->offset, now, p->cfg->output_json);
+    pql_task_apply(t, &ev, ti, m->offset, now, p->cfg->output_json);
 }
 
 /* A dead letter of t's batch was not delivered: the batch must not be

@@ -57,6 +57,7 @@ pql_task *pql_task_new(int32_t partition, uint64_t generation)
     t->partition = partition;
     t->generation = generation;
     t->state = PQL_TASK_ASSIGNED;
+    t->batch_no = 1;
     for (int i = 0; i < PQL_NTOPICS; i++)
         t->next[i] = t->committed[i] = -1;
     t->cache = pql_cache_new();
@@ -83,6 +84,7 @@ void pql_task_destroy(pql_task *t)
     pql_task_alerts_clear(t);
     free(t->alerts);
     free(t->delivered);
+    free(t->touched);
     pql_cache_destroy(t->cache);
     pql_store_batch_destroy(t->batch);
     free(t);
@@ -102,9 +104,29 @@ pql_account *pql_task_account(pql_task *t, const char *id, size_t len)
     return pql_cache_get(t->cache, id, len);
 }
 
+/* Lists `a` among the accounts of the batch in progress, once. */
+static void touch(pql_task *t, pql_account *a)
+{
+    if (pql_account_mark(a, t->batch_no) == t->batch_no) return;
+    if (t->ntouched == t->touched_cap) {
+        t->touched_cap = t->touched_cap ? t->touched_cap * 2 : 256;
+        t->touched = realloc(t->touched, t->touched_cap * sizeof(*t->touched));
+        if (!t->touched) abort();
+    }
+    t->touched[t->ntouched++] = a;
+}
+
+/* Starts a new list of touched accounts (after a build, or when the cache goes). */
+static void untouch_all(pql_task *t)
+{
+    t->ntouched = 0;
+    if (++t->batch_no == 0) t->batch_no = 1;
+}
+
 void pql_task_adopt(pql_task *t, pql_account *a)
 {
     pql_cache_put(t->cache, a);
+    touch(t, a); /* loading may schedule deletions of stale fields */
 }
 
 typedef struct alert_ctx {
@@ -147,15 +169,15 @@ static void advance(pql_task *t, int topic, int64_t offset)
     t->dirty = 1;
 }
 
-pql_apply pql_task_apply(pql_task *t, const pql_rules *rules, const pql_event *ev, int topic,
-                         int64_t offset, int64_t now_ms, int json)
+pql_apply pql_task_apply(pql_task *t, const pql_event *ev, int topic, int64_t offset,
+                         int64_t now_ms, int json)
 {
-    (void)rules;
     CHECK(t);
     pql_account *a = pql_cache_get(t->cache, ev->account_id, ev->account_id_len);
     assert(a && "pipeline loads the account before applying");
     alert_ctx c = {t, json};
     pql_apply res = pql_account_apply(a, ev, now_ms, on_alert, &c);
+    touch(t, a);
     t->batch_stats.consumed++;
     if (res == PQL_APPLY_LATE) t->batch_stats.late++;
     advance(t, topic, offset);
@@ -188,9 +210,8 @@ static void field_del(void *opaque, const char *f, size_t flen)
     if (pql_store_batch_hdel(c->t->batch, f, flen) != PQL_OK) abort();
 }
 
-static void build_account(void *opaque, pql_account *a)
+static void build_account(build_ctx *c, pql_account *a)
 {
-    build_ctx *c = opaque;
     if (!pql_account_dirty(a)) return;
     size_t len;
     const char *id = pql_account_id(a, &len);
@@ -210,7 +231,9 @@ int pql_task_build_batch(pql_task *t, const char *group, const char *const *topi
     if (t->state != PQL_TASK_RUNNING) return 0;
     pql_store_batch_begin(t->batch, group, t->partition, t->claim.epoch, t->claim.seq);
     build_ctx c = {t, group, ttl_ms, 0};
-    pql_cache_foreach(t->cache, build_account, &c);
+    for (size_t i = 0; i < t->ntouched; i++)
+        build_account(&c, t->touched[i]);
+    untouch_all(t);
     for (int i = 0; i < PQL_NTOPICS; i++)
         if (t->next[i] >= 0 && t->next[i] != t->committed[i]) {
             pql_store_batch_offset(t->batch, topics[i], t->next[i]);
@@ -279,6 +302,7 @@ void pql_task_delivered(pql_task *t, const char *alert_id)
 
 void pql_task_drop_cache(pql_task *t)
 {
+    untouch_all(t);
     pql_cache_destroy(t->cache);
     t->cache = pql_cache_new();
     if (!t->cache) abort();
@@ -286,5 +310,6 @@ void pql_task_drop_cache(pql_task *t)
 
 void pql_task_trim(pql_task *t, size_t max)
 {
+    assert(t->ntouched == 0 && "trim only between a build and the next apply");
     pql_cache_evict(t->cache, max);
 }

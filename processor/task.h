@@ -57,6 +57,9 @@ typedef struct pql_task {
     int dlq_outstanding;       /* dead-letter produces not yet acknowledged */
     int dlq_failed;            /* a dead-letter produce failed: the batch must not commit */
     pql_task_stats stats, batch_stats;
+    pql_account **touched;        /* accounts adopted or applied to since the last build: */
+    size_t ntouched, touched_cap; /* the only ones a batch can have changed */
+    unsigned batch_no;            /* their pql_account_mark; never 0 */
     pql_store_batch *batch;
     int dirty; /* something to write */
 } pql_task;
@@ -71,14 +74,15 @@ void pql_task_claimed(pql_task *t, const pql_claim *claim);
 /** Looks up an account in the cache (NULL if not cached). */
 pql_account *pql_task_account(pql_task *t, const char *id, size_t len);
 
-/** Adds an account loaded from Redis (or new) to the cache; the task owns it. */
+/** Adds a new account (about to be loaded from Redis) to the cache; the task
+ *  owns it. */
 void pql_task_adopt(pql_task *t, pql_account *a);
 
 /** Applies a decoded event read at (topic, offset): the account must be in
  *  the cache (pipeline.c loads it first).  Alerts fired are encoded (JSON if
  *  `json`, else Avro) and kept for the batch.  @returns the apply outcome. */
-pql_apply pql_task_apply(pql_task *t, const pql_rules *rules, const pql_event *ev, int topic,
-                         int64_t offset, int64_t now_ms, int json);
+pql_apply pql_task_apply(pql_task *t, const pql_event *ev, int topic, int64_t offset,
+                         int64_t now_ms, int json);
 
 /** Records that the message at (topic, offset) was consumed without state
  *  change (dead-lettered or skipped), so the stored offset moves past it. */
@@ -110,7 +114,8 @@ void pql_task_delivered(pql_task *t, const char *alert_id);
  *  reload from Redis on next touch (a rule-set reload). */
 void pql_task_drop_cache(pql_task *t);
 
-/** Evicts clean accounts beyond `max` from the cache. */
+/** Evicts clean accounts beyond `max` from the cache.  Only between a batch
+ *  build and the next apply (nothing touched and unbuilt). */
 void pql_task_trim(pql_task *t, size_t max);
 
 #endif
