@@ -37,6 +37,16 @@ typedef struct verdict {
 
 #define MAX_REASONS 16
 
+/* A field another module keeps with the account (pql_account_set_memo). */
+typedef struct memo {
+    char *name;
+    char *value;
+    size_t value_len;
+    int dirty;
+} memo;
+
+static memo *memo_find(const pql_account *a, const char *name);
+
 struct pql_account {
     const pql_rules *rules;
     char *id;
@@ -52,6 +62,8 @@ struct pql_account {
     int64_t signed_up_at, converted_at, pql_at;
     char *pql_rule;
     int lifecycle_dirty;
+    memo *memos; /* other modules' fields, "m:<name>" (metrics.c) */
+    size_t nmemos;
     /* per-evaluation cache of signal values */
     pql_value *sigval;
     unsigned char *sigval_ok;
@@ -112,6 +124,11 @@ void pql_account_destroy(pql_account *a)
         trait_free_value(&a->traits[i]);
     }
     free(a->traits);
+    for (size_t i = 0; i < a->nmemos; i++) {
+        free(a->memos[i].name);
+        free(a->memos[i].value);
+    }
+    free(a->memos);
     for (size_t i = 0; i < a->ndeleted; i++)
         free(a->deleted[i]);
     free(a->deleted);
@@ -706,6 +723,14 @@ void pql_account_flush(pql_account *a, pql_field_set_fn set, pql_field_del_fn de
         if (a->pql_rule) set(opaque, "l:pql_rule", 10, a->pql_rule, strlen(a->pql_rule));
         a->lifecycle_dirty = 0;
     }
+    for (size_t i = 0; i < a->nmemos; i++) {
+        memo *m = &a->memos[i];
+        if (!m->dirty) continue;
+        pql_buf_reset(&c.field);
+        pql_buf_printf(&c.field, "m:%s", m->name);
+        set(opaque, c.field.data, c.field.len, m->value, m->value_len);
+        m->dirty = 0;
+    }
     pql_buf_free(&c.field);
 }
 
@@ -725,6 +750,8 @@ int pql_account_dirty(const pql_account *a)
         if (a->windows[i] && pql_window_dirty(a->windows[i])) return 1;
     for (size_t i = 0; i < pql_rules_nrules(a->rules); i++)
         if (a->rstate[i].dirty) return 1;
+    for (size_t i = 0; i < a->nmemos; i++)
+        if (a->memos[i].dirty) return 1;
     return 0;
 }
 
@@ -809,6 +836,15 @@ int pql_account_load_field(pql_account *a, const char *f, size_t flen, const cha
             return 0;
         }
     }
+    if (flen > 2 && f[0] == 'm' && f[1] == ':') {
+        char *name = xmalloc(flen - 1);
+        memcpy(name, f + 2, flen - 2);
+        name[flen - 2] = '\0';
+        pql_account_set_memo(a, name, v, vlen);
+        memo_find(a, name)->dirty = 0; /* loaded, not changed */
+        free(name);
+        return 0;
+    }
     return -1;
 }
 
@@ -823,6 +859,8 @@ size_t pql_account_memory(const pql_account *a)
     }
     for (size_t i = 0; i < ns; i++)
         if (a->windows[i]) n += pql_window_memory(a->windows[i]);
+    for (size_t i = 0; i < a->nmemos; i++)
+        n += sizeof(memo) + strlen(a->memos[i].name) + a->memos[i].value_len + 2;
     return n;
 }
 
@@ -830,4 +868,53 @@ void pql_account_rule_state(const pql_account *a, size_t i, unsigned *seq, int *
 {
     if (seq) *seq = a->rstate[i].seq;
     if (fired) *fired = a->rstate[i].fired;
+}
+
+/* ---- what other modules read and keep (metrics.c) ---------------------- */
+
+void pql_account_lifecycle(const pql_account *a, pql_lifecycle *out)
+{
+    out->signed_up_at = a->signed_up_at;
+    out->converted_at = a->converted_at;
+    out->pql_at = a->pql_at;
+    out->pql_rule = a->pql_rule;
+}
+
+pql_value pql_account_trait(const pql_account *a, const char *name, size_t len)
+{
+    trait *t = trait_find(a, name, len);
+    return t ? t->value : pql_null();
+}
+
+static memo *memo_find(const pql_account *a, const char *name)
+{
+    for (size_t i = 0; i < a->nmemos; i++)
+        if (strcmp(a->memos[i].name, name) == 0) return &a->memos[i];
+    return NULL;
+}
+
+const char *pql_account_memo(const pql_account *a, const char *name, size_t *len)
+{
+    const memo *m = memo_find(a, name);
+    if (m && len) *len = m->value_len;
+    return m ? m->value : NULL;
+}
+
+void pql_account_set_memo(pql_account *a, const char *name, const char *value, size_t len)
+{
+    memo *m = memo_find(a, name);
+    if (!m) {
+        a->memos = realloc(a->memos, (a->nmemos + 1) * sizeof(*a->memos));
+        if (!a->memos) abort();
+        m = &a->memos[a->nmemos++];
+        m->name = strdup(name);
+        if (!m->name) abort();
+    } else {
+        free(m->value);
+    }
+    m->value = xmalloc(len + 1);
+    memcpy(m->value, value, len);
+    m->value[len] = '\0';
+    m->value_len = len;
+    m->dirty = 1;
 }

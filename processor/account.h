@@ -13,6 +13,8 @@
  *   s:<signal key>|<field> a window pair (window.h), as a number
  *   r:<rule>               "<seq> <state> <fired_at> <held_since> <tier>"
  *   l:signup l:conversion l:pql_at   lifecycle times (ms);  l:pql_rule  rule name
+ *   m:<name>               a field another module keeps with the account
+ *                          (pql_account_set_memo; metrics.c's segment values)
  *
  * Firing (DESIGN §3), per (account, rule), edge-triggered:
  *   ARMED --when true (held for held_for, past cooldown since the last fire)--> FIRED
@@ -87,5 +89,27 @@ pql_value pql_account_signal(pql_account *a, size_t i);
 
 /** Rule i's firing state (for tools and tests). */
 void pql_account_rule_state(const pql_account *a, size_t i, unsigned *seq, int *fired);
+
+#define PQL_NO_TIME INT64_MIN /* a lifecycle time not (yet) seen */
+
+/* The lifecycle facts metrics are computed from. */
+typedef struct pql_lifecycle {
+    int64_t signed_up_at; /* earliest signup event time, or PQL_NO_TIME */
+    int64_t converted_at; /* earliest conversion event time, or PQL_NO_TIME */
+    int64_t pql_at;       /* event time of the first PQL qualification, or PQL_NO_TIME */
+    const char *pql_rule; /* the rule that qualified it first, or NULL; owned by the account */
+} pql_lifecycle;
+
+void pql_account_lifecycle(const pql_account *a, pql_lifecycle *out);
+
+/** The trait `name` (null when absent); a string points into the account. */
+pql_value pql_account_trait(const pql_account *a, const char *name, size_t len);
+
+/** A field another module keeps with the account, persisted as "m:<name>"
+ *  (`name` must not contain NUL).  @returns its value (owned by the account,
+ *  NUL-terminated) or NULL when unset. */
+const char *pql_account_memo(const pql_account *a, const char *name, size_t *len);
+/** Sets it (copied); written with the account's next flush. */
+void pql_account_set_memo(pql_account *a, const char *name, const char *value, size_t len);
 
 #endif

@@ -28,7 +28,9 @@
  * applied twice.  A zombie holds a stale epoch and its writes are refused.
  * Alerts are in the same atomic write (outbox), so none is lost; they are
  * produced at least once with ids derived from state (account, rule, seq),
- * so a re-delivery carries the same id. */
+ * so a re-delivery carries the same id.  Metric counters (metrics.h) are
+ * deltas between an account's state before and after each event, carried by
+ * the same write: exactly once like the state they are computed from. */
 #include "task.h"
 
 #include <assert.h>
@@ -87,7 +89,16 @@ void pql_task_destroy(pql_task *t)
     free(t->touched);
     pql_cache_destroy(t->cache);
     pql_store_batch_destroy(t->batch);
+    pql_metrics_destroy(t->metrics);
+    free(t->expansions);
     free(t);
+}
+
+int pql_task_track_metrics(pql_task *t, const char *channel_trait, const char *plan_trait)
+{
+    pql_metrics_destroy(t->metrics);
+    t->metrics = pql_metrics_new(channel_trait, plan_trait);
+    return t->metrics ? 0 : -1;
 }
 
 void pql_task_claimed(pql_task *t, const pql_claim *claim)
@@ -157,10 +168,18 @@ static void on_alert(void *opaque, const pql_alert *al)
     ta->key_len = al->account_id_len;
     ta->payload = b.data; /* ownership moves from the buffer */
     ta->payload_len = b.len;
-    if (al->kind == PQL_ALERT_PQL)
+    if (al->kind == PQL_ALERT_PQL) {
         t->batch_stats.alerts_pql++;
-    else
-        t->batch_stats.alerts_expansion++;
+        return;
+    }
+    t->batch_stats.alerts_expansion++;
+    if (!t->metrics) return;
+    if (t->nexpansions == t->expansions_cap) {
+        t->expansions_cap = t->expansions_cap ? t->expansions_cap * 2 : 8;
+        t->expansions = realloc(t->expansions, t->expansions_cap * sizeof(*t->expansions));
+        if (!t->expansions) abort();
+    }
+    t->expansions[t->nexpansions++] = (struct pql_task_expansion){al->rule, al->triggered_at};
 }
 
 static void advance(pql_task *t, int topic, int64_t offset)
@@ -176,7 +195,17 @@ pql_apply pql_task_apply(pql_task *t, const pql_event *ev, int topic, int64_t of
     pql_account *a = pql_cache_get(t->cache, ev->account_id, ev->account_id_len);
     assert(a && "pipeline loads the account before applying");
     alert_ctx c = {t, json};
+    pql_metrics_state before, after;
+    if (t->metrics) pql_metrics_read(t->metrics, a, &before);
+    t->nexpansions = 0;
     pql_apply res = pql_account_apply(a, ev, now_ms, on_alert, &c);
+    if (t->metrics) { /* the event's change of the account's contribution */
+        pql_metrics_update(t->metrics, a, &after);
+        pql_metrics_change(t->metrics, &before, &after);
+        for (size_t i = 0; i < t->nexpansions; i++)
+            pql_metrics_expansion(t->metrics, a, &after, t->expansions[i].rule,
+                                  t->expansions[i].at);
+    }
     touch(t, a);
     t->batch_stats.consumed++;
     if (res == PQL_APPLY_LATE) t->batch_stats.late++;
@@ -225,6 +254,13 @@ static void add_counter(pql_task *t, const char *field, int64_t v)
     if (v && pql_store_batch_incr(t->batch, "stats", field, v) != PQL_OK) abort();
 }
 
+static void add_metric(void *opaque, const char *hash, const char *field, int64_t delta)
+{
+    build_ctx *c = opaque;
+    if (pql_store_batch_incr(c->t->batch, hash, field, delta) != PQL_OK) abort();
+    c->any = 1;
+}
+
 int pql_task_build_batch(pql_task *t, const char *group, const char *const *topics, int64_t ttl_ms)
 {
     CHECK(t);
@@ -254,6 +290,7 @@ int pql_task_build_batch(pql_task *t, const char *group, const char *const *topi
     add_counter(t, "late", t->batch_stats.late);
     add_counter(t, "alerts_pql", t->batch_stats.alerts_pql);
     add_counter(t, "alerts_expansion", t->batch_stats.alerts_expansion);
+    if (t->metrics) pql_metrics_drain(t->metrics, add_metric, &c);
     return c.any;
 }
 
@@ -285,6 +322,7 @@ void pql_task_abandon(pql_task *t)
     for (int i = 0; i < PQL_NTOPICS; i++)
         t->next[i] = t->committed[i];
     memset(&t->batch_stats, 0, sizeof(t->batch_stats));
+    if (t->metrics) pql_metrics_clear(t->metrics); /* the accounts reload: so do their counts */
     t->delivered_in_batch = 0;
     t->dlq_failed = 0;
     t->dirty = 0;

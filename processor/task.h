@@ -13,6 +13,7 @@
 #include "account.h"
 #include "cache.h"
 #include "decode.h"
+#include "metrics.h"
 #include "rules.h"
 #include "store.h"
 
@@ -61,12 +62,23 @@ typedef struct pql_task {
     size_t ntouched, touched_cap; /* the only ones a batch can have changed */
     unsigned batch_no;            /* their pql_account_mark; never 0 */
     pql_store_batch *batch;
-    int dirty; /* something to write */
+    int dirty;            /* something to write */
+    pql_metrics *metrics; /* metric counter deltas of the batch (metrics.h); NULL: off */
+    struct pql_task_expansion {
+        const char *rule; /* the rule set's name: valid during the apply */
+        int64_t at;
+    } * expansions; /* expansion alerts of the event being applied */
+    size_t nexpansions, expansions_cap;
 } pql_task;
 
 /** @returns a new task in state ASSIGNED, or NULL. */
 pql_task *pql_task_new(int32_t partition, uint64_t generation);
 void pql_task_destroy(pql_task *t);
+
+/** Keeps metric counters (metrics.h) with this task's batches from now on,
+ *  segmenting by the traits named `channel_trait` and `plan_trait`.
+ *  @returns 0, or -1 when out of memory. */
+int pql_task_track_metrics(pql_task *t, const char *channel_trait, const char *plan_trait);
 
 /** Records a successful claim: state RUNNING, offsets to resume from. */
 void pql_task_claimed(pql_task *t, const pql_claim *claim);
@@ -90,8 +102,8 @@ void pql_task_skip(pql_task *t, int topic, int64_t offset, int dead_lettered);
 
 /** Builds this batch's atomic write into t->batch: every dirty account's
  *  fields, the next offsets, outbox puts (new alerts) and deletes (delivered
- *  alerts), counters.  `topics` names the two input topics; `ttl_ms` is the
- *  account key TTL.  @returns 1 if there is anything to write, 0 if not. */
+ *  alerts), counters (and metric counters, when tracked).  `topics` names the two input topics;
+ * `ttl_ms` is the account key TTL.  @returns 1 if there is anything to write, 0 if not. */
 int pql_task_build_batch(pql_task *t, const char *group, const char *const *topics, int64_t ttl_ms);
 
 /** After Redis applied t->batch: seq advances, committed offsets catch up,
