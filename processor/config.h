@@ -74,6 +74,11 @@ typedef struct pql_config {
     /* Output */
     int output_json; /* output.format: avro (0, default) | json (1) */
 
+    /* Metric aggregates (docs/metrics.md) */
+    int64_t metrics_interval_ms; /* metrics.interval, default "60s"; 0s: counted, not emitted */
+    char *metrics_channel_trait; /* metrics.channel_trait, default "channel" */
+    char *metrics_plan_trait;    /* metrics.plan_trait, default "plan" */
+
     /* Embedded default (used only when brokers and/or redis are unset) */
     char *data_dir;          /* data_dir / PQLSTREAM_DATA_DIR, default "pqlstream-data" */
     int embedded_partitions; /* embedded.partitions, default 4 */

@@ -3,11 +3,14 @@
  *   pqlstream run [--key=value …]     the main job (embedded default when no
  *                                     brokers / redis are configured)
  *   pqlstream rules check FILE|DIR…  validate rule files, file:line:col errors
+ *   pqlstream metrics [--granularity G] [--segment S] [--since WHEN]
+ *                                     the metric aggregates in Redis, as a table
  *   pqlstream version
  */
 #include "config.h"
 #include "embedded_kafka.h"
 #include "log.h"
+#include "metrics_report.h"
 #include "pipeline.h"
 #include "redis_child.h"
 #include "rules.h"
@@ -46,6 +49,8 @@ static void usage(FILE *out)
         "  pqlstream run --help               list every option, its environment variable and "
         "default\n"
         "  pqlstream rules check PATH…        validate rule files or directories\n"
+        "  pqlstream metrics [--granularity day] [--segment channel] [--since 30d]\n"
+        "                                     PQL rate, time to PQL, PQL vs non-PQL conversion\n"
         "  pqlstream version                  print the version\n\n"
         "With no brokers configured (PQLSTREAM_BROKERS) `run` starts an embedded Kafka "
         "(librdkafka's\n"
@@ -220,6 +225,8 @@ int main(int argc, char **argv)
         return 0;
     }
     if (!strcmp(argv[1], "run")) return cmd_run(argc - 1, argv + 1);
+    if (!strcmp(argv[1], "metrics"))
+        return pql_metrics_command(argc - 1, argv + 1, environ, stdout, stderr);
     if (!strcmp(argv[1], "rules") && argc >= 3 && !strcmp(argv[2], "check"))
         return cmd_rules_check(argc - 3, argv + 3);
     fprintf(stderr, "pqlstream: unknown command '%s'\n\n", argv[1]);

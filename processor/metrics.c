@@ -119,6 +119,31 @@ void pql_format_utc(int64_t t, char *out, size_t size)
              (int)(ms / PQL_MS_HOUR), (int)(ms / PQL_MS_MINUTE % 60), (int)(ms / 1000 % 60));
 }
 
+int pql_parse_utc(const char *s, int64_t *ms_out)
+{
+    int y, mo, d, h = 0, mi = 0, sec = 0, n = 0;
+    size_t len = strlen(s);
+    if (sscanf(s, "%4d-%2d-%2d%n", &y, &mo, &d, &n) != 3 || n != 10) return -1;
+    if (len > 10) {
+        int m = 0;
+        if (sscanf(s + 10, "T%2d:%2d%n", &h, &mi, &m) != 2 || m != 6) return -1;
+        n = 16;
+        if (s[n] == ':') {
+            if (sscanf(s + n, ":%2d%n", &sec, &m) != 1 || m != 3) return -1;
+            n += 3;
+        }
+        if (strcmp(s + n, "Z") != 0) return -1;
+    }
+    if (mo < 1 || mo > 12 || d < 1 || h > 23 || mi > 59 || sec > 59 || h < 0 || mi < 0 || sec < 0)
+        return -1;
+    int64_t day = days_from_civil(y, (unsigned)mo, (unsigned)d);
+    if (pql_period_start(PQL_GRAN_MONTH, day * PQL_MS_DAY) !=
+        days_from_civil(y, (unsigned)mo, 1) * PQL_MS_DAY)
+        return -1; /* the 31st of a 30-day month rolled over */
+    *ms_out = day * PQL_MS_DAY + h * PQL_MS_HOUR + mi * PQL_MS_MINUTE + sec * 1000LL;
+    return 0;
+}
+
 /* ---- histogram ------------------------------------------------------------- */
 
 #define GAMMA ((1.0 + PQL_HIST_ALPHA) / (1.0 - PQL_HIST_ALPHA))

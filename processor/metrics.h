@@ -104,6 +104,9 @@ int64_t pql_period_start(pql_granularity g, int64_t t);
 int64_t pql_period_next(pql_granularity g, int64_t start);
 /** Writes "2024-01-01T00:00:00Z" (ISO 8601, UTC) into out. */
 void pql_format_utc(int64_t t, char *out, size_t size);
+/** Parses "2024-01-01", "2024-01-01T13:05Z" or "2024-01-01T13:05:09Z" (UTC).
+ *  @returns 0, or -1 when `s` is not such a date. */
+int pql_parse_utc(const char *s, int64_t *ms_out);
 
 /* ---- the time-to-PQL histogram -------------------------------------------- */
 

@@ -182,6 +182,20 @@ int pql_metric_table_add(pql_metric_table *t, const char *field, size_t len, int
     return 0;
 }
 
+int pql_metric_table_merge(pql_metric_table *dst, const pql_metric_table *src)
+{
+    for (size_t i = 0; i < src->n; i++) {
+        const cell *s = &src->cells[i];
+        cell *d = cell_get(dst, s->kind, s->value, strlen(s->value));
+        if (!d) return -1;
+        for (int k = 0; k < NCOUNTERS; k++)
+            d->c[k] += s->c[k];
+        for (size_t b = 0; b < s->nb; b++)
+            if (hist_add(d, s->bucket[b], s->count[b])) return -1;
+    }
+    return 0;
+}
+
 size_t pql_metric_table_size(const pql_metric_table *t)
 {
     return t->n;
@@ -352,6 +366,44 @@ pql_err pql_metric_encode(const pql_metric_record *r, int json, pql_buf *out, ch
         pql_set_err(errstr, errstr_size, "out of memory");
     }
     return err;
+}
+
+/* ---- for people ----------------------------------------------------------------- */
+
+void pql_metric_format_duration(pql_opt ms, char *out, size_t size)
+{
+    double v = ms.v;
+    if (!ms.has)
+        snprintf(out, size, "—");
+    else if (v < 1000)
+        snprintf(out, size, "%.0fms", v);
+    else if (v < PQL_MS_MINUTE)
+        snprintf(out, size, "%.0fs", v / 1000);
+    else if (v < PQL_MS_HOUR)
+        snprintf(out, size, "%.0fm", v / PQL_MS_MINUTE);
+    else if (v < PQL_MS_DAY)
+        snprintf(out, size, "%.1fh", v / PQL_MS_HOUR);
+    else
+        snprintf(out, size, "%.1fd", v / PQL_MS_DAY);
+}
+
+void pql_metric_format_rate(pql_opt rate, char *out, size_t size)
+{
+    if (rate.has)
+        snprintf(out, size, "%.1f%%", rate.v * 100);
+    else
+        snprintf(out, size, "—");
+}
+
+void pql_metric_format_lift(const pql_metric_figures *f, char *out, size_t size)
+{
+    const pql_opt *a = &f->pql_to_paid_rate, *b = &f->non_pql_to_paid_rate;
+    if (!a->has || !b->has)
+        snprintf(out, size, "—");
+    else if (b->v == 0)
+        snprintf(out, size, a->v > 0 ? "∞" : "—");
+    else
+        snprintf(out, size, "%.1f×", a->v / b->v);
 }
 
 /* ---- Avro back to JSON ----------------------------------------------------- */

@@ -45,6 +45,11 @@ int64_t pql_metric_table_start(const pql_metric_table *t);
  *  (ignored: written by a newer version). */
 int pql_metric_table_add(pql_metric_table *t, const char *field, size_t field_len, int64_t value);
 
+/** Adds every counter of `src` into `dst` (counts are additive over
+ *  periods: the figures of the sum are those of the union of the periods).
+ *  @returns 0, or -1 when out of memory. */
+int pql_metric_table_merge(pql_metric_table *dst, const pql_metric_table *src);
+
 /** Segments present, sorted by kind then value. */
 size_t pql_metric_table_size(const pql_metric_table *t);
 /** Segment i: its kind and value (owned by the table), and its figures. */
@@ -79,5 +84,15 @@ pql_err pql_metric_encode(const pql_metric_record *r, int json, pql_buf *out, ch
 /** Decodes an Avro MetricAggregate into a JSON object (tests, tools).
  *  @returns a new reference, or NULL with a reason. */
 json_t *pql_metric_avro_to_json(const void *buf, size_t len, char *errstr, size_t errstr_size);
+
+/* ---- for people (the metrics command, the embedded default's summary) ---- */
+
+/** "45s", "12m", "3.5h", "2.1d"; "—" when absent. */
+void pql_metric_format_duration(pql_opt ms, char *out, size_t size);
+/** "42.0%"; "—" when absent (zero denominator). */
+void pql_metric_format_rate(pql_opt rate, char *out, size_t size);
+/** The PQL vs non-PQL lift, pql_to_paid_rate / non_pql_to_paid_rate, as
+ *  "6.9×"; "—" when either is absent, "∞" when only the PQL side converts. */
+void pql_metric_format_lift(const pql_metric_figures *f, char *out, size_t size);
 
 #endif

@@ -4,6 +4,7 @@
 #include "account.h"
 #include "decode.h"
 #include "log.h"
+#include "metrics_emit.h"
 #include "sink.h"
 #include "store.h"
 #include "task.h"
@@ -43,6 +44,7 @@ struct pql_pipeline {
     int reset_latest; /* auto.offset.reset=latest: start there when Redis has no offset */
     volatile sig_atomic_t *stop;   /* set by SIGTERM/SIGINT */
     volatile sig_atomic_t *reload; /* set by SIGHUP */
+    pql_metrics_emitter *emitter;  /* emits while we own partition 0; NULL: off */
 };
 
 static void sleep_ms(int ms)
@@ -240,6 +242,9 @@ static pql_task *claim_task(pql_pipeline *p, int32_t part)
         backoff = backoff * 2 > MAX_BACKOFF_MS ? MAX_BACKOFF_MS : backoff * 2;
     }
     pql_task_claimed(t, &claim);
+    if (pql_task_track_metrics(t, p->cfg->metrics_channel_trait, p->cfg->metrics_plan_trait))
+        abort();
+    if (part == 0) pql_metrics_emitter_own(p->emitter, claim.epoch);
     void *ctx[2] = {t, p};
     if (pql_store_outbox_scan(p->store, p->cfg->group, part, resend_outbox_item, ctx, err,
                               sizeof(err)) != PQL_OK)
@@ -257,6 +262,7 @@ static void drop_task(pql_pipeline *p, int32_t part, const char *why)
     pql_task *t = task_of(p, part, 0);
     if (!t) return;
     pql_info("partition released", "partition=%d reason=%s", part, why);
+    if (part == 0) pql_metrics_emitter_own(p->emitter, 0);
     pql_task_destroy(t);
     p->tasks[part] = NULL;
     for (int i = 0; i < PQL_NTOPICS; i++) {
@@ -829,11 +835,15 @@ pql_pipeline *pql_pipeline_new(const pql_config *cfg, const char *brokers, const
     conf = NULL;
     rd_kafka_poll_set_consumer(p->consumer);
 
-    pql_sink_callbacks cb = {on_alert_delivered, on_dlq_done, p};
+    pql_sink_callbacks cb = {on_alert_delivered, on_dlq_done, p, NULL};
     p->sink = pql_sink_new(cfg, brokers, &cb, errstr, errstr_size);
     if (!p->sink) goto fail;
 
     if (check_topics(p, errstr, errstr_size) < 0) goto fail;
+    if (cfg->metrics_interval_ms > 0 &&
+        !(p->emitter = pql_metrics_emitter_start(cfg, brokers, redis_url, p->npartitions, errstr,
+                                                 errstr_size)))
+        goto fail;
     p->tasks = calloc((size_t)p->npartitions, sizeof(*p->tasks));
     p->inboxes = calloc((size_t)p->npartitions, sizeof(*p->inboxes));
     p->blocked_since = calloc((size_t)p->npartitions, sizeof(*p->blocked_since));
@@ -862,11 +872,13 @@ fail:
 void pql_pipeline_print_alerts(pql_pipeline *p, int on)
 {
     p->print_alerts = on;
+    pql_metrics_emitter_print(p->emitter, on);
 }
 
 void pql_pipeline_destroy(pql_pipeline *p)
 {
     if (!p) return;
+    pql_metrics_emitter_stop(p->emitter);
     for (int32_t i = 0; p->tasks && i < p->npartitions; i++)
         pql_task_destroy(p->tasks[i]);
     for (int32_t i = 0; p->inboxes && i < p->npartitions; i++)

@@ -42,7 +42,8 @@ typedef struct pql_pipeline pql_pipeline;
 pql_pipeline *pql_pipeline_new(const pql_config *cfg, const char *brokers, const char *redis_url,
                                pql_rules *rules, char *errstr, size_t errstr_size);
 
-/** Prints each delivered alert to stdout for a person (embedded default). */
+/** Prints each delivered alert, and a summary of each metric emission, to
+ *  stdout for a person (embedded default). */
 void pql_pipeline_print_alerts(pql_pipeline *p, int on);
 
 /** Runs until *stop becomes non-zero, then finishes the batch, flushes,

@@ -9,7 +9,7 @@
 
 #define RETRY_BACKOFF_MS 1000
 
-typedef enum { ITEM_ALERT, ITEM_DLQ } item_kind;
+typedef enum { ITEM_ALERT, ITEM_DLQ, ITEM_METRIC } item_kind;
 
 /* What travels with a produced message as its opaque. */
 typedef struct item {
@@ -25,7 +25,7 @@ typedef struct item {
 
 struct pql_sink {
     rd_kafka_t *rk;
-    rd_kafka_topic_t *alerts, *dlq;
+    rd_kafka_topic_t *alerts, *dlq, *metrics;
     pql_sink_callbacks cb;
     item *retry; /* failed alerts waiting to be produced again */
     size_t nretry;
@@ -44,6 +44,14 @@ static void on_delivery(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaqu
     (void)rk;
     pql_sink *s = opaque;
     item *it = m->_private;
+    if (it->kind == ITEM_METRIC) {
+        if (m->err)
+            pql_warn("metric aggregate not delivered; it is emitted again next time",
+                     "error=\"%s\"", rd_kafka_err2str(m->err));
+        if (s->cb.metric_done) s->cb.metric_done(s->cb.opaque, !m->err);
+        item_free(it);
+        return;
+    }
     if (it->kind == ITEM_DLQ) {
         if (m->err)
             pql_error("dead letter not delivered", "partition=%d error=\"%s\"", it->partition,
@@ -103,6 +111,7 @@ pql_sink *pql_sink_new(const pql_config *cfg, const char *brokers, const pql_sin
     conf = NULL; /* owned by rk now */
     s->alerts = rd_kafka_topic_new(s->rk, cfg->topic_alerts, NULL);
     s->dlq = rd_kafka_topic_new(s->rk, cfg->topic_dlq, NULL);
+    s->metrics = rd_kafka_topic_new(s->rk, cfg->topic_metrics, NULL);
     return s;
 fail:
     if (conf) rd_kafka_conf_destroy(conf);
@@ -180,6 +189,20 @@ pql_err pql_sink_dlq(pql_sink *s, uint64_t generation, const rd_kafka_message_t 
     return PQL_OK;
 }
 
+pql_err pql_sink_metric(pql_sink *s, const char *key, size_t key_len, const void *payload,
+                        size_t payload_len)
+{
+    item *it = calloc(1, sizeof(*it));
+    if (!it) return PQL_ERR_NOMEM;
+    it->kind = ITEM_METRIC;
+    if (rd_kafka_produce(s->metrics, RD_KAFKA_PARTITION_UA, RD_KAFKA_MSG_F_COPY, (void *)payload,
+                         payload_len, key, key_len, it) == -1) {
+        item_free(it);
+        return PQL_ERR_IO;
+    }
+    return PQL_OK;
+}
+
 void pql_sink_poll(pql_sink *s, int timeout_ms)
 {
     rd_kafka_poll(s->rk, timeout_ms);
@@ -227,6 +250,7 @@ void pql_sink_destroy(pql_sink *s, int timeout_ms)
     }
     rd_kafka_topic_destroy(s->alerts);
     rd_kafka_topic_destroy(s->dlq);
+    rd_kafka_topic_destroy(s->metrics);
     rd_kafka_destroy(s->rk);
     free(s);
 }

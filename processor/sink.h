@@ -1,4 +1,5 @@
-/* sink.h — Kafka out: alerts and dead letters, through one idempotent producer.
+/* sink.h — Kafka out: alerts, dead letters and metric aggregates, through one
+ * idempotent producer.
  *
  * An I/O edge.  Alerts are produced keyed by account id; the sink retries a
  * failed alert delivery forever (with back-off) because the alert is in the
@@ -25,6 +26,8 @@ typedef struct pql_sink_callbacks {
     /* A dead letter reached the DLQ topic (ok=1) or could not (ok=0). */
     void (*dlq_done)(void *opaque, int32_t partition, uint64_t generation, int ok);
     void *opaque;
+    /* A metric aggregate reached the metric topic (ok=1) or could not (ok=0). */
+    void (*metric_done)(void *opaque, int ok);
 } pql_sink_callbacks;
 
 /** Creates the producer for `brokers` with the kafka.* pass-through of cfg.
@@ -43,6 +46,12 @@ pql_err pql_sink_alert(pql_sink *s, int32_t partition, uint64_t generation, cons
  *  reason.  The caller must not commit past msg until dlq_done says ok. */
 pql_err pql_sink_dlq(pql_sink *s, uint64_t generation, const rd_kafka_message_t *msg, pql_err code,
                      const char *reason);
+
+/** Produces a metric aggregate onto topics.metrics (copied).  No retry: the
+ *  outcome comes back through metric_done.  @returns PQL_OK, or PQL_ERR_IO
+ *  when librdkafka refused it at once (queue full). */
+pql_err pql_sink_metric(pql_sink *s, const char *key, size_t key_len, const void *payload,
+                        size_t payload_len);
 
 /** Serves delivery reports and re-sends failed alerts whose back-off passed. */
 void pql_sink_poll(pql_sink *s, int timeout_ms);

@@ -600,6 +600,107 @@ pql_err pql_store_counters(pql_store *s, const char *group, int32_t partition, c
     return PQL_OK;
 }
 
+pql_err pql_store_read_counters(pql_store *s, const char *group, size_t n,
+                                const int32_t *partitions, const char *const *names,
+                                void (*fn)(void *opaque, size_t i, const char *field,
+                                           size_t field_len, int64_t value),
+                                void *opaque, char *errstr, size_t errstr_size)
+{
+    pql_err err = n ? store_connect(s, errstr, errstr_size) : PQL_OK;
+    if (n == 0 || err) return err;
+    for (size_t i = 0; i < n; i++) { /* hiredis copies the arguments at append */
+        pql_buf_reset(&s->scratch);
+        if (append_key(&s->scratch, group, partitions[i], "c:", names[i], strlen(names[i])))
+            return io_fail(s, errstr, errstr_size, "HGETALL: out of memory");
+        const char *av[2] = {"HGETALL", s->scratch.data};
+        size_t al[2] = {7, s->scratch.len};
+        if (redisAppendCommandArgv(s->ctx, 2, av, al) != REDIS_OK)
+            return io_fail(s, errstr, errstr_size, "HGETALL");
+    }
+    s->round_trips++;
+    s->commands += n;
+    for (size_t i = 0; i < n; i++) {
+        redisReply *r = get_reply(s);
+        if (!r) return io_fail(s, errstr, errstr_size, "HGETALL counters");
+        if (!is_flat_pairs(r)) /* keep reading: the pipeline stays in step */
+            err = fail(s, errstr, errstr_size, PQL_ERR_IO, "redis %s: HGETALL counters %s: %s",
+                       s->where, names[i], r->type == REDIS_REPLY_ERROR ? r->str : "bad reply");
+        for (size_t j = 0; !err && j < r->elements; j += 2) {
+            int64_t v;
+            if (!parse_i64(r->element[j + 1], &v))
+                fn(opaque, i, r->element[j]->str, r->element[j]->len, v);
+        }
+        freeReplyObject(r);
+    }
+    return err;
+}
+
+pql_err pql_store_epoch(pql_store *s, const char *group, int32_t partition, int64_t *epoch,
+                        char *errstr, size_t errstr_size)
+{
+    pql_buf *k = &s->scratch;
+    pql_buf_reset(k);
+    if (append_key(k, group, partition, "meta", "", 0))
+        return fail(s, errstr, errstr_size, PQL_ERR_NOMEM, "epoch: out of memory");
+    const char *av[3] = {"HGET", k->data, "epoch"};
+    size_t al[3] = {4, k->len, 5};
+    pql_err err;
+    redisReply *r = command(s, 3, av, al, "HGET epoch", &err, errstr, errstr_size);
+    if (!r) return err;
+    *epoch = 0;
+    if (r->type != REDIS_REPLY_NIL && parse_i64(r, epoch))
+        err = fail(s, errstr, errstr_size, PQL_ERR_IO, "redis %s: epoch: bad reply", s->where);
+    freeReplyObject(r);
+    return err;
+}
+
+pql_err pql_store_partitions(pql_store *s, const char *group, int32_t *count, char *errstr,
+                             size_t errstr_size)
+{
+    pql_buf pattern = {0}, prefix = {0};
+    char cursor[32] = "0";
+    pql_err err = PQL_OK;
+    *count = 0;
+    /* pql:{<group>:*}:meta, the group's glob characters escaped */
+    int oom = pql_buf_append(&pattern, "pql:{", 5) | pql_buf_printf(&prefix, "pql:{%s:", group);
+    for (const char *g = group; *g; g++) {
+        if (strchr("*?[]\\", *g)) oom |= pql_buf_append(&pattern, "\\", 1);
+        oom |= pql_buf_append(&pattern, g, 1);
+    }
+    oom |= pql_buf_append(&pattern, ":*}:meta", 8);
+    if (oom) err = fail(s, errstr, errstr_size, PQL_ERR_NOMEM, "partitions: out of memory");
+    while (!err) {
+        const char *av[6] = {"SCAN", cursor, "MATCH", pattern.data, "COUNT", "1000"};
+        size_t al[6] = {4, strlen(cursor), 5, pattern.len, 5, 4};
+        redisReply *r = command(s, 6, av, al, "SCAN", &err, errstr, errstr_size);
+        if (!r) break;
+        const redisReply *c = r->elements == 2 ? r->element[0] : NULL;
+        const redisReply *keys = c ? r->element[1] : NULL;
+        if (r->type != REDIS_REPLY_ARRAY || !c || c->type != REDIS_REPLY_STRING ||
+            c->len >= sizeof cursor || keys->type != REDIS_REPLY_ARRAY) {
+            freeReplyObject(r);
+            err = fail(s, errstr, errstr_size, PQL_ERR_IO, "redis %s: SCAN: bad reply", s->where);
+            break;
+        }
+        memcpy(cursor, c->str, c->len + 1);
+        for (size_t i = 0; i < keys->elements; i++) {
+            const redisReply *k = keys->element[i];
+            char *end;
+            if (k->type != REDIS_REPLY_STRING || k->len <= prefix.len ||
+                memcmp(k->str, prefix.data, prefix.len))
+                continue;
+            long p = strtol(k->str + prefix.len, &end, 10);
+            if (!strcmp(end, "}:meta") && p >= 0 && p < INT32_MAX && p + 1 > *count)
+                *count = (int32_t)p + 1;
+        }
+        freeReplyObject(r);
+        if (!strcmp(cursor, "0")) break;
+    }
+    pql_buf_free(&pattern);
+    pql_buf_free(&prefix);
+    return err;
+}
+
 /* ---- batches ----------------------------------------------------------------- */
 
 pql_store_batch *pql_store_batch_new(void)

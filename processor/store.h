@@ -135,6 +135,26 @@ pql_err pql_store_counters(pql_store *s, const char *group, int32_t partition, c
                                       int64_t value),
                            void *opaque, char *errstr, size_t errstr_size);
 
+/** Reads n counter hashes pql:{g:partitions[i]}:c:<names[i]> in one
+ *  pipelined round trip; fn is called for every field of hash i.  A field
+ *  whose value is not an integer is skipped.  @returns PQL_OK or PQL_ERR_IO. */
+pql_err pql_store_read_counters(pql_store *s, const char *group, size_t n,
+                                const int32_t *partitions, const char *const *names,
+                                void (*fn)(void *opaque, size_t i, const char *field,
+                                           size_t field_len, int64_t value),
+                                void *opaque, char *errstr, size_t errstr_size);
+
+/** The partition's current epoch (0 when never claimed).  @returns PQL_OK or
+ *  PQL_ERR_IO. */
+pql_err pql_store_epoch(pql_store *s, const char *group, int32_t partition, int64_t *epoch,
+                        char *errstr, size_t errstr_size);
+
+/** How many partitions the group has state for: 1 + the highest partition
+ *  number with a meta hash (SCAN; for tools), 0 when none.  @returns PQL_OK
+ *  or PQL_ERR_IO. */
+pql_err pql_store_partitions(pql_store *s, const char *group, int32_t *count, char *errstr,
+                             size_t errstr_size);
+
 /** Round trips and commands sent since open (for benchmarks and /metrics). */
 void pql_store_stats(const pql_store *s, uint64_t *round_trips, uint64_t *commands);
 

@@ -609,3 +609,49 @@ Test(records, key_avro_and_json_round_trip_with_nulls)
     pql_buf_free(&avro);
     pql_buf_free(&js);
 }
+
+Test(records, dates_for_since_and_table_merges)
+{
+    int64_t t;
+    cr_assert_eq(pql_parse_utc("2024-01-01", &t), 0);
+    cr_assert_eq(t, JAN1);
+    cr_assert_eq(pql_parse_utc("2024-02-29T13:05Z", &t), 0);
+    cr_assert_eq(t, utc(2024, 2, 29, 13, 5, 0));
+    cr_assert_eq(pql_parse_utc("2024-01-01T00:00:09Z", &t), 0);
+    cr_assert_eq(t, JAN1 + 9000);
+    static const char *const bad[] = {"2024-1-1",          "2023-02-29",  "2024-04-31",
+                                      "2024-01-01T25:00Z", "2024-01-01 ", "yesterday",
+                                      "2024-01-01T10:00",  "2024-13-01"};
+    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++)
+        cr_assert_eq(pql_parse_utc(bad[i], &t), -1, "%s", bad[i]);
+
+    /* counts add up over periods: the merge's figures are the union's */
+    pql_metric_table *a = pql_metric_table_new(PQL_GRAN_DAY, JAN1);
+    pql_metric_table *b = pql_metric_table_new(PQL_GRAN_DAY, JAN1 + DAY);
+    add(a, "all|all|pqls_new", 1);
+    add(a, "all|all|ttp:10", 1);
+    add(b, "all|all|pqls_new", 2);
+    add(b, "all|all|pqls_conv", 1);
+    add(b, "all|all|ttp:20", 2);
+    add(b, "plan|free|signups", 4);
+    cr_assert_eq(pql_metric_table_merge(a, b), 0);
+    pql_metric_figures f = figures_of(a, PQL_SEG_ALL, "all");
+    cr_assert_eq(f.pqls_new, 3);
+    cr_assert(f.pql_to_paid_rate.has && fabs(f.pql_to_paid_rate.v - 1.0 / 3) < 1e-12);
+    cr_assert_eq(f.time_to_pql_count, 3);
+    cr_assert_eq(f.time_to_pql_p50_ms.v, pql_hist_value(20));
+    cr_assert_eq(figures_of(a, PQL_SEG_PLAN, "free").signups, 4);
+    char buf[32];
+    pql_metric_format_lift(&f, buf, sizeof buf);
+    cr_assert_str_eq(buf, "—", "no non-PQL rate: no lift");
+    f.non_pql_to_paid_rate = (pql_opt){1, 0.05};
+    f.pql_to_paid_rate = (pql_opt){1, 0.4};
+    pql_metric_format_lift(&f, buf, sizeof buf);
+    cr_assert_str_eq(buf, "8.0×");
+    pql_metric_format_duration((pql_opt){1, 36.0 * PQL_MS_HOUR}, buf, sizeof buf);
+    cr_assert_str_eq(buf, "1.5d");
+    pql_metric_format_rate((pql_opt){0, 0}, buf, sizeof buf);
+    cr_assert_str_eq(buf, "—");
+    pql_metric_table_destroy(a);
+    pql_metric_table_destroy(b);
+}
