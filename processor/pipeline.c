@@ -879,6 +879,7 @@ void pql_pipeline_destroy(pql_pipeline *p)
 {
     if (!p) return;
     pql_metrics_emitter_stop(p->emitter);
+    p->emitter = NULL; /* a late revoke must not reach it */
     for (int32_t i = 0; p->tasks && i < p->npartitions; i++)
         pql_task_destroy(p->tasks[i]);
     for (int32_t i = 0; p->inboxes && i < p->npartitions; i++)
