@@ -6,14 +6,17 @@
  *
  * The story.  Accounts "acct-0001"… each get, on first appearance, a short
  * history: an AccountUpdate (plan free|team, seats for team, channel,
- * employees), a `signed_up` event some days ago, for team accounts a
+ * employees), then for free accounts a self-serve `signed_up` event some days
+ * ago, for team accounts (sales-led, no self-serve signup) a
  * `subscription_started` (paid from day one), and logins on some of the past
  * days.  The history is the one place event time is not "now": `active_days`
  * in rules/pql.yaml needs logins on 3 distinct days, which wall-clock time
  * alone would take days to produce.  After that every event carries the wall
  * clock: logins, feature_used (projects/docs/chat), teammate_invited,
  * pricing_viewed, onboarding_completed, api_request, and now and then a free
- * account converting (subscription_started, then plan=team with seats).
+ * account converting (subscription_started, then plan=team with seats); hot
+ * free accounts, the ones the PQL rules catch, convert more often, so the
+ * metric aggregates show PQL-to-paid well above non-PQL-to-paid.
  *
  * About 15% of the accounts are "hot" (12× as active, long history, team
  * accounts whose users fill their seats), so at 200 records/s the shipped
@@ -249,7 +252,7 @@ static void introduce(pql_sample *s, int i, int64_t now)
     emit_traits(s, i, signup);
     pql_prop p[MAX_PROPS];
     p[0] = prop_str("channel", a->channel);
-    emit_usage(s, i, signup + 1000, "signed_up", 1, p, 1);
+    if (!a->team) emit_usage(s, i, signup + 1000, "signed_up", 1, p, 1);
     if (a->team) {
         p[0] = prop_str("plan", "team");
         p[1] = prop_num("seats", a->seats);
@@ -294,7 +297,7 @@ static void live_event(pql_sample *s, int i, int64_t now)
     static const char *const features[] = {"projects", "docs", "chat"};
     static const double feature_w[] = {6, 2.5, 1.5};
     sample_account *a = &s->accts[i];
-    double w[] = {24, 34, 5, 6, a->onboarded ? 0 : 4, 20, a->team ? 0 : 0.3};
+    double w[] = {24, 34, 5, 6, a->onboarded ? 0 : 4, 20, a->team ? 0 : a->hot ? 0.6 : 0.3};
     const char *ev = pick(s, events, w, 7);
     int user = pick_user(s, a);
     pql_prop p[MAX_PROPS];
