@@ -37,9 +37,11 @@ typedef struct verdict {
 
 #define MAX_REASONS 16
 
-/* A field another module keeps with the account (pql_account_set_memo). */
+/* A field another module keeps with the account (pql_account_set_memo).
+ * The name is inline: looking a memo up, on every event, touches one array. */
+#define MEMO_NAME_MAX 16
 typedef struct memo {
-    char *name;
+    char name[MEMO_NAME_MAX];
     char *value;
     size_t value_len;
     int dirty;
@@ -124,10 +126,8 @@ void pql_account_destroy(pql_account *a)
         trait_free_value(&a->traits[i]);
     }
     free(a->traits);
-    for (size_t i = 0; i < a->nmemos; i++) {
-        free(a->memos[i].name);
+    for (size_t i = 0; i < a->nmemos; i++)
         free(a->memos[i].value);
-    }
     free(a->memos);
     for (size_t i = 0; i < a->ndeleted; i++)
         free(a->deleted[i]);
@@ -837,12 +837,12 @@ int pql_account_load_field(pql_account *a, const char *f, size_t flen, const cha
         }
     }
     if (flen > 2 && f[0] == 'm' && f[1] == ':') {
-        char *name = xmalloc(flen - 1);
+        char name[MEMO_NAME_MAX];
+        if (flen - 2 >= sizeof name || memchr(f + 2, '\0', flen - 2)) return -1;
         memcpy(name, f + 2, flen - 2);
         name[flen - 2] = '\0';
         pql_account_set_memo(a, name, v, vlen);
         memo_find(a, name)->dirty = 0; /* loaded, not changed */
-        free(name);
         return 0;
     }
     return -1;
@@ -860,7 +860,7 @@ size_t pql_account_memory(const pql_account *a)
     for (size_t i = 0; i < ns; i++)
         if (a->windows[i]) n += pql_window_memory(a->windows[i]);
     for (size_t i = 0; i < a->nmemos; i++)
-        n += sizeof(memo) + strlen(a->memos[i].name) + a->memos[i].value_len + 2;
+        n += sizeof(memo) + a->memos[i].value_len + 1;
     return n;
 }
 
@@ -904,11 +904,11 @@ void pql_account_set_memo(pql_account *a, const char *name, const char *value, s
 {
     memo *m = memo_find(a, name);
     if (!m) {
+        if (strlen(name) >= MEMO_NAME_MAX) abort(); /* a caller's bug: names are constants */
         a->memos = realloc(a->memos, (a->nmemos + 1) * sizeof(*a->memos));
         if (!a->memos) abort();
         m = &a->memos[a->nmemos++];
-        m->name = strdup(name);
-        if (!m->name) abort();
+        snprintf(m->name, sizeof m->name, "%s", name);
     } else {
         free(m->value);
     }

@@ -106,10 +106,11 @@ void pql_account_lifecycle(const pql_account *a, pql_lifecycle *out);
 pql_value pql_account_trait(const pql_account *a, const char *name, size_t len);
 
 /** A field another module keeps with the account, persisted as "m:<name>"
- *  (`name` must not contain NUL).  @returns its value (owned by the account,
+ *  (`name`: at most 15 bytes).  @returns its value (owned by the account,
  *  NUL-terminated) or NULL when unset. */
 const char *pql_account_memo(const pql_account *a, const char *name, size_t *len);
-/** Sets it (copied); written with the account's next flush. */
+/** Sets it (copied); written with the account's next flush.  metrics.c sets
+ *  each of its memos once (absent → present) and relies on that. */
 void pql_account_set_memo(pql_account *a, const char *name, const char *value, size_t len);
 
 #endif

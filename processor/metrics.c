@@ -289,9 +289,21 @@ static void rehash(pql_metrics *m, size_t nslots)
     }
 }
 
-static void add(pql_metrics *m, const char *hash, const char *field, int64_t v)
+#define FNV_BASIS 0xcbf29ce484222325ULL
+
+/* The table's hash of (hash, field) from fnv(hash) and fnv(field): callers
+ * that add many fields hash each period and each field prefix once. */
+static uint64_t combine(uint64_t hash_h, uint64_t field_h)
 {
-    uint64_t h = fnv(fnv(0xcbf29ce484222325ULL, hash) ^ 0x1f, field);
+    uint64_t x = hash_h ^ (field_h * 0x9e3779b97f4a7c15ULL);
+    x ^= x >> 33;
+    x *= 0xff51afd7ed558ccdULL;
+    return x ^ (x >> 33);
+}
+
+/* Adds v to (hash, field), whose hash is h. */
+static void add_hashed(pql_metrics *m, const char *hash, const char *field, uint64_t h, int64_t v)
+{
     if (2 * (m->n + 1) > m->nslots) rehash(m, m->nslots ? m->nslots * 2 : 256);
     size_t s = h & (m->nslots - 1);
     for (; m->slots[s]; s = (s + 1) & (m->nslots - 1)) {
@@ -317,13 +329,75 @@ static void add(pql_metrics *m, const char *hash, const char *field, int64_t v)
 
 /* ---- contributions ----------------------------------------------------------- */
 
+#define FIELD_MAX (PQL_SEG_VALUE_MAX + 160) /* "rule|<127 bytes>|" + a counter */
+
+/* Appends s to out at *n (the caller sized out). */
+static void put_str(char *out, size_t *n, const char *s)
+{
+    size_t len = strlen(s);
+    memcpy(out + *n, s, len);
+    *n += len;
+}
+
+/* The counter hash of the period of granularity g holding t:
+ * "m:day:1704067200000" (formatted by hand: this runs ~100 times a change). */
+static void period_hash(pql_granularity g, int64_t t, char out[64])
+{
+    char digits[24];
+    int64_t v = pql_period_start(g, t);
+    uint64_t u = v < 0 ? -(uint64_t)v : (uint64_t)v;
+    size_t n = 0, d = 0;
+    do
+        digits[d++] = (char)('0' + u % 10);
+    while ((u /= 10) != 0);
+    put_str(out, &n, "m:");
+    put_str(out, &n, gran_names[g]);
+    out[n++] = ':';
+    if (v < 0) out[n++] = '-';
+    while (d)
+        out[n++] = digits[--d];
+    out[n] = '\0';
+}
+
+/* "<kind>|<value>|" into out (FIELD_MAX bytes).  @returns its length. */
+static size_t field_prefix(pql_segment k, const char *value, char *out)
+{
+    size_t n = 0;
+    put_str(out, &n, seg_names[k]);
+    out[n++] = '|';
+    put_str(out, &n, value); /* at most 127 bytes: rule names are cut to 127 */
+    out[n++] = '|';
+    out[n] = '\0';
+    return n;
+}
+
+/* A segment of a period hash: the hash, its field prefix "<kind>|<value>|"
+ * and their FNV hashes, so adding a counter formats nothing and hashes only
+ * the counter's name. */
+typedef struct cellref {
+    const char *hash, *prefix;
+    size_t prefix_len;
+    uint64_t hash_h, prefix_h;
+} cellref;
+
+static void add_counter(pql_metrics *m, const cellref *c, const char *counter, int64_t v)
+{
+    char field[FIELD_MAX];
+    size_t n = strlen(counter);
+    if (c->prefix_len + n >= sizeof field) return; /* cannot happen: values are bounded */
+    memcpy(field, c->prefix, c->prefix_len);
+    memcpy(field + c->prefix_len, counter, n + 1);
+    add_hashed(m, c->hash, field, combine(c->hash_h, fnv(c->prefix_h, counter)), v);
+}
+
 static void add_cell(pql_metrics *m, pql_granularity g, int64_t t, pql_segment k, const char *value,
                      const char *counter, int64_t v)
 {
-    char hash[64], field[PQL_SEG_VALUE_MAX + 160];
-    snprintf(hash, sizeof hash, "m:%s:%lld", gran_names[g], (long long)pql_period_start(g, t));
-    snprintf(field, sizeof field, "%s|%s|%s", seg_names[k], value, counter);
-    add(m, hash, field, v);
+    char hash[64], prefix[FIELD_MAX];
+    period_hash(g, t, hash);
+    cellref c = {hash, prefix, field_prefix(k, value, prefix), fnv(FNV_BASIS, hash), 0};
+    c.prefix_h = fnv(FNV_BASIS, prefix);
+    add_counter(m, &c, counter, v);
 }
 
 /* The segments an account counts in: the base three, then its rule. */
@@ -336,37 +410,76 @@ static int segments(const pql_metrics_state *s, const char *values[PQL_NSEG])
     return s->rule[0] && s->pql_at != PQL_NO_TIME ? PQL_NSEG : PQL_SEG_RULE;
 }
 
-/* Adds `sign` times the account's contribution (metrics.h, 3.). */
-static void contribute(pql_metrics *m, const pql_metrics_state *s, int64_t sign)
+/* The parts of a contribution, each a function of some facts only. */
+enum {
+    PART_SIGNUP = 1, /* of s, whether q and c are known, the segments */
+    PART_QUAL = 2,   /* of q, the rule, s, c, the segments */
+    PART_CONV = 4,   /* of c, q, the rule, the segments */
+};
+
+/* Adds `sign` times the parts `parts` of the account's contribution (metrics.h, 3.). */
+static void contribute(pql_metrics *m, const pql_metrics_state *s, int64_t sign, unsigned parts)
 {
     const char *seg[PQL_NSEG];
     int nseg = segments(s, seg);
     int64_t su = s->signup, q = s->pql_at, c = s->conversion;
-    int has_s = su != PQL_NO_TIME, has_q = q != PQL_NO_TIME, has_c = c != PQL_NO_TIME;
+    int has_s = su != PQL_NO_TIME && (parts & PART_SIGNUP);
+    int has_q = q != PQL_NO_TIME, has_c = c != PQL_NO_TIME;
     int pql_conv = has_q && has_c && q <= c;
-    char ttp[32] = "";
-    if (has_q && has_s && q >= su) snprintf(ttp, sizeof ttp, "ttp:%d", pql_hist_bucket(q - su));
+    int q_part = has_q && (parts & PART_QUAL), c_part = has_c && (parts & PART_CONV);
+    char ttp[32] = "", prefix[PQL_NSEG][FIELD_MAX], hs[64], hq[64], hc[64];
+    size_t plen[PQL_NSEG];
+    uint64_t ph[PQL_NSEG];
+    if (has_q && su != PQL_NO_TIME && q >= su)
+        snprintf(ttp, sizeof ttp, "ttp:%d", pql_hist_bucket(q - su));
+    for (int k = 0; k < nseg; k++) {
+        plen[k] = field_prefix(k, seg[k], prefix[k]);
+        ph[k] = fnv(FNV_BASIS, prefix[k]);
+    }
     for (int g = 0; g < PQL_NGRAN; g++) {
+        uint64_t ss = 0, sq = 0, sc = 0;
+        if (has_s) period_hash(g, su, hs), ss = fnv(FNV_BASIS, hs);
+        if (q_part) period_hash(g, q, hq), sq = fnv(FNV_BASIS, hq);
+        if (c_part) period_hash(g, c, hc), sc = fnv(FNV_BASIS, hc);
         for (int k = 0; has_s && k < PQL_SEG_RULE; k++) {
-            add_cell(m, g, su, k, seg[k], "signups", sign);
+            cellref r = {hs, prefix[k], plen[k], ss, ph[k]};
+            add_counter(m, &r, "signups", sign);
             if (has_q)
-                add_cell(m, g, su, k, seg[k], "signups_pql", sign);
+                add_counter(m, &r, "signups_pql", sign);
             else if (has_c)
-                add_cell(m, g, su, k, seg[k], "signups_np_conv", sign);
+                add_counter(m, &r, "signups_np_conv", sign);
         }
-        for (int k = 0; has_q && k < nseg; k++) {
-            add_cell(m, g, q, k, seg[k], "pqls_new", sign);
+        for (int k = 0; q_part && k < nseg; k++) {
+            cellref r = {hq, prefix[k], plen[k], sq, ph[k]};
+            add_counter(m, &r, "pqls_new", sign);
             if (!has_c)
-                add_cell(m, g, q, k, seg[k], "pqls_open", sign);
+                add_counter(m, &r, "pqls_open", sign);
             else if (c >= q)
-                add_cell(m, g, q, k, seg[k], "pqls_conv", sign);
-            if (has_s && q >= su) add_cell(m, g, q, k, seg[k], ttp, sign);
+                add_counter(m, &r, "pqls_conv", sign);
+            if (ttp[0]) add_counter(m, &r, ttp, sign);
         }
-        for (int k = 0; has_c && k < (pql_conv ? nseg : PQL_SEG_RULE); k++) {
-            add_cell(m, g, c, k, seg[k], "conv", sign);
-            if (pql_conv) add_cell(m, g, c, k, seg[k], "conv_pql", sign);
+        for (int k = 0; c_part && k < (pql_conv ? nseg : PQL_SEG_RULE); k++) {
+            cellref r = {hc, prefix[k], plen[k], sc, ph[k]};
+            add_counter(m, &r, "conv", sign);
+            if (pql_conv) add_counter(m, &r, "conv_pql", sign);
         }
     }
+}
+
+/* The parts whose facts differ between a and b (recomputing a part whose
+ * facts are equal is only wasted work: its two contributions cancel). */
+static unsigned parts_changed(const pql_metrics_state *a, const pql_metrics_state *b)
+{
+    if (strcmp(a->channel, b->channel) || strcmp(a->plan, b->plan)) return 7;
+    int rule = strcmp(a->rule, b->rule) != 0;
+    int s = a->signup != b->signup, q = a->pql_at != b->pql_at, c = a->conversion != b->conversion;
+    unsigned parts = 0;
+    if (s || (a->pql_at == PQL_NO_TIME) != (b->pql_at == PQL_NO_TIME) ||
+        (a->conversion == PQL_NO_TIME) != (b->conversion == PQL_NO_TIME))
+        parts |= PART_SIGNUP;
+    if (s || q || c || rule) parts |= PART_QUAL;
+    if (q || c || rule) parts |= PART_CONV;
+    return parts;
 }
 
 static int same_state(const pql_metrics_state *a, const pql_metrics_state *b)
@@ -396,42 +509,69 @@ void pql_metrics_read(const pql_metrics *m, const pql_account *a, pql_metrics_st
     }
 }
 
-void pql_metrics_update(const pql_metrics *m, pql_account *a, pql_metrics_state *out)
+void pql_metrics_mark_of(const pql_account *a, pql_metrics_mark *out)
 {
     pql_lifecycle lc;
     pql_account_lifecycle(a, &lc);
-    if (lc.signed_up_at != PQL_NO_TIME || lc.pql_at != PQL_NO_TIME ||
-        lc.converted_at != PQL_NO_TIME) {
-        for (int k = 0; k < 2; k++) {
-            if (pql_account_memo(a, memo_names[k], NULL)) continue;
-            char v[PQL_SEG_VALUE_MAX + 1];
-            render_trait(a, m->trait[k], v, sizeof v);
-            if (v[0]) pql_account_set_memo(a, memo_names[k], v, strlen(v));
-        }
+    out->signup = lc.signed_up_at;
+    out->pql_at = lc.pql_at;
+    out->conversion = lc.converted_at;
+}
+
+void pql_metrics_account_changed(pql_metrics *m, pql_account *a, const pql_metrics_mark *before)
+{
+    pql_metrics_mark now;
+    pql_metrics_mark_of(a, &now);
+    int known =
+        now.signup != PQL_NO_TIME || now.pql_at != PQL_NO_TIME || now.conversion != PQL_NO_TIME;
+    if (!known) return; /* no lifecycle fact, before or after: no contribution */
+    /* the memos as before the event (applying it does not touch them) */
+    const char *had[2] = {pql_account_memo(a, memo_names[0], NULL),
+                          pql_account_memo(a, memo_names[1], NULL)};
+    int froze = 0;
+    for (int k = 0; k < 2; k++) { /* freeze what can be: metrics.h, 4. */
+        if (had[k]) continue;
+        char v[PQL_SEG_VALUE_MAX + 1];
+        render_trait(a, m->trait[k], v, sizeof v);
+        if (v[0]) pql_account_set_memo(a, memo_names[k], v, strlen(v));
+        froze |= v[0] != '\0';
     }
-    pql_metrics_read(m, a, out);
+    if (!froze && now.signup == before->signup && now.pql_at == before->pql_at &&
+        now.conversion == before->conversion)
+        return; /* the usual event */
+    pql_metrics_state after, was;
+    pql_metrics_read(m, a, &after);
+    was = after; /* the state before, from the account now (see pql_metrics_mark) */
+    was.signup = before->signup;
+    was.pql_at = before->pql_at;
+    was.conversion = before->conversion;
+    if (before->pql_at == PQL_NO_TIME) was.rule[0] = '\0';
+    if (!had[0]) was.channel[0] = '\0';
+    if (!had[1]) was.plan[0] = '\0';
+    pql_metrics_change(m, &was, &after);
 }
 
 void pql_metrics_change(pql_metrics *m, const pql_metrics_state *before,
                         const pql_metrics_state *after)
 {
     if (same_state(before, after)) return;
-    contribute(m, before, -1);
-    contribute(m, after, +1);
+    unsigned parts = parts_changed(before, after);
+    contribute(m, before, -1, parts);
+    contribute(m, after, +1, parts);
 }
 
-void pql_metrics_expansion(pql_metrics *m, const pql_account *a, const pql_metrics_state *s,
-                           const char *rule, int64_t at)
+void pql_metrics_expansion(pql_metrics *m, const pql_account *a, const char *rule, int64_t at)
 {
+    pql_metrics_state s;
+    pql_metrics_read(m, a, &s);
     char cur[2][PQL_SEG_VALUE_MAX + 1], name[128];
     const char *seg[PQL_NSEG];
-    const char *frozen[2] = {s->channel, s->plan};
+    const char *frozen[2] = {s.channel, s.plan};
     seg[PQL_SEG_ALL] = "all";
     for (int k = 0; k < 2; k++) {
         if (frozen[k][0])
             snprintf(cur[k], sizeof cur[k], "%s", frozen[k]);
-        else if (s->signup == PQL_NO_TIME && s->pql_at == PQL_NO_TIME &&
-                 s->conversion == PQL_NO_TIME)
+        else if (s.signup == PQL_NO_TIME && s.pql_at == PQL_NO_TIME && s.conversion == PQL_NO_TIME)
             render_trait(a, m->trait[k], cur[k], sizeof cur[k]);
         else
             cur[k][0] = '\0'; /* frozen as missing: counts stay with "(none)" */

@@ -155,16 +155,30 @@ void pql_metrics_destroy(pql_metrics *m);
 
 /** Reads the account's facts (changes nothing). */
 void pql_metrics_read(const pql_metrics *m, const pql_account *a, pql_metrics_state *out);
-/** Freezes segment values that can be frozen now (see 4. above; they are
- *  written with the account's next flush), then reads the facts. */
-void pql_metrics_update(const pql_metrics *m, pql_account *a, pql_metrics_state *out);
 /** Adds contribution(after) - contribution(before). */
 void pql_metrics_change(pql_metrics *m, const pql_metrics_state *before,
                         const pql_metrics_state *after);
+
+/* An account's lifecycle times before an event: all that must be kept to
+ * compute the event's change, because of two invariants of account.c: the
+ * first rule is set together with pql_at (and never changes after), and
+ * applying an event never touches memos (only pql_metrics_account_changed()
+ * sets them, once).  Taking it copies three numbers: the per-event cost. */
+typedef struct pql_metrics_mark {
+    int64_t signup, pql_at, conversion;
+} pql_metrics_mark;
+
+void pql_metrics_mark_of(const pql_account *a, pql_metrics_mark *out);
+
+/** After an event was applied to `a`: freezes the segment values that can be
+ *  frozen now (see 4. above; written with the account's next flush) and, if
+ *  the facts differ from `before` (taken just before the event), adds
+ *  contribution(after) - contribution(before). */
+void pql_metrics_account_changed(pql_metrics *m, pql_account *a, const pql_metrics_mark *before);
+
 /** Counts an expansion alert of `rule` triggered at `at` for account `a`
- *  (whose facts are `s`, as pql_metrics_update() left them). */
-void pql_metrics_expansion(pql_metrics *m, const pql_account *a, const pql_metrics_state *s,
-                           const char *rule, int64_t at);
+ *  (after pql_metrics_account_changed() for the event that fired it). */
+void pql_metrics_expansion(pql_metrics *m, const pql_account *a, const char *rule, int64_t at);
 
 /** @returns how many counter deltas are pending (some may be zero). */
 size_t pql_metrics_pending(const pql_metrics *m);

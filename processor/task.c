@@ -195,16 +195,14 @@ pql_apply pql_task_apply(pql_task *t, const pql_event *ev, int topic, int64_t of
     pql_account *a = pql_cache_get(t->cache, ev->account_id, ev->account_id_len);
     assert(a && "pipeline loads the account before applying");
     alert_ctx c = {t, json};
-    pql_metrics_state before, after;
-    if (t->metrics) pql_metrics_read(t->metrics, a, &before);
+    pql_metrics_mark before;
+    if (t->metrics) pql_metrics_mark_of(a, &before);
     t->nexpansions = 0;
     pql_apply res = pql_account_apply(a, ev, now_ms, on_alert, &c);
     if (t->metrics) { /* the event's change of the account's contribution */
-        pql_metrics_update(t->metrics, a, &after);
-        pql_metrics_change(t->metrics, &before, &after);
+        pql_metrics_account_changed(t->metrics, a, &before);
         for (size_t i = 0; i < t->nexpansions; i++)
-            pql_metrics_expansion(t->metrics, a, &after, t->expansions[i].rule,
-                                  t->expansions[i].at);
+            pql_metrics_expansion(t->metrics, a, t->expansions[i].rule, t->expansions[i].at);
     }
     touch(t, a);
     t->batch_stats.consumed++;

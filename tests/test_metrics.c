@@ -4,6 +4,7 @@
  * account contributions (order independence, late facts, frozen segments),
  * the account memo round trip, record keys and encodings. */
 #include "account.h"
+#include "config.h"
 #include "metrics.h"
 #include "metrics_table.h"
 
@@ -456,11 +457,10 @@ static void apply(pql_metrics *m, pql_account *a, int account_update, const char
     ev.timestamp = ts;
     ev.props = (pql_prop *)props;
     ev.nprops = n;
-    pql_metrics_state before, after;
-    pql_metrics_read(m, a, &before);
+    pql_metrics_mark before;
+    pql_metrics_mark_of(a, &before);
     pql_account_apply(a, &ev, 0, noop_alert, NULL);
-    pql_metrics_update(m, a, &after);
-    pql_metrics_change(m, &before, &after);
+    pql_metrics_account_changed(m, a, &before);
 }
 
 #define STR(k, v) ((pql_prop){(k), strlen(k), pql_str((v), strlen(v))})
@@ -545,9 +545,7 @@ Test(contributions, expansion_alerts_count_by_rule_and_frozen_segments)
     pql_account *a = pql_account_new(r, "acme", 4);
     pql_prop t[] = {STR("channel", "partner"), STR("plan", "team")};
     apply(m, a, 1, NULL, JAN1, t, 2);
-    pql_metrics_state s;
-    pql_metrics_update(m, a, &s); /* no lifecycle: the current traits */
-    pql_metrics_expansion(m, a, &s, "seats", JAN1 + 30 * H);
+    pql_metrics_expansion(m, a, "seats", JAN1 + 30 * H); /* no lifecycle: the current traits */
     static deltas d;
     d.n = 0;
     pql_metrics_drain(m, collect, &d);
@@ -654,4 +652,25 @@ Test(records, dates_for_since_and_table_merges)
     cr_assert_str_eq(buf, "—");
     pql_metric_table_destroy(a);
     pql_metric_table_destroy(b);
+}
+
+Test(records, configuration_keys_and_defaults)
+{
+    pql_config c;
+    char err[256];
+    pql_config_init(&c);
+    cr_assert_eq(c.metrics_interval_ms, 60000);
+    cr_assert_str_eq(c.metrics_channel_trait, "channel");
+    cr_assert_str_eq(c.metrics_plan_trait, "plan");
+    char *env[] = {"PQLSTREAM_METRICS_INTERVAL=5s", "PQLSTREAM_METRICS_PLAN_TRAIT=tier", NULL};
+    cr_assert_eq(pql_config_load_env(&c, env, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(c.metrics_interval_ms, 5000);
+    cr_assert_str_eq(c.metrics_plan_trait, "tier");
+    cr_assert_eq(pql_config_set(&c, "metrics.channel_trait", "utm_source", err, sizeof err), 0);
+    cr_assert_str_eq(c.metrics_channel_trait, "utm_source");
+    cr_assert_eq(pql_config_set(&c, "metrics.interval", "often", err, sizeof err), -1);
+    cr_assert(strstr(err, "metrics.interval"), "%s", err);
+    cr_assert_eq(pql_config_set(&c, "metrics.intervall", "5s", err, sizeof err), -1);
+    cr_assert(strstr(err, "did you mean '--metrics.interval'"), "%s", err);
+    pql_config_term(&c);
 }

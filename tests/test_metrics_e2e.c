@@ -741,6 +741,7 @@ Test(metrics_e2e, a_scripted_cohort_across_a_partition_move_gives_exact_figures)
         h_sleep_ms(100);
     }
     H_ASSERT_PROC(p2, diff.len == 0, "the metric topic differs from the model:\n%s", diff.data);
+    pql_buf_free(&diff);
 
     /* hand-checked cells (the model could share a misreading with the code) */
     json_t *r = NULL;
