@@ -253,6 +253,9 @@ static pql_value lookup(void *opaque, int slot)
             c->ev ? event_prop(c->ev, pql_rules_prop(c->a->rules, (size_t)idx)) : NULL;
         return p ? p->value : pql_null();
     }
+    case PQL_SLOT_BUILTIN: /* PQL_BUILTIN_SINCE_SIGNUP */
+        if (c->a->signed_up_at == NO_TIME || c->a->clock == NO_TIME) return pql_null();
+        return pql_num((double)(c->a->clock - c->a->signed_up_at));
     case PQL_SLOT_FIELD:
         if (!c->ev) return pql_null();
         if (idx == PQL_FIELD_EVENT) return pql_str(c->ev->event, c->ev->event_len);

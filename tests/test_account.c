@@ -180,7 +180,8 @@ Test(account, late_events_are_reported_and_not_counted)
     pql_rules_destroy(r);
 }
 
-static const char *expansion = "signals:\n"
+static const char *expansion = "traits: { seats: number }\n"
+                               "signals:\n"
                                "  users: { distinct: user_id, of: '*', window: 30d }\n"
                                "expansion:\n"
                                "  - name: seats\n"
@@ -456,7 +457,8 @@ Test(account, scored_rule_state_survives_flush_and_load)
 Test(account, fit_gates_a_rule_on_traits)
 {
     pql_rules *r =
-        rules_of("signals:\n  logins: { count: login, window: 7d }\n"
+        rules_of("traits: { employees: number, industry: string }\n"
+                 "signals:\n  logins: { count: login, window: 7d }\n"
                  "pql:\n  - name: big\n    when: logins >= 1\n"
                  "    fit: account.employees >= 50 and account.industry == \"fintech\"\n");
     pql_account *a = pql_account_new(r, "acme", 4);

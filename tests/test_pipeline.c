@@ -25,6 +25,7 @@
 static const char *rules_yaml =
     "version: 9\n"
     "lifecycle: { signup: signed_up, conversion: subscription_started }\n"
+    "traits: { seats: number }\n"
     "signals:\n"
     "  logins:  { count: login, window: 7d }\n"
     "  invites: { count: teammate_invited, window: 14d }\n"
