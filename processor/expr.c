@@ -822,6 +822,25 @@ pql_vtype pql_expr_type(const pql_expr *e)
     return e ? e->root->type : PQL_V_NULL;
 }
 
+static void conjuncts(const node *n, pql_expr_lookup_fn lookup, void *ctx,
+                      void (*fn)(void *opaque, size_t start, size_t end, pql_value v),
+                      void *opaque)
+{
+    if (n->kind == K_AND) {
+        conjuncts(n->u.bin.l, lookup, ctx, fn, opaque);
+        conjuncts(n->u.bin.r, lookup, ctx, fn, opaque);
+        return;
+    }
+    fn(opaque, n->start, n->end, eval(n, lookup, ctx));
+}
+
+void pql_expr_conjuncts(const pql_expr *e, pql_expr_lookup_fn lookup, void *ctx,
+                        void (*fn)(void *opaque, size_t start, size_t end, pql_value v),
+                        void *opaque)
+{
+    if (e) conjuncts(e->root, lookup, ctx, fn, opaque);
+}
+
 void pql_expr_foreach_slot(const pql_expr *e, void (*fn)(void *opaque, int slot), void *opaque)
 {
     for (size_t i = 0; e && i < e->slots.n; i++)

@@ -82,6 +82,14 @@ int pql_expr_test(const pql_expr *e, pql_expr_lookup_fn lookup, void *ctx);
 /** The static type of the expression's result (PQL_V_NULL if unknown). */
 pql_vtype pql_expr_type(const pql_expr *e);
 
+/** Explains a condition: calls fn once for each operand of the top-level
+ *  `and` chain of `e` (once for `e` itself when it is not an `and`), left to
+ *  right, with the operand's byte span [start, end) in the compiled source
+ *  and its value.  `a >= 5 and (b or c)` gives "a >= 5" and "b or c". */
+void pql_expr_conjuncts(const pql_expr *e, pql_expr_lookup_fn lookup, void *ctx,
+                        void (*fn)(void *opaque, size_t start, size_t end, pql_value v),
+                        void *opaque);
+
 /** Calls fn(opaque, slot) once for every distinct slot `e` references, in
  *  order of first appearance. */
 void pql_expr_foreach_slot(const pql_expr *e, void (*fn)(void *opaque, int slot), void *opaque);
