@@ -100,10 +100,10 @@ typedef struct pql_rule_view {
     int holds;     /* the rule's condition holds now */
     int has_score; /* weighted: points; logistic: probability */
     double score;
-    int tier;     /* PQL_TIER_* reached now, -1 if none */
-    int clear;    /* the clear condition holds now (re-arms a fired rule) */
-    unsigned seq; /* arming sequence number: how many times it fired */
-    int fired;    /* FIRED (1) or ARMED (0) */
+    int tier;                     /* PQL_TIER_* reached now, -1 if none */
+    int clear;                    /* the clear condition holds now (re-arms a fired rule) */
+    unsigned seq;                 /* arming sequence number: how many times it fired */
+    int fired;                    /* FIRED (1) or ARMED (0) */
     int64_t fired_at, held_since; /* event times, PQL_NO_TIME when none */
     int fired_tier;               /* tier of the last alert, -1 if none */
 } pql_rule_view;

@@ -823,8 +823,7 @@ pql_vtype pql_expr_type(const pql_expr *e)
 }
 
 static void conjuncts(const node *n, pql_expr_lookup_fn lookup, void *ctx,
-                      void (*fn)(void *opaque, size_t start, size_t end, pql_value v),
-                      void *opaque)
+                      void (*fn)(void *opaque, size_t start, size_t end, pql_value v), void *opaque)
 {
     if (n->kind == K_AND) {
         conjuncts(n->u.bin.l, lookup, ctx, fn, opaque);

@@ -1122,6 +1122,36 @@ pql_rules *pql_rules_load(const char *path, pql_buf *errors)
     return r;
 }
 
+static uint64_t fingerprint_add(uint64_t h, const char *name, const struct stat *st)
+{
+    uint64_t parts[3] = {(uint64_t)st->st_mtim.tv_sec, (uint64_t)st->st_mtim.tv_nsec,
+                         (uint64_t)st->st_size};
+    for (const char *c = name; *c; c++)
+        h = (h ^ (unsigned char)*c) * 1099511628211ull;
+    for (int i = 0; i < 3; i++)
+        h = (h ^ parts[i]) * 1099511628211ull;
+    return h;
+}
+
+uint64_t pql_rules_fingerprint(const char *path)
+{
+    struct stat st;
+    uint64_t h = 14695981039346656037ull;
+    if (stat(path, &st) < 0) return 0;
+    if (!S_ISDIR(st.st_mode)) return fingerprint_add(h, path, &st);
+    DIR *d = opendir(path);
+    struct dirent *de;
+    uint64_t sum = 0; /* order-independent: readdir order is arbitrary */
+    char full[4096];
+    while (d && (de = readdir(d))) {
+        if (!yaml_name(de->d_name)) continue;
+        snprintf(full, sizeof(full), "%s/%s", path, de->d_name);
+        if (stat(full, &st) == 0) sum += fingerprint_add(h, de->d_name, &st);
+    }
+    if (d) closedir(d);
+    return sum ? sum : 1;
+}
+
 pql_rules *pql_rules_load_string(const char *yaml, const char *name, pql_buf *errors)
 {
     rule_file *f = calloc(1, sizeof(*f));

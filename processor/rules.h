@@ -148,6 +148,11 @@ pql_rules *pql_rules_load(const char *path, pql_buf *errors);
 pql_rules *pql_rules_load_string(const char *yaml, const char *name, pql_buf *errors);
 
 void pql_rules_destroy(pql_rules *r);
+/** A fingerprint of the rule files at `path` (names, sizes, modification
+ *  times): it changes when a file is edited, added or removed.  0 when the
+ *  path does not exist.  Cheap (stat only): the pipeline polls it to reload
+ *  rules when they change (rules.watch). */
+uint64_t pql_rules_fingerprint(const char *path);
 
 const char *pql_rules_version(const pql_rules *r);
 size_t pql_rules_nsignals(const pql_rules *r);

@@ -595,8 +595,8 @@ pql_err pql_store_find_account(pql_store *s, const char *group, const char *acco
         redisReply *r = get_reply(s);
         if (!r) return io_fail(s, errstr, errstr_size, "EXISTS");
         if (r->type == REDIS_REPLY_ERROR && !err)
-            err = fail(s, errstr, errstr_size, PQL_ERR_IO, "redis %s: EXISTS: %s", s->where,
-                       r->str);
+            err =
+                fail(s, errstr, errstr_size, PQL_ERR_IO, "redis %s: EXISTS: %s", s->where, r->str);
         else if (r->type == REDIS_REPLY_INTEGER && r->integer > 0 && *partition < 0)
             *partition = p;
         freeReplyObject(r);
