@@ -69,8 +69,9 @@ static int cmd_rules_check(int argc, char **argv)
         pql_buf errors = {0};
         pql_rules *r = pql_rules_load(argv[i], &errors);
         if (r) {
-            printf("%s: ok — version %s, %zu signals, %zu rules\n", argv[i], pql_rules_version(r),
-                   pql_rules_nsignals(r), pql_rules_nrules(r));
+            size_t ns = pql_rules_nsignals(r), nr = pql_rules_nrules(r);
+            printf("%s: ok — version %s, %zu signal%s, %zu rule%s\n", argv[i], pql_rules_version(r),
+                   ns, ns == 1 ? "" : "s", nr, nr == 1 ? "" : "s");
             pql_rules_destroy(r);
         } else {
             fputs(errors.data ? errors.data : "unknown error\n", stderr);

@@ -28,13 +28,13 @@ Test(rules, shipped_rule_set_loads)
     pql_buf errors = {0};
     pql_rules *r = pql_rules_load(PQL_SOURCE_DIR "/rules", &errors);
     cr_assert_not_null(r, "%s", errors.data ? errors.data : "");
-    cr_assert_str_eq(pql_rules_version(r), "1");
-    cr_assert_eq(pql_rules_nsignals(r), 7);
-    cr_assert_eq(pql_rules_nrules(r), 3);
+    cr_assert_str_eq(pql_rules_version(r), "1+1"); /* expansion.yaml + pql.yaml */
+    cr_assert_eq(pql_rules_nsignals(r), 11);
+    cr_assert_eq(pql_rules_nrules(r), 7);
     cr_assert_str_eq(pql_rules_signup_event(r), "signed_up");
     cr_assert_str_eq(pql_rules_conversion_event(r), "subscription_started");
     const pql_rule *seat =
-        pql_rules_rule(r, (size_t)pql_rules_rule_by_name(r, "seat-saturation", 15));
+        pql_rules_rule(r, (size_t)pql_rules_rule_by_name(r, "seat-saturation-80", 18));
     cr_assert_eq(seat->kind, PQL_ALERT_EXPANSION);
     cr_assert_eq(seat->applies_to, PQL_APPLIES_PAID);
     cr_assert_eq(seat->cooldown_ms, 14 * PQL_MS_DAY);
