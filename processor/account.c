@@ -9,7 +9,7 @@
 
 #define MAX_TRAITS 1024 /* traits kept per account; more are dropped */
 #define REASON_MAX 1024 /* a rendered reason, like a CRM long-text field */
-#define NO_TIME    INT64_MIN
+#define NO_TIME    PQL_NO_TIME
 
 typedef struct trait {
     char *key;
@@ -270,6 +270,9 @@ static pql_value lookup(void *opaque, int slot)
             c->ev ? event_prop(c->ev, pql_rules_prop(c->a->rules, (size_t)idx)) : NULL;
         return p ? p->value : pql_null();
     }
+    case PQL_SLOT_BUILTIN: /* PQL_BUILTIN_SINCE_SIGNUP */
+        if (c->a->signed_up_at == NO_TIME || c->a->clock == NO_TIME) return pql_null();
+        return pql_num((double)(c->a->clock - c->a->signed_up_at));
     case PQL_SLOT_FIELD:
         if (!c->ev) return pql_null();
         if (idx == PQL_FIELD_EVENT) return pql_str(c->ev->event, c->ev->event_len);
@@ -870,21 +873,58 @@ void pql_account_rule_state(const pql_account *a, size_t i, unsigned *seq, int *
     if (fired) *fired = a->rstate[i].fired;
 }
 
-/* ---- what other modules read and keep (metrics.c) ---------------------- */
+/* ---- reading an account ------------------------------------------------ */
 
-void pql_account_lifecycle(const pql_account *a, pql_lifecycle *out)
+pql_value pql_account_lookup(void *account, int slot)
 {
-    out->signed_up_at = a->signed_up_at;
-    out->converted_at = a->converted_at;
-    out->pql_at = a->pql_at;
-    out->pql_rule = a->pql_rule;
+    eval_ctx ctx = {account, NULL};
+    return lookup(&ctx, slot);
 }
 
-pql_value pql_account_trait(const pql_account *a, const char *name, size_t len)
+void pql_account_rule_view(pql_account *a, size_t i, pql_rule_view *out)
 {
-    trait *t = trait_find(a, name, len);
-    return t ? t->value : pql_null();
+    const pql_rule *rule = pql_rules_rule(a->rules, i);
+    const rule_state *st = &a->rstate[i];
+    eval_ctx ctx = {a, NULL};
+    verdict v = judge(a, rule);
+    memset(out, 0, sizeof(*out));
+    out->paid = is_paid(a);
+    out->fit = !rule->fit || pql_expr_test(rule->fit, lookup, &ctx);
+    out->applies = applies(a, rule, out->paid);
+    out->holds = v.holds;
+    out->has_score = v.has_score;
+    out->score = v.score;
+    out->tier = v.tier;
+    out->clear = rule->clear ? pql_expr_test(rule->clear, lookup, &ctx) : !v.holds;
+    out->seq = st->seq;
+    out->fired = st->fired;
+    out->fired_at = st->fired_at;
+    out->held_since = st->held_since;
+    out->fired_tier = st->tier;
 }
+
+void pql_account_lifecycle(const pql_account *a, int64_t *signed_up_at, int64_t *converted_at,
+                           int64_t *pql_at, const char **pql_rule)
+{
+    if (signed_up_at) *signed_up_at = a->signed_up_at;
+    if (converted_at) *converted_at = a->converted_at;
+    if (pql_at) *pql_at = a->pql_at;
+    if (pql_rule) *pql_rule = a->pql_rule;
+}
+
+size_t pql_account_ntraits(const pql_account *a)
+{
+    return a->ntraits;
+}
+
+const char *pql_account_trait(const pql_account *a, size_t i, pql_value *v)
+{
+    if (i >= a->ntraits) return NULL;
+    if (v) *v = a->traits[i].value;
+    return a->traits[i].key;
+}
+
+/* ---- what other modules keep with the account (metrics.c) -------------- */
 
 static memo *memo_find(const pql_account *a, const char *name)
 {

@@ -90,20 +90,39 @@ pql_value pql_account_signal(pql_account *a, size_t i);
 /** Rule i's firing state (for tools and tests). */
 void pql_account_rule_state(const pql_account *a, size_t i, unsigned *seq, int *fired);
 
-#define PQL_NO_TIME INT64_MIN /* a lifecycle time not (yet) seen */
+/* ---- reading an account (rules explain, /v1/accounts) -------------------- */
 
-/* The lifecycle facts metrics are computed from. */
-typedef struct pql_lifecycle {
-    int64_t signed_up_at; /* earliest signup event time, or PQL_NO_TIME */
-    int64_t converted_at; /* earliest conversion event time, or PQL_NO_TIME */
-    int64_t pql_at;       /* event time of the first PQL qualification, or PQL_NO_TIME */
-    const char *pql_rule; /* the rule that qualified it first, or NULL; owned by the account */
-} pql_lifecycle;
+#define PQL_NO_TIME INT64_MIN
 
-void pql_account_lifecycle(const pql_account *a, pql_lifecycle *out);
+/** Everything the engine knows of rule i for this account, as of now. */
+typedef struct pql_rule_view {
+    int paid;      /* the account counts as paid (converted or lifecycle.paid) */
+    int fit;       /* the fit condition holds (1 when the rule has none) */
+    int applies;   /* applies_to matches and fit holds */
+    int holds;     /* the rule's condition holds now */
+    int has_score; /* weighted: points; logistic: probability */
+    double score;
+    int tier;                     /* PQL_TIER_* reached now, -1 if none */
+    int clear;                    /* the clear condition holds now (re-arms a fired rule) */
+    unsigned seq;                 /* arming sequence number: how many times it fired */
+    int fired;                    /* FIRED (1) or ARMED (0) */
+    int64_t fired_at, held_since; /* event times, PQL_NO_TIME when none */
+    int fired_tier;               /* tier of the last alert, -1 if none */
+} pql_rule_view;
 
-/** The trait `name` (null when absent); a string points into the account. */
-pql_value pql_account_trait(const pql_account *a, const char *name, size_t len);
+void pql_account_rule_view(pql_account *a, size_t i, pql_rule_view *out);
+
+/** A pql_expr_lookup_fn over the account (ctx is the pql_account *): reads
+ *  signals, traits and builtins as the rules see them; event fields are null. */
+pql_value pql_account_lookup(void *account, int slot);
+
+/** Lifecycle facts (PQL_NO_TIME when not seen); *pql_rule NULL if none. */
+void pql_account_lifecycle(const pql_account *a, int64_t *signed_up_at, int64_t *converted_at,
+                           int64_t *pql_at, const char **pql_rule);
+
+size_t pql_account_ntraits(const pql_account *a);
+/** Trait i: its name, value in *v (valid until the account changes). */
+const char *pql_account_trait(const pql_account *a, size_t i, pql_value *v);
 
 /** A field another module keeps with the account, persisted as "m:<name>"
  *  (`name`: at most 15 bytes).  @returns its value (owned by the account,

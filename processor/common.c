@@ -38,9 +38,62 @@ const char *pql_err_str(pql_err err)
     return "unknown";
 }
 
+/* 1234567 → "1,234,567" (rounded to a whole number). */
+static int format_count(char *buf, size_t size, double d)
+{
+    char digits[32];
+    double r = round(fabs(d));
+    if (r >= 1e18) return snprintf(buf, size, "%.0f", round(d));
+    int n = snprintf(digits, sizeof digits, "%.0f", r);
+    char out[48];
+    size_t o = 0;
+    if (d < 0 && r > 0) out[o++] = '-';
+    for (int i = 0; i < n; i++) {
+        if (i > 0 && (n - i) % 3 == 0) out[o++] = ',';
+        out[o++] = digits[i];
+    }
+    out[o] = '\0';
+    return snprintf(buf, size, "%s", out);
+}
+
+/* Milliseconds as a person says them: the largest unit, and the next one
+ * down when it is not zero: "14 days", "1 day 4 hours", "1 hour 30 minutes",
+ * "45 seconds", "0 seconds".  Weeks are said in days (a CRM reader counts
+ * "14 days", not "2 weeks"). */
+static int format_duration(char *buf, size_t size, double d)
+{
+    static const struct {
+        const char *one, *many;
+        int64_t ms;
+    } units[] = {{"day", "days", PQL_MS_DAY},
+                 {"hour", "hours", PQL_MS_HOUR},
+                 {"minute", "minutes", PQL_MS_MINUTE},
+                 {"second", "seconds", 1000}};
+    const char *sign = d < 0 ? "-" : "";
+    double a = fabs(d);
+    if (a >= 9.2e18) return snprintf(buf, size, "n/a");
+    int64_t ms = (int64_t)llround(a);
+    for (size_t i = 0; i < 4; i++) {
+        if (ms < units[i].ms && i < 3) continue;
+        int64_t n = ms / units[i].ms, rest = ms % units[i].ms;
+        int k = snprintf(buf, size, "%s%lld %s", sign, (long long)n,
+                         n == 1 ? units[i].one : units[i].many);
+        if (i < 3 && k > 0 && (size_t)k < size) {
+            int64_t m = rest / units[i + 1].ms;
+            if (m)
+                k += snprintf(buf + k, size - (size_t)k, " %lld %s", (long long)m,
+                              m == 1 ? units[i + 1].one : units[i + 1].many);
+        }
+        return k;
+    }
+    return snprintf(buf, size, "0 seconds");
+}
+
 int pql_format_number(char *buf, size_t size, double d, pql_vfmt fmt)
 {
     if (!isfinite(d)) return snprintf(buf, size, "n/a");
+    if (fmt == PQL_FMT_COUNT) return format_count(buf, size, d);
+    if (fmt == PQL_FMT_DURATION) return format_duration(buf, size, d);
     if (fmt == PQL_FMT_PERCENT) {
         double p = d * 100.0;
         if (fabs(p - round(p)) < 0.05) return snprintf(buf, size, "%.0f%%", round(p));

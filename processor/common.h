@@ -39,10 +39,13 @@ typedef enum pql_vtype {
     PQL_V_STR,
 } pql_vtype;
 
-/* How a number wants to be printed in a reason template (set by pct()). */
+/* How a number wants to be printed in a reason template (set by the
+ * formatting helpers pct(), count(), duration()). */
 typedef enum pql_vfmt {
     PQL_FMT_PLAIN = 0,
-    PQL_FMT_PERCENT, /* 0.95 prints as "95%" */
+    PQL_FMT_PERCENT,  /* 0.95 prints as "95%" */
+    PQL_FMT_COUNT,    /* 2000 prints as "2,000" (rounded to a whole number) */
+    PQL_FMT_DURATION, /* milliseconds: 1209600000 prints as "14 days" */
 } pql_vfmt;
 
 typedef struct pql_value {
@@ -84,7 +87,8 @@ static inline pql_value pql_str(const char *p, size_t len)
 }
 
 /** Formats a number for people: integers without a decimal point ("19"),
- *  others with up to 2 decimals ("0.83"), percent as "95%".
+ *  others with up to 2 decimals ("0.83"); by `fmt`, a percent ("95%"), a
+ *  count ("2,000") or a duration in ms ("14 days", "1 hour 30 minutes").
  *  @returns the number of characters written (snprintf semantics). */
 int pql_format_number(char *buf, size_t size, double d, pql_vfmt fmt);
 

@@ -78,6 +78,8 @@ static const opt options[] = {
      "Redis command timeout in milliseconds"},
     {"Rules", "rules", NULL, T_STR, OFF(rules_path), "rules", NULL, 0,
      "rule file or directory of rule files"},
+    {"Rules", "rules.watch", "PQLSTREAM_RULES_WATCH", T_DUR, OFF(rules_watch_ms), "2s", NULL, 0,
+     "how often to check the rule files and reload them when they change (0: on SIGHUP only)"},
     {"Processing", "batch.max_messages", NULL, T_INT, OFF(batch_max_messages), "10000", NULL, 1,
      "most messages per batch"},
     {"Processing", "batch.max_ms", NULL, T_INT, OFF(batch_max_ms), "100", NULL, 0,
@@ -294,8 +296,9 @@ static int set_option(pql_config *c, const opt *o, const char *value, const char
         goto bad;
     }
     case T_DUR:
+        if (!strcmp(value, "0")) return *(int64_t *)(void *)base = 0, 0; /* off / none */
         if (pql_parse_duration(value, strlen(value), (int64_t *)(void *)base) == 0) return 0;
-        snprintf(why, sizeof(why), "is not a duration (examples: 7d, 24h, 30m, 90s, 500ms)");
+        snprintf(why, sizeof(why), "is not a duration (examples: 7d, 24h, 30m, 90s, 500ms, 0)");
         goto bad;
     case T_BOOL:
         if (parse_bool(value, (int *)(void *)base) == 0) return 0;

@@ -51,7 +51,8 @@ typedef struct pql_config {
     int redis_timeout_ms; /* redis.timeout_ms, default 2000 */
 
     /* Rules */
-    char *rules_path; /* rules / PQLSTREAM_RULES: file or directory, default "rules" */
+    char *rules_path;       /* rules / PQLSTREAM_RULES: file or directory, default "rules" */
+    int64_t rules_watch_ms; /* rules.watch: poll the files for changes; 0 = SIGHUP only */
 
     /* Processing */
     int batch_max_messages;     /* batch.max_messages, default 10000 */

@@ -61,14 +61,31 @@ static const char *const misuse[][2] = {
     {"|", "use 'or'"},
 };
 
-typedef enum func_id { F_MIN, F_MAX, F_ABS, F_LOG1P, F_SIGMOID, F_PCT, F_COUNT } func_id;
+typedef enum func_id {
+    F_MIN,
+    F_MAX,
+    F_ABS,
+    F_LOG1P,
+    F_SIGMOID,
+    F_PCT,
+    F_COUNT,
+    F_DURATION,
+    F_NFUNCS
+} func_id;
 
 static const struct func_def {
     const char *name;
     int min_args, max_args; /* max_args -1: no limit */
-} funcs[F_COUNT] = {
-    [F_MIN] = {"min", 1, -1},    [F_MAX] = {"max", 1, -1},        [F_ABS] = {"abs", 1, 1},
-    [F_LOG1P] = {"log1p", 1, 1}, [F_SIGMOID] = {"sigmoid", 1, 1}, [F_PCT] = {"pct", 1, 1},
+    pql_vfmt fmt;           /* the print format the result gets (formatting helpers) */
+} funcs[F_NFUNCS] = {
+    [F_MIN] = {"min", 1, -1, PQL_FMT_PLAIN},
+    [F_MAX] = {"max", 1, -1, PQL_FMT_PLAIN},
+    [F_ABS] = {"abs", 1, 1, PQL_FMT_PLAIN},
+    [F_LOG1P] = {"log1p", 1, 1, PQL_FMT_PLAIN},
+    [F_SIGMOID] = {"sigmoid", 1, 1, PQL_FMT_PLAIN},
+    [F_PCT] = {"pct", 1, 1, PQL_FMT_PERCENT},
+    [F_COUNT] = {"count", 1, 1, PQL_FMT_COUNT},
+    [F_DURATION] = {"duration", 1, 1, PQL_FMT_DURATION},
 };
 
 typedef struct token {
@@ -225,6 +242,18 @@ static int lex_number(parser *p, token *t)
         while (j < p->end && is_digit(s[j]))
             j++;
     }
+    int64_t unit = 0; /* a duration literal: 14d, 30m, 24h, 2w, 90s, 500ms */
+    if (ok && j < p->end) {
+        size_t u = j;
+        while (u < p->end && is_name_char(s[u]))
+            u++;
+        int64_t ms;
+        char unit_text[4] = "1";
+        if (u > j && u - j <= 2 && (u >= p->end || s[u] != '.')) {
+            memcpy(unit_text + 1, s + j, u - j);
+            if (pql_parse_duration(unit_text, u - j + 1, &ms) == 0) unit = ms, j = u;
+        }
+    }
     if (!ok || (j < p->end && (is_name_char(s[j]) || s[j] == '.'))) {
         while (j < p->end && (is_name_char(s[j]) || s[j] == '.'))
             j++;
@@ -235,7 +264,7 @@ static int lex_number(parser *p, token *t)
         return fail(p, t->start, "number '%.20s...' is too long", s + t->start);
     memcpy(tmp, s + t->start, j - t->start);
     tmp[j - t->start] = '\0';
-    t->num = strtod(tmp, NULL);
+    t->num = strtod(tmp, NULL) * (unit ? (double)unit : 1.0);
     if (!isfinite(t->num)) return fail(p, t->start, "number '%s' is too large", tmp);
     t->kind = K_NUM;
     t->len = j - t->start;
@@ -380,9 +409,9 @@ static int find_function(parser *p, token name)
 {
     const char *s = p->src + name.start, *guess = NULL;
     size_t best = name.len <= 2 ? 1 : 2;
-    for (int i = 0; i < F_COUNT; i++)
+    for (int i = 0; i < F_NFUNCS; i++)
         if (strlen(funcs[i].name) == name.len && !memcmp(funcs[i].name, s, name.len)) return i;
-    for (int i = 0; i < F_COUNT; i++) {
+    for (int i = 0; i < F_NFUNCS; i++) {
         size_t d = (size_t)pql_edit_distance(s, name.len, funcs[i].name, strlen(funcs[i].name));
         if (d <= best) best = d, guess = funcs[i].name;
     }
@@ -390,7 +419,8 @@ static int find_function(parser *p, token name)
         return fail(p, name.start, "unknown function '%.*s' (did you mean '%s'?)", (int)name.len, s,
                     guess);
     return fail(p, name.start,
-                "unknown function '%.*s' (functions: min, max, abs, log1p, sigmoid, pct)",
+                "unknown function '%.*s' (functions: min, max, abs, log1p, sigmoid, pct, "
+                "count, duration)",
                 (int)name.len, s);
 }
 
@@ -727,8 +757,8 @@ static pql_value call(const node *n, pql_expr_lookup_fn lookup, void *ctx)
     case F_SIGMOID:
         return number(d >= 0 ? 1.0 / (1.0 + exp(-d)) : exp(d) / (1.0 + exp(d)));
     default:
-        x.fmt = PQL_FMT_PERCENT;
-        return x; /* F_PCT */
+        x.fmt = funcs[fn].fmt;
+        return x; /* the formatting helpers: pct, count, duration */
     }
 }
 
@@ -790,6 +820,24 @@ int pql_expr_test(const pql_expr *e, pql_expr_lookup_fn lookup, void *ctx)
 pql_vtype pql_expr_type(const pql_expr *e)
 {
     return e ? e->root->type : PQL_V_NULL;
+}
+
+static void conjuncts(const node *n, pql_expr_lookup_fn lookup, void *ctx,
+                      void (*fn)(void *opaque, size_t start, size_t end, pql_value v), void *opaque)
+{
+    if (n->kind == K_AND) {
+        conjuncts(n->u.bin.l, lookup, ctx, fn, opaque);
+        conjuncts(n->u.bin.r, lookup, ctx, fn, opaque);
+        return;
+    }
+    fn(opaque, n->start, n->end, eval(n, lookup, ctx));
+}
+
+void pql_expr_conjuncts(const pql_expr *e, pql_expr_lookup_fn lookup, void *ctx,
+                        void (*fn)(void *opaque, size_t start, size_t end, pql_value v),
+                        void *opaque)
+{
+    if (e) conjuncts(e->root, lookup, ctx, fn, opaque);
 }
 
 void pql_expr_foreach_slot(const pql_expr *e, void (*fn)(void *opaque, int slot), void *opaque)

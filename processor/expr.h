@@ -19,10 +19,14 @@
  *            | NAME                                    -- reference, may contain dots
  *            | "(" expr ")"
  *   NUMBER  := 12 | 0.8 | 1e3        STRING := "…" or '…' with \" \' \\ \n escapes
+ *            | 14d | 30m | 24h | 2w | 90s | 500ms   -- a duration, in milliseconds
  *   NAME    := [A-Za-z_][A-Za-z0-9_]* ( "." [A-Za-z_][A-Za-z0-9_]* )*
  *
- * Functions: min(a, b, …), max(a, b, …), abs(x), log1p(x), sigmoid(x), pct(x).
- * pct(x) returns x unchanged but marked to print as a percentage (0.95 → "95%").
+ * Functions: min(a, b, …), max(a, b, …), abs(x), log1p(x), sigmoid(x), and
+ * the formatting helpers pct(x), count(x), duration(x): each returns x
+ * unchanged but marked to print, in a reason, as a percentage (0.95 → "95%"),
+ * a count with thousands separators (2000 → "2,000") or a duration given in
+ * milliseconds (1209600000 → "14 days", 5400000 → "1 hour 30 minutes").
  *
  * Null semantics (DESIGN §3): arithmetic with a null operand is null; division
  * by zero is null; a result that is NaN or ±inf is null; a comparison with a
@@ -77,6 +81,14 @@ int pql_expr_test(const pql_expr *e, pql_expr_lookup_fn lookup, void *ctx);
 
 /** The static type of the expression's result (PQL_V_NULL if unknown). */
 pql_vtype pql_expr_type(const pql_expr *e);
+
+/** Explains a condition: calls fn once for each operand of the top-level
+ *  `and` chain of `e` (once for `e` itself when it is not an `and`), left to
+ *  right, with the operand's byte span [start, end) in the compiled source
+ *  and its value.  `a >= 5 and (b or c)` gives "a >= 5" and "b or c". */
+void pql_expr_conjuncts(const pql_expr *e, pql_expr_lookup_fn lookup, void *ctx,
+                        void (*fn)(void *opaque, size_t start, size_t end, pql_value v),
+                        void *opaque);
 
 /** Calls fn(opaque, slot) once for every distinct slot `e` references, in
  *  order of first appearance. */

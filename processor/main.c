@@ -3,12 +3,14 @@
  *   pqlstream run [--key=value …]     the main job (embedded default when no
  *                                     brokers / redis are configured)
  *   pqlstream rules check FILE|DIR…  validate rule files, file:line:col errors
+ *   pqlstream rules explain --account ID   an account's rules, from live Redis
  *   pqlstream metrics [--granularity G] [--segment S] [--since WHEN]
  *                                     the metric aggregates in Redis, as a table
  *   pqlstream version
  */
 #include "config.h"
 #include "embedded_kafka.h"
+#include "explain.h"
 #include "log.h"
 #include "metrics_report.h"
 #include "pipeline.h"
@@ -49,6 +51,8 @@ static void usage(FILE *out)
         "  pqlstream run --help               list every option, its environment variable and "
         "default\n"
         "  pqlstream rules check PATH…        validate rule files or directories\n"
+        "  pqlstream rules explain --account ID [--json]\n"
+        "                                     what each rule makes of an account, from Redis\n"
         "  pqlstream metrics [--granularity day] [--segment channel] [--since 30d]\n"
         "                                     PQL rate, time to PQL, PQL vs non-PQL conversion\n"
         "  pqlstream version                  print the version\n\n"
@@ -70,8 +74,9 @@ static int cmd_rules_check(int argc, char **argv)
         pql_buf errors = {0};
         pql_rules *r = pql_rules_load(argv[i], &errors);
         if (r) {
-            printf("%s: ok — version %s, %zu signals, %zu rules\n", argv[i], pql_rules_version(r),
-                   pql_rules_nsignals(r), pql_rules_nrules(r));
+            size_t ns = pql_rules_nsignals(r), nr = pql_rules_nrules(r);
+            printf("%s: ok — version %s, %zu signal%s, %zu rule%s\n", argv[i], pql_rules_version(r),
+                   ns, ns == 1 ? "" : "s", nr, nr == 1 ? "" : "s");
             pql_rules_destroy(r);
         } else {
             fputs(errors.data ? errors.data : "unknown error\n", stderr);
@@ -80,6 +85,140 @@ static int cmd_rules_check(int argc, char **argv)
         pql_buf_free(&errors);
     }
     return bad ? 1 : 0;
+}
+
+/* The Redis the configuration names; for the embedded default, the private
+ * redis-server of `run` when it is up, else one started on its data
+ * directory for the time of the command (*child). */
+static const char *explain_redis(const pql_config *cfg, pql_redis_child **child, char *err,
+                                 size_t errsize)
+{
+    static char url[1200];
+    char dir[1024];
+    struct stat st;
+    if (cfg->redis_url[0]) return cfg->redis_url;
+    snprintf(dir, sizeof(dir), "%s/redis", cfg->data_dir);
+    if (stat(dir, &st) < 0) {
+        snprintf(err, errsize,
+                 "no Redis is configured (PQLSTREAM_REDIS) and the embedded default has no data "
+                 "in %.700s: run `pqlstream run` first, or set PQLSTREAM_REDIS",
+                 dir);
+        return NULL;
+    }
+    snprintf(url, sizeof(url), "unix://%s/redis.sock", dir);
+    pql_store *probe = pql_store_open(url, 1000, err, errsize);
+    int up = probe && pql_store_ping(probe, err, errsize) == PQL_OK;
+    pql_store_close(probe);
+    if (up) return url;
+    pql_redis_child_opts ro = {.dir = dir, .appendonly = 1};
+    if (!(*child = pql_redis_child_start(&ro, err, errsize))) return NULL;
+    return pql_redis_child_url(*child);
+}
+
+static int cmd_rules_explain(int argc, char **argv)
+{
+    const char *account = NULL;
+    int json = 0, max_partitions = 1024;
+    char **rest = calloc((size_t)argc + 1, sizeof(*rest));
+    int nrest = 0;
+    if (!rest) return 1;
+    rest[nrest++] = argv[0];
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--account") && i + 1 < argc)
+            account = argv[++i];
+        else if (!strncmp(argv[i], "--account=", 10))
+            account = argv[i] + 10;
+        else if (!strcmp(argv[i], "--json"))
+            json = 1;
+        else if (!strcmp(argv[i], "--partitions") && i + 1 < argc)
+            max_partitions = atoi(argv[++i]);
+        else if (!strncmp(argv[i], "--partitions=", 13))
+            max_partitions = atoi(argv[i] + 13);
+        else
+            rest[nrest++] = argv[i];
+    }
+    if (!account || !*account || max_partitions <= 0) {
+        fprintf(stderr, "usage: pqlstream rules explain --account ID [--json] [--partitions N] "
+                        "[--option=value …]\n"
+                        "  Reads the account's state from the Redis of the configuration (the "
+                        "same options as `run`:\n"
+                        "  group, redis, rules) and shows, for each rule, whether it applies, "
+                        "holds and why.\n"
+                        "  --partitions N: look in partitions 0…N-1 (default 1024).\n");
+        free(rest);
+        return 2;
+    }
+    pql_config cfg;
+    char err[1024];
+    int argi = 0, rc = 1;
+    pql_rules *rules = NULL;
+    pql_store *store = NULL;
+    pql_redis_child *child = NULL;
+    pql_account *a = NULL;
+    if (pql_config_load_all(&cfg, nrest, rest, environ, &argi, err, sizeof(err)) < 0) {
+        fprintf(stderr, "pqlstream: %s\n", err);
+        rc = 2;
+        goto out;
+    }
+    if (argi < nrest) {
+        fprintf(stderr, "pqlstream: unexpected argument '%s' (see pqlstream rules explain)\n",
+                rest[argi]);
+        rc = 2;
+        goto out;
+    }
+    pql_log_set_level("warn");
+    pql_buf errors = {0};
+    rules = pql_rules_load(cfg.rules_path, &errors);
+    if (!rules) {
+        fprintf(stderr, "pqlstream: the rule set %s is invalid:\n%s", cfg.rules_path, errors.data);
+        pql_buf_free(&errors);
+        goto out;
+    }
+    pql_buf_free(&errors);
+    const char *url = explain_redis(&cfg, &child, err, sizeof(err));
+    if (!url || !(store = pql_store_open(url, 5000, err, sizeof(err)))) {
+        fprintf(stderr, "pqlstream: %s\n", err);
+        goto out;
+    }
+    int32_t partition = -1;
+    err[0] = '\0';
+    a = pql_explain_fetch(store, rules, cfg.group, account, max_partitions, &partition, err,
+                          sizeof(err));
+    if (!a && partition < 0 && !err[0]) {
+        fprintf(stderr,
+                "pqlstream: no state for account '%s' in group '%s' (partitions 0-%d of the "
+                "configured Redis): it has had no event yet, or the group differs (--group=NAME, "
+                "PQLSTREAM_GROUP)\n",
+                account, cfg.group, max_partitions - 1);
+        goto out;
+    }
+    if (!a) {
+        fprintf(stderr, "pqlstream: %s\n", err);
+        goto out;
+    }
+    json_t *doc = pql_explain_json(a, rules);
+    if (json) {
+        char *text = json_dumps(doc, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
+        printf("%s\n", text);
+        free(text);
+    } else {
+        char where[256];
+        pql_buf out = {0};
+        snprintf(where, sizeof(where), "group %s, partition %d", cfg.group, (int)partition);
+        pql_explain_text(doc, where, &out);
+        fputs(out.data, stdout);
+        pql_buf_free(&out);
+    }
+    json_decref(doc);
+    rc = 0;
+out:
+    pql_account_destroy(a);
+    pql_store_close(store);
+    pql_redis_child_stop(child);
+    pql_rules_destroy(rules);
+    pql_config_term(&cfg);
+    free(rest);
+    return rc;
 }
 
 static int cmd_run(int argc, char **argv)
@@ -229,6 +368,8 @@ int main(int argc, char **argv)
         return pql_metrics_command(argc - 1, argv + 1, environ, stdout, stderr);
     if (!strcmp(argv[1], "rules") && argc >= 3 && !strcmp(argv[2], "check"))
         return cmd_rules_check(argc - 3, argv + 3);
+    if (!strcmp(argv[1], "rules") && argc >= 3 && !strcmp(argv[2], "explain"))
+        return cmd_rules_explain(argc - 2, argv + 2);
     fprintf(stderr, "pqlstream: unknown command '%s'\n\n", argv[1]);
     usage(stderr);
     return 2;

@@ -189,7 +189,15 @@ static size_t sanitize(const char *s, size_t len, char *out, size_t size)
 /* A trait as a segment value into out; "" when missing or empty. */
 static void render_trait(const pql_account *a, const char *name, char *out, size_t size)
 {
-    pql_value v = pql_account_trait(a, name, strlen(name));
+    pql_value v = pql_null();
+    for (size_t i = 0, n = pql_account_ntraits(a); i < n; i++) {
+        pql_value tv;
+        const char *key = pql_account_trait(a, i, &tv);
+        if (key && !strcmp(key, name)) {
+            v = tv;
+            break;
+        }
+    }
     char num[64];
     out[0] = '\0';
     switch (v.type) {
@@ -492,14 +500,10 @@ static int same_state(const pql_metrics_state *a, const pql_metrics_state *b)
 void pql_metrics_read(const pql_metrics *m, const pql_account *a, pql_metrics_state *out)
 {
     (void)m;
-    pql_lifecycle lc;
+    const char *rule;
     memset(out, 0, sizeof(*out)); /* comparable with memcmp */
-    pql_account_lifecycle(a, &lc);
-    out->signup = lc.signed_up_at;
-    out->pql_at = lc.pql_at;
-    out->conversion = lc.converted_at;
-    out->rule[0] = '\0';
-    if (lc.pql_rule) sanitize(lc.pql_rule, strlen(lc.pql_rule), out->rule, sizeof out->rule);
+    pql_account_lifecycle(a, &out->signup, &out->conversion, &out->pql_at, &rule);
+    if (rule) sanitize(rule, strlen(rule), out->rule, sizeof out->rule);
     char *dst[2] = {out->channel, out->plan};
     for (int k = 0; k < 2; k++) {
         size_t len;
@@ -511,11 +515,7 @@ void pql_metrics_read(const pql_metrics *m, const pql_account *a, pql_metrics_st
 
 void pql_metrics_mark_of(const pql_account *a, pql_metrics_mark *out)
 {
-    pql_lifecycle lc;
-    pql_account_lifecycle(a, &lc);
-    out->signup = lc.signed_up_at;
-    out->pql_at = lc.pql_at;
-    out->conversion = lc.converted_at;
+    pql_account_lifecycle(a, &out->signup, &out->conversion, &out->pql_at, NULL);
 }
 
 void pql_metrics_account_changed(pql_metrics *m, pql_account *a, const pql_metrics_mark *before)

@@ -3,6 +3,7 @@
 
 #include "config.h"
 #include "metrics_emit.h"
+#include "redis_child.h"
 #include "store.h"
 
 #include <stdlib.h>
@@ -99,26 +100,38 @@ static void period_label(pql_granularity g, int64_t start, char *out, size_t siz
         snprintf(out, size, "%.10s", iso);
 }
 
-/* The Redis URL: redis.url, else the embedded default's socket in data_dir. */
-static int redis_url_of(const pql_config *cfg, char *url, size_t size, FILE *err)
+/* The Redis URL: redis.url; for the embedded default, the private
+ * redis-server of `run` when it is up, else one started on its data
+ * directory for the time of the command (*child).  @returns 0 or -1. */
+static int redis_url_of(const pql_config *cfg, char *url, size_t size, pql_redis_child **child,
+                        FILE *err)
 {
     if (cfg->redis_url[0]) {
         snprintf(url, size, "%s", cfg->redis_url);
         return 0;
     }
-    char path[1024], abs[1024];
+    char dir[1024], abs[1024], e[512];
     struct stat st;
-    snprintf(path, sizeof path, "%s/redis/redis.sock", cfg->data_dir);
-    if (stat(path, &st) != 0 || !realpath(path, abs)) {
+    snprintf(dir, sizeof dir, "%s/redis", cfg->data_dir);
+    if (stat(dir, &st) != 0 || !realpath(dir, abs)) {
         fprintf(err,
-                "pqlstream metrics: no Redis configured (redis.url, PQLSTREAM_REDIS) and no "
-                "embedded pqlstream running with data_dir '%s' (no %s): start `pqlstream run` "
-                "in this directory first, or set PQLSTREAM_REDIS to the Redis the processors "
-                "use\n",
-                cfg->data_dir, path);
+                "pqlstream metrics: no Redis configured (redis.url, PQLSTREAM_REDIS) and the "
+                "embedded default has no data in %s: start `pqlstream run` in this directory "
+                "first, or set PQLSTREAM_REDIS to the Redis the processors use\n",
+                dir);
         return -1;
     }
-    snprintf(url, size, "unix://%s", abs);
+    snprintf(url, size, "unix://%s/redis.sock", abs);
+    pql_store *probe = pql_store_open(url, 1000, e, sizeof e);
+    int up = probe && pql_store_ping(probe, e, sizeof e) == PQL_OK;
+    pql_store_close(probe);
+    if (up) return 0;
+    pql_redis_child_opts ro = {.dir = abs, .appendonly = 1};
+    if (!(*child = pql_redis_child_start(&ro, e, sizeof e))) {
+        fprintf(err, "pqlstream metrics: cannot start a redis-server on %s: %s\n", abs, e);
+        return -1;
+    }
+    snprintf(url, size, "%s", pql_redis_child_url(*child));
     return 0;
 }
 
@@ -320,8 +333,9 @@ int pql_metrics_command(int argc, char **argv, char *const *envp, FILE *out, FIL
     }
     rc = 1;
     pql_store *st = NULL;
+    pql_redis_child *child = NULL;
     int32_t nparts = 0;
-    if (redis_url_of(&cfg, url, sizeof url, err) < 0) goto out;
+    if (redis_url_of(&cfg, url, sizeof url, &child, err) < 0) goto out;
     if (!(st = pql_store_open(url, cfg.redis_timeout_ms, e, sizeof e))) {
         fprintf(err, "pqlstream metrics: cannot read Redis: %s (check PQLSTREAM_REDIS)\n", e);
         goto out;
@@ -341,6 +355,7 @@ int pql_metrics_command(int argc, char **argv, char *const *envp, FILE *out, FIL
     rc = report(st, &cfg, nparts, &o, out, err);
 out:
     pql_store_close(st);
+    pql_redis_child_stop(child);
     pql_config_term(&cfg);
     return rc;
 }

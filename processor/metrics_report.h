@@ -9,8 +9,9 @@
  * rates sit side by side with their ratio (the lift), and a total row sums
  * the periods shown (counts add up over periods, so its rates and
  * percentiles are those of the union).  Configuration is loaded as for `run`
- * (the group names the keys; redis.url, or the embedded default's socket in
- * data_dir when it is empty). */
+ * (the group names the keys; redis.url, or when it is empty the embedded
+ * default's Redis in data_dir: the running one, else one started on its data
+ * for the time of the command). */
 #ifndef PQL_METRICS_REPORT_H
 #define PQL_METRICS_REPORT_H
 

@@ -28,7 +28,9 @@ typedef struct inbox {
 
 struct pql_pipeline {
     const pql_config *cfg;
-    pql_rules *rules; /* owned; replaced on reload */
+    pql_rules *rules;           /* owned; replaced on reload */
+    uint64_t rules_fingerprint; /* of the files `rules` came from (rules.watch) */
+    int64_t rules_checked_at;   /* wall clock of the last look at them */
     rd_kafka_t *consumer;
     pql_sink *sink;
     pql_store *store;
@@ -642,6 +644,7 @@ static void process_inboxes(pql_pipeline *p)
 static void reload_rules(pql_pipeline *p)
 {
     pql_buf errors = {0};
+    p->rules_fingerprint = pql_rules_fingerprint(p->cfg->rules_path);
     pql_rules *fresh = pql_rules_load(p->cfg->rules_path, &errors);
     if (!fresh) {
         pql_error("rules reload refused; the running rule set stays", "path=%s errors=\"%s\"",
@@ -657,8 +660,28 @@ static void reload_rules(pql_pipeline *p)
     pql_info("rules reloaded", "path=%s old_version=%s version=%s signals=%zu rules=%zu",
              p->cfg->rules_path, pql_rules_version(p->rules), pql_rules_version(fresh),
              pql_rules_nsignals(fresh), pql_rules_nrules(fresh));
+    for (size_t i = 0; i < pql_rules_nsignals(fresh); i++) {
+        const pql_signal *ns = pql_rules_signal(fresh, i);
+        for (size_t j = 0; j < pql_rules_nsignals(p->rules); j++) {
+            const pql_signal *os = pql_rules_signal(p->rules, j);
+            if (!strcmp(os->name, ns->name) && strcmp(os->key, ns->key))
+                pql_warn("signal definition changed: it starts empty for every account",
+                         "signal=%s old_key=%s key=%s", ns->name, os->key, ns->key);
+        }
+    }
     pql_rules_destroy(p->rules);
     p->rules = fresh;
+}
+
+/* rules.watch: at most every rules_watch_ms, stat the rule files; a change
+ * (edited, added, removed) triggers the same reload as SIGHUP.  A refused
+ * set is not retried until the files change again. */
+static int rules_changed(pql_pipeline *p)
+{
+    int64_t now = pql_now_ms();
+    if (now - p->rules_checked_at < p->cfg->rules_watch_ms) return 0;
+    p->rules_checked_at = now;
+    return pql_rules_fingerprint(p->cfg->rules_path) != p->rules_fingerprint;
 }
 
 int pql_pipeline_run(pql_pipeline *p, volatile sig_atomic_t *stop, volatile sig_atomic_t *reload)
@@ -674,6 +697,10 @@ int pql_pipeline_run(pql_pipeline *p, volatile sig_atomic_t *stop, volatile sig_
         process_inboxes(p); /* also writes outbox removals of delivered alerts */
         if (reload && *reload) {
             *reload = 0;
+            reload_rules(p);
+        }
+        if (p->cfg->rules_watch_ms > 0 && rules_changed(p)) {
+            pql_info("rule files changed; reloading", "path=%s", p->cfg->rules_path);
             reload_rules(p);
         }
     }
@@ -754,6 +781,8 @@ pql_pipeline *pql_pipeline_new(const pql_config *cfg, const char *brokers, const
     if (!p) goto fail;
     p->cfg = cfg;
     p->rules = rules;
+    p->rules_fingerprint = pql_rules_fingerprint(cfg->rules_path);
+    p->rules_checked_at = pql_now_ms();
     p->topics[PQL_TOPIC_USAGE] = cfg->topic_usage;
     p->topics[PQL_TOPIC_ACCOUNTS] = cfg->topic_accounts;
     p->ttl_ms = cfg->state_ttl_ms;

@@ -1,10 +1,13 @@
 /* rules.c — loads, validates and compiles rule files (see rules.h).
  *
- * Loading is two passes over the parsed YAML documents of a rule set:
- *   1. declarations: version, lifecycle, and every signal's name, so a rule
- *      may read a signal declared in another file of the same directory;
- *   2. compilation: each signal's definition and `where` filter, then each
- *      rule's expressions and reason templates, names resolved to slots.
+ * Loading is three passes over the parsed YAML documents of a rule set:
+ *   1. declarations: version, lifecycle, traits and every signal's name, so
+ *      a rule may read a signal or trait declared in another file of the
+ *      same directory;
+ *   2. signals: each signal's definition and `where` filter (and
+ *      lifecycle.paid);
+ *   3. rules: each rule's expressions and reason templates, names resolved
+ *      to slots, checked against the compiled signals (held_for vs window).
  * Every problem is reported (not just the first) with FILE:LINE:COL taken from
  * the YAML node, plus the offset inside an expression, and the set is refused
  * whole if there is any. */
@@ -28,8 +31,11 @@ struct pql_rules {
     size_t nsignals;
     pql_rule *rules;
     size_t nrules;
-    char **traits;
+    char **traits; /* the traits expressions read (slot indexes) */
     size_t ntraits;
+    char **decl;          /* the declared traits… */
+    pql_vtype *decl_type; /* …and their types */
+    size_t ndecl;
     char **props;
     size_t nprops;
     int64_t max_window;
@@ -163,15 +169,32 @@ static int is_ident(const char *s, size_t len)
     return 1;
 }
 
-/* account.<trait>, shared by every context. */
-static int resolve_trait(loader *l, const char *name, size_t len, int *slot, pql_vtype *type)
+/* account.<trait>, shared by every context.  @returns 1 when `name` is a
+ * declared trait, -1 (with a hint) when it is an undeclared one, 0 when it is
+ * not account.<something>. */
+static int resolve_trait(loader *l, const char *name, size_t len, int *slot, pql_vtype *type,
+                         char *hint, size_t hint_size)
 {
-    if (len > 8 && memcmp(name, "account.", 8) == 0) {
-        *slot = PQL_SLOT(PQL_SLOT_TRAIT, intern(&l->r->traits, &l->r->ntraits, name + 8, len - 8));
-        *type = PQL_V_NULL; /* traits are typed at run time */
-        return 1;
+    if (len <= 8 || memcmp(name, "account.", 8) != 0) return 0;
+    const char *t = name + 8;
+    size_t tlen = len - 8;
+    for (size_t i = 0; i < l->r->ndecl; i++) {
+        if (strlen(l->r->decl[i]) == tlen && memcmp(l->r->decl[i], t, tlen) == 0) {
+            *slot = PQL_SLOT(PQL_SLOT_TRAIT, intern(&l->r->traits, &l->r->ntraits, t, tlen));
+            *type = l->r->decl_type[i];
+            return 1;
+        }
     }
-    return 0;
+    snprintf(hint, hint_size, "unknown trait 'account.%.*s'", (int)tlen, t);
+    did_you_mean(hint, hint_size, t, tlen, (const char *const *)l->r->decl, l->r->ndecl,
+                 "account.");
+    size_t n = strlen(hint);
+    if (!strstr(hint, "did you mean"))
+        snprintf(hint + n, hint_size - n,
+                 " — declare the traits rules read under 'traits:' (e.g. traits: { %.*s: number "
+                 "})",
+                 (int)tlen, t);
+    return -1;
 }
 
 /* Rule conditions and reasons: signals and traits. */
@@ -179,7 +202,13 @@ static int resolve_rule(void *opaque, const char *name, size_t len, int *slot, p
                         char *hint, size_t hint_size)
 {
     loader *l = opaque;
-    if (resolve_trait(l, name, len, slot, type)) return 0;
+    int tr = resolve_trait(l, name, len, slot, type, hint, hint_size);
+    if (tr) return tr > 0 ? 0 : -1;
+    if (len == 12 && memcmp(name, "since_signup", 12) == 0) {
+        *slot = PQL_SLOT(PQL_SLOT_BUILTIN, PQL_BUILTIN_SINCE_SIGNUP);
+        *type = PQL_V_NUM;
+        return 0;
+    }
     int i = find_signal(l->r, name, len);
     if (i >= 0) {
         *slot = PQL_SLOT(PQL_SLOT_SIGNAL, i);
@@ -208,7 +237,8 @@ static int resolve_event(void *opaque, const char *name, size_t len, int *slot, 
 {
     loader *l = opaque;
     static const char *const fields[] = {"event", "user_id", "event_id"};
-    if (resolve_trait(l, name, len, slot, type)) return 0;
+    int tr = resolve_trait(l, name, len, slot, type, hint, hint_size);
+    if (tr) return tr > 0 ? 0 : -1;
     for (int f = 0; f < 3; f++) {
         if (strlen(fields[f]) == len && memcmp(fields[f], name, len) == 0) {
             *slot = PQL_SLOT(PQL_SLOT_FIELD, f);
@@ -240,7 +270,8 @@ static int resolve_traits_only(void *opaque, const char *name, size_t len, int *
                                pql_vtype *type, char *hint, size_t hint_size)
 {
     loader *l = opaque;
-    if (resolve_trait(l, name, len, slot, type)) return 0;
+    int tr = resolve_trait(l, name, len, slot, type, hint, hint_size);
+    if (tr) return tr > 0 ? 0 : -1;
     snprintf(hint, hint_size, "'%.*s': only account.<trait> can be read here", (int)len, name);
     return -1;
 }
@@ -628,6 +659,29 @@ static void check_model(loader *l, pql_rule *rule, struct fy_node *def, struct f
     }
 }
 
+/* held_for longer than the window of a signal the condition reads cannot be
+ * what the author means: the condition would have to hold for longer than
+ * the signal remembers. */
+typedef struct held_check {
+    loader *l;
+    const pql_rule *rule;
+    struct fy_node *node;
+} held_check;
+
+static void check_held_for(void *opaque, int slot)
+{
+    held_check *hc = opaque;
+    if (PQL_SLOT_KIND(slot) != PQL_SLOT_SIGNAL) return;
+    const pql_signal *s = &hc->l->r->signals[PQL_SLOT_INDEX(slot)];
+    if (!s->key || s->spec.window_ms == 0 || s->spec.window_ms >= hc->rule->held_for_ms) return;
+    char window[64];
+    pql_format_number(window, sizeof window, (double)s->spec.window_ms, PQL_FMT_DURATION);
+    error_at(hc->l, hc->node, 0,
+             "held_for %s is longer than the window (%s) of signal '%s' that the rule reads: "
+             "lengthen the window or shorten held_for",
+             scalar(hc->node), window, s->name);
+}
+
 static void compile_rule(loader *l, pql_rule *rule, struct fy_node *def, pql_alert_kind kind)
 {
     static const char *const known[] = {"name",      "model",       "when",     "clear",
@@ -639,7 +693,7 @@ static void compile_rule(loader *l, pql_rule *rule, struct fy_node *def, pql_ale
     for (int t = 0; t < PQL_NTIERS; t++)
         rule->tier_min[t] = NAN;
     /* when, points, weights, intercept, threshold, tiers (see check_model) */
-    struct fy_node *keys[6] = {0}, *reasons = NULL, *sla = NULL;
+    struct fy_node *keys[6] = {0}, *reasons = NULL, *sla = NULL, *held_for = NULL;
     void *it = NULL;
     struct fy_node_pair *p;
     while ((p = fy_node_mapping_iterate(def, &it))) {
@@ -698,6 +752,7 @@ static void compile_rule(loader *l, pql_rule *rule, struct fy_node *def, pql_ale
             rule->cooldown_ms = duration_of(l, v, "cooldown");
         } else if (!strcmp(ks, "held_for")) {
             rule->held_for_ms = duration_of(l, v, "held_for");
+            held_for = v;
         } else if (!strcmp(ks, "reasons")) {
             reasons = v;
         } else {
@@ -706,6 +761,14 @@ static void compile_rule(loader *l, pql_rule *rule, struct fy_node *def, pql_ale
     }
     if (sla) compile_sla(l, rule, sla); /* after tiers, whatever the key order */
     check_model(l, rule, def, keys);
+    if (held_for && rule->held_for_ms > 0) {
+        held_check hc = {l, rule, held_for};
+        if (rule->when) pql_expr_foreach_slot(rule->when, check_held_for, &hc);
+        for (size_t i = 0; i < rule->npoints; i++)
+            pql_expr_foreach_slot(rule->point_when[i], check_held_for, &hc);
+        for (size_t i = 0; i < rule->nterms; i++)
+            pql_expr_foreach_slot(rule->terms[i], check_held_for, &hc);
+    }
     if (reasons && !fy_node_is_sequence(reasons)) {
         error_at(l, reasons, 0, "reasons must be a list of strings");
     } else if (reasons) {
@@ -741,9 +804,56 @@ static void compile_rule(loader *l, pql_rule *rule, struct fy_node *def, pql_ale
 
 /* ---- files ------------------------------------------------------------- */
 
+/* traits: { seats: number, plan: string, trial: bool } */
+static void declare_traits(loader *l, struct fy_node *map)
+{
+    static const char *const types[] = {"number", "string", "bool"};
+    static const pql_vtype vtypes[] = {PQL_V_NUM, PQL_V_STR, PQL_V_BOOL};
+    if (!fy_node_is_mapping(map)) {
+        error_at(l, map, 0,
+                 "traits must be a mapping of trait: type, e.g. { seats: number, plan: string }");
+        return;
+    }
+    void *it = NULL;
+    struct fy_node_pair *q;
+    while ((q = fy_node_mapping_iterate(map, &it))) {
+        struct fy_node *k = fy_node_pair_key(q), *v = fy_node_pair_value(q);
+        const char *name = scalar(k), *ts = scalar(v);
+        if (!name || !*name) {
+            error_at(l, k, 0, "a trait name must be a string");
+            continue;
+        }
+        int t = -1;
+        for (int i = 0; ts && i < 3; i++)
+            if (!strcmp(ts, types[i])) t = i;
+        if (ts && !strcmp(ts, "boolean")) t = 2;
+        if (t < 0) {
+            char hint[128] = "";
+            if (ts) did_you_mean(hint, sizeof hint, ts, strlen(ts), types, 3, "");
+            error_at(l, v, 0, "trait '%s' has type '%s': use number, string or bool%s", name,
+                     ts ? ts : "", hint);
+            continue;
+        }
+        size_t i;
+        for (i = 0; i < l->r->ndecl && strcmp(l->r->decl[i], name); i++)
+            ;
+        if (i < l->r->ndecl) {
+            if (l->r->decl_type[i] != vtypes[t])
+                error_at(l, k, 0, "trait '%s' is declared twice with different types", name);
+            continue;
+        }
+        l->r->decl = grow_strs(l->r->decl, l->r->ndecl);
+        pql_vtype *nt = realloc(l->r->decl_type, (l->r->ndecl + 1) * sizeof(*nt));
+        if (!nt) abort();
+        l->r->decl_type = nt;
+        l->r->decl[l->r->ndecl] = dup_s(name);
+        l->r->decl_type[l->r->ndecl++] = vtypes[t];
+    }
+}
+
 static void declare(loader *l, const rule_file *f, int *have_lifecycle)
 {
-    static const char *const known[] = {"version", "lifecycle", "signals",
+    static const char *const known[] = {"version", "lifecycle", "traits",     "signals",
                                         "pql",     "expansion", "description"};
     l->file = f;
     if (!f->root || !fy_node_is_mapping(f->root)) {
@@ -797,6 +907,8 @@ static void declare(loader *l, const rule_file *f, int *have_lifecycle)
                     unknown_key(l, fy_node_pair_key(q), lkn, 3, "lifecycle");
                 }
             }
+        } else if (!strcmp(ks, "traits")) {
+            declare_traits(l, v);
         } else if (!strcmp(ks, "signals")) {
             if (!fy_node_is_mapping(v)) {
                 error_at(l, v, 0, "signals must be a mapping of name: definition");
@@ -832,7 +944,8 @@ static void declare(loader *l, const rule_file *f, int *have_lifecycle)
     }
 }
 
-static void compile_file(loader *l, const rule_file *f)
+/* Pass 2: lifecycle.paid and every signal of a file. */
+static void compile_signals_of(loader *l, const rule_file *f)
 {
     l->file = f;
     if (!f->root || !fy_node_is_mapping(f->root)) return;
@@ -852,6 +965,13 @@ static void compile_file(loader *l, const rule_file *f)
                 compile_signal(l, &l->r->signals[i], fy_node_pair_value(q));
         }
     }
+}
+
+/* Pass 3 (after every file's signals): the rules. */
+static void compile_rules_of(loader *l, const rule_file *f)
+{
+    l->file = f;
+    if (!f->root || !fy_node_is_mapping(f->root)) return;
     static const char *const sections[] = {"pql", "expansion"};
     for (int sec = 0; sec < 2; sec++) {
         struct fy_node *list = fy_node_mapping_lookup_by_string(f->root, sections[sec], FY_NT);
@@ -923,7 +1043,9 @@ static pql_rules *load_files(rule_file *files, size_t nfiles, pql_buf *errors)
     for (size_t i = 0; i < nfiles; i++)
         declare(&l, &files[i], &have_lifecycle);
     for (size_t i = 0; i < nfiles; i++)
-        compile_file(&l, &files[i]);
+        compile_signals_of(&l, &files[i]);
+    for (size_t i = 0; i < nfiles; i++)
+        compile_rules_of(&l, &files[i]);
     if (!r->version) r->version = dup_s("0");
     if (l.nerrors) {
         pql_rules_destroy(r);
@@ -1000,6 +1122,36 @@ pql_rules *pql_rules_load(const char *path, pql_buf *errors)
     return r;
 }
 
+static uint64_t fingerprint_add(uint64_t h, const char *name, const struct stat *st)
+{
+    uint64_t parts[3] = {(uint64_t)st->st_mtim.tv_sec, (uint64_t)st->st_mtim.tv_nsec,
+                         (uint64_t)st->st_size};
+    for (const char *c = name; *c; c++)
+        h = (h ^ (unsigned char)*c) * 1099511628211ull;
+    for (int i = 0; i < 3; i++)
+        h = (h ^ parts[i]) * 1099511628211ull;
+    return h;
+}
+
+uint64_t pql_rules_fingerprint(const char *path)
+{
+    struct stat st;
+    uint64_t h = 14695981039346656037ull;
+    if (stat(path, &st) < 0) return 0;
+    if (!S_ISDIR(st.st_mode)) return fingerprint_add(h, path, &st);
+    DIR *d = opendir(path);
+    struct dirent *de;
+    uint64_t sum = 0; /* order-independent: readdir order is arbitrary */
+    char full[4096];
+    while (d && (de = readdir(d))) {
+        if (!yaml_name(de->d_name)) continue;
+        snprintf(full, sizeof(full), "%s/%s", path, de->d_name);
+        if (stat(full, &st) == 0) sum += fingerprint_add(h, de->d_name, &st);
+    }
+    if (d) closedir(d);
+    return sum ? sum : 1;
+}
+
 pql_rules *pql_rules_load_string(const char *yaml, const char *name, pql_buf *errors)
 {
     rule_file *f = calloc(1, sizeof(*f));
@@ -1047,6 +1199,10 @@ void pql_rules_destroy(pql_rules *r)
     }
     for (size_t i = 0; i < r->ntraits; i++)
         free(r->traits[i]);
+    for (size_t i = 0; i < r->ndecl; i++)
+        free(r->decl[i]);
+    free(r->decl);
+    free(r->decl_type);
     for (size_t i = 0; i < r->nprops; i++)
         free(r->props[i]);
     free(r->traits);

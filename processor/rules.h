@@ -9,6 +9,7 @@
  * The YAML shape (docs/rules.md has the full language):
  *
  *   version: 7
+ *   traits: { seats: number, plan: string, trial: bool }   # what rules read
  *   lifecycle: { signup: signed_up, conversion: subscription_started,
  *                paid: 'account.plan != "free"' }          # optional paid test
  *   signals:
@@ -29,6 +30,12 @@
  * unique across the files; `lifecycle` may be declared once; the set's
  * version is the files' `version` values joined with "+".
  *
+ * Traits (`account.<trait>`) must be declared under `traits:` with their type
+ * (number, string, bool) in one of the files: an undeclared trait is an error
+ * with a did-you-mean, and the type lets `rules check` refuse
+ * `account.plan > 5`.  Declarations from several files merge; a trait
+ * declared twice with two types is an error.
+ *
  * Slots (how compiled expressions name their inputs; see pql_rules_slot_*):
  * a slot is (kind << 24) | index, kind one of PQL_SLOT_*. */
 #ifndef PQL_RULES_H
@@ -40,10 +47,17 @@
 #include "window.h"
 
 enum {
-    PQL_SLOT_SIGNAL = 1, /* index into signals */
-    PQL_SLOT_TRAIT = 2,  /* index into the set's trait names (account.<trait>) */
-    PQL_SLOT_PROP = 3,   /* index into the set's property names (properties.<key>) */
-    PQL_SLOT_FIELD = 4,  /* an event field: PQL_FIELD_* */
+    PQL_SLOT_SIGNAL = 1,  /* index into signals */
+    PQL_SLOT_TRAIT = 2,   /* index into the set's trait names (account.<trait>) */
+    PQL_SLOT_PROP = 3,    /* index into the set's property names (properties.<key>) */
+    PQL_SLOT_FIELD = 4,   /* an event field: PQL_FIELD_* */
+    PQL_SLOT_BUILTIN = 5, /* an account fact the engine derives: PQL_BUILTIN_* */
+};
+
+/* Built-in names readable in rule expressions. */
+enum {
+    PQL_BUILTIN_SINCE_SIGNUP = 0, /* since_signup: account clock − signup time (ms), null
+                                     before a signup event */
 };
 enum {
     PQL_FIELD_EVENT = 0,
@@ -134,6 +148,11 @@ pql_rules *pql_rules_load(const char *path, pql_buf *errors);
 pql_rules *pql_rules_load_string(const char *yaml, const char *name, pql_buf *errors);
 
 void pql_rules_destroy(pql_rules *r);
+/** A fingerprint of the rule files at `path` (names, sizes, modification
+ *  times): it changes when a file is edited, added or removed.  0 when the
+ *  path does not exist.  Cheap (stat only): the pipeline polls it to reload
+ *  rules when they change (rules.watch). */
+uint64_t pql_rules_fingerprint(const char *path);
 
 const char *pql_rules_version(const pql_rules *r);
 size_t pql_rules_nsignals(const pql_rules *r);

@@ -573,6 +573,37 @@ pql_err pql_store_load_accounts(pql_store *s, const char *group, int32_t partiti
     return err;
 }
 
+pql_err pql_store_find_account(pql_store *s, const char *group, const char *account,
+                               int32_t max_partitions, int32_t *partition, char *errstr,
+                               size_t errstr_size)
+{
+    pql_err err = store_connect(s, errstr, errstr_size);
+    *partition = -1;
+    if (err) return err;
+    for (int32_t p = 0; p < max_partitions; p++) {
+        pql_buf_reset(&s->scratch);
+        if (append_key(&s->scratch, group, p, "a:", account, strlen(account)))
+            return io_fail(s, errstr, errstr_size, "EXISTS: out of memory");
+        const char *av[2] = {"EXISTS", s->scratch.data};
+        size_t al[2] = {6, s->scratch.len};
+        if (redisAppendCommandArgv(s->ctx, 2, av, al) != REDIS_OK)
+            return io_fail(s, errstr, errstr_size, "EXISTS");
+    }
+    s->round_trips++;
+    s->commands += (uint64_t)max_partitions;
+    for (int32_t p = 0; p < max_partitions; p++) {
+        redisReply *r = get_reply(s);
+        if (!r) return io_fail(s, errstr, errstr_size, "EXISTS");
+        if (r->type == REDIS_REPLY_ERROR && !err)
+            err =
+                fail(s, errstr, errstr_size, PQL_ERR_IO, "redis %s: EXISTS: %s", s->where, r->str);
+        else if (r->type == REDIS_REPLY_INTEGER && r->integer > 0 && *partition < 0)
+            *partition = p;
+        freeReplyObject(r);
+    }
+    return err;
+}
+
 pql_err pql_store_counters(pql_store *s, const char *group, int32_t partition, const char *name,
                            void (*fn)(void *opaque, const char *field, size_t field_len,
                                       int64_t value),

@@ -129,6 +129,14 @@ int pql_store_batch_empty(const pql_store_batch *b);
 pql_err pql_store_commit(pql_store *s, pql_store_batch *const *batches, size_t n, pql_err *results,
                          char *errstr, size_t errstr_size);
 
+/** Finds the partition whose state holds `account`: EXISTS on its key in
+ *  partitions 0 … max_partitions-1, pipelined in one round trip (tools).
+ *  @returns PQL_OK with *partition set (-1 when no partition has it), or
+ *  PQL_ERR_IO. */
+pql_err pql_store_find_account(pql_store *s, const char *group, const char *account,
+                               int32_t max_partitions, int32_t *partition, char *errstr,
+                               size_t errstr_size);
+
 /** Reads partition counters hash pql:{g:p}:c:<name> (tests, metrics). */
 pql_err pql_store_counters(pql_store *s, const char *group, int32_t partition, const char *name,
                            void (*fn)(void *opaque, const char *field, size_t field_len,

@@ -180,7 +180,8 @@ Test(account, late_events_are_reported_and_not_counted)
     pql_rules_destroy(r);
 }
 
-static const char *expansion = "signals:\n"
+static const char *expansion = "traits: { seats: number }\n"
+                               "signals:\n"
                                "  users: { distinct: user_id, of: '*', window: 30d }\n"
                                "expansion:\n"
                                "  - name: seats\n"
@@ -456,7 +457,8 @@ Test(account, scored_rule_state_survives_flush_and_load)
 Test(account, fit_gates_a_rule_on_traits)
 {
     pql_rules *r =
-        rules_of("signals:\n  logins: { count: login, window: 7d }\n"
+        rules_of("traits: { employees: number, industry: string }\n"
+                 "signals:\n  logins: { count: login, window: 7d }\n"
                  "pql:\n  - name: big\n    when: logins >= 1\n"
                  "    fit: account.employees >= 50 and account.industry == \"fintech\"\n");
     pql_account *a = pql_account_new(r, "acme", 4);
@@ -467,6 +469,42 @@ Test(account, fit_gates_a_rule_on_traits)
     trait(a, "industry", pql_str("fintech", 7), T0 + 2, &f);
     cr_assert_eq(f.n, 1, "the trait update makes it fit: fires on the update");
     cr_assert_eq(f.triggered_at[0], T0 + 2);
+    pql_account_destroy(a);
+    pql_rules_destroy(r);
+}
+
+/* applies_to: paid means converted (the conversion event) or lifecycle.paid
+ * holding on the traits; PQL rules (free by default) stop applying then. */
+Test(account, paid_by_conversion_event_or_by_plan_trait)
+{
+    pql_rules *r = rules_of("lifecycle: { conversion: subscription_started, "
+                            "paid: 'account.plan != \"free\"' }\n"
+                            "traits: { plan: string }\n"
+                            "signals:\n  logins: { count: login, window: 7d }\n"
+                            "pql:\n  - name: lead\n    when: logins >= 2\n"
+                            "expansion:\n  - name: grow\n    when: logins >= 2\n");
+    /* by the plan trait */
+    pql_account *a = pql_account_new(r, "acme", 4);
+    fired f = {0};
+    trait(a, "plan", pql_str("free", 4), T0, &f);
+    usage(a, "login", "u1", T0 + 1, &f);
+    usage(a, "login", "u1", T0 + 2, &f);
+    cr_assert_eq(f.n, 1);
+    cr_assert_str_eq(f.rule[0], "lead", "a free account gets the PQL rule only");
+    trait(a, "plan", pql_str("team", 4), T0 + 3, &f);
+    cr_assert_eq(f.n, 2, "the plan change makes it paid: the expansion rule fires at once");
+    cr_assert_str_eq(f.rule[1], "grow");
+    cr_assert_eq(f.triggered_at[1], T0 + 3);
+    pql_account_destroy(a);
+
+    /* by the conversion event, with no plan trait at all */
+    a = pql_account_new(r, "acme", 4);
+    memset(&f, 0, sizeof(f));
+    usage(a, "subscription_started", "u1", T0, &f);
+    usage(a, "login", "u1", T0 + 1, &f);
+    usage(a, "login", "u1", T0 + 2, &f);
+    cr_assert_eq(f.n, 1);
+    cr_assert_str_eq(f.rule[0], "grow", "a converted account gets the expansion rule only");
     pql_account_destroy(a);
     pql_rules_destroy(r);
 }

@@ -34,7 +34,7 @@ Test(cli, rules_check_ok_and_errors_with_position)
     char *out;
     const char *ok[] = {"pqlstream", "rules", "check", PQL_SOURCE_DIR "/rules", NULL};
     cr_assert_eq(run(&out, ok, no_env), 0);
-    cr_assert(strstr(out, "ok — version 1, 7 signals, 3 rules"), "%s", out);
+    cr_assert(strstr(out, "ok — version 1+1, 11 signals, 7 rules"), "%s", out);
     free(out);
 
     char *dir = h_mkdtemp(), path[512];
@@ -128,6 +128,79 @@ Test(cli, invalid_rules_refuse_to_start)
     cr_assert(strstr(out, "the rule set is invalid; nothing started"), "%s", out);
     cr_assert(strstr(out, "r.yaml:3:11: error: in when:"), "%s", out);
     free(out);
+    h_rmtree(dir);
+    free(dir);
+}
+
+/* `rules explain` reads the state a real run left in Redis. */
+Test(cli, rules_explain_reads_live_state, .timeout = 180)
+{
+    const int64_t t0 = 1793491200000LL; /* 2026-11-01 00:00 UTC */
+    h_redis *r = h_redis_start();
+    h_kafka *k = h_kafka_start(4, "usage-events", "account-updates", "pql-alerts", "pql-dlq",
+                               "pql-metrics", NULL);
+    char *dir = h_mkdtemp(), path[512];
+    snprintf(path, sizeof(path), "%s/r.yaml", dir);
+    FILE *f = fopen(path, "w");
+    fputs("version: 5\n"
+          "lifecycle: { signup: signed_up, conversion: subscription_started }\n"
+          "traits: { seats: number }\n"
+          "signals:\n"
+          "  logins:  { count: login, window: 7d }\n"
+          "  invites: { count: teammate_invited, window: 14d }\n"
+          "pql:\n"
+          "  - name: team\n"
+          "    when: logins >= 2 and invites >= 1\n",
+          f);
+    fclose(f);
+    h_produce_account(k, "account-updates", -1, "acme", t0, H_PROPS(H_NUM("seats", 3)));
+    h_produce_usage(k, "usage-events", -1, "acme", "signed_up", "u1", t0, H_NO_PROPS);
+    h_produce_usage(k, "usage-events", -1, "acme", "login", "u1", t0 + 3600000, H_NO_PROPS);
+    h_flush(k);
+    h_proc *p = h_proc_start("PQLSTREAM_BROKERS", h_kafka_bootstraps(k), "PQLSTREAM_REDIS",
+                             h_redis_url(r), "PQLSTREAM_RULES", path, "PQLSTREAM_GROUP", "gx",
+                             "PQLSTREAM_KAFKA_SESSION_TIMEOUT_MS", "6000", NULL);
+    H_ASSERT_PROC(
+        p, h_wait_offsets_of(p, k, h_redis_url(r), "gx", "usage-events", 4, NULL, 60000) == 0);
+    cr_assert_eq(h_proc_stop(p), 0);
+
+    char redis[512], rules[600];
+    snprintf(redis, sizeof(redis), "PQLSTREAM_REDIS=%s", h_redis_url(r));
+    snprintf(rules, sizeof(rules), "PQLSTREAM_RULES=%s", path);
+    const char *env[] = {redis, rules, NULL};
+    const char *argv[] = {"pqlstream", "rules", "explain", "--account", "acme", "--group=gx", NULL};
+    char *out;
+    cr_assert_eq(run(&out, argv, env), 0, "%s", out);
+    const char *want[] = {
+        "rule set version 5)\n",
+        "  latest event           2026-11-01 01:00 UTC",
+        "  signed up              2026-11-01 00:00 UTC\n",
+        "Traits\n  seats  3\n",
+        "Signals\n  logins   1\n  invites  0\n",
+        "  team (PQL, threshold, for free accounts)\n"
+        "    → does not hold: logins >= 2, invites >= 1\n"
+        "      ✗ logins >= 2\n"
+        "      ✗ invites >= 1\n",
+    };
+    for (size_t i = 0; i < sizeof(want) / sizeof(*want); i++)
+        cr_assert(strstr(out, want[i]), "missing:\n%s\nin:\n%s", want[i], out);
+    free(out);
+
+    const char *json[] = {"pqlstream", "rules",   "explain", "--account=acme",
+                          "--json",    "--group", "gx",      NULL};
+    cr_assert_eq(run(&out, json, env), 0, "%s", out);
+    cr_assert(strstr(out, "\"account_id\": \"acme\""), "%s", out);
+    cr_assert(strstr(out, "\"verdict\": \"does not hold: logins >= 2, invites >= 1\""), "%s", out);
+    free(out);
+
+    const char *none[] = {"pqlstream", "rules",      "explain", "--account",
+                          "nobody",    "--group=gx", NULL};
+    cr_assert_eq(run(&out, none, env), 1);
+    cr_assert(strstr(out, "no state for account 'nobody' in group 'gx' (partitions 0-1023"), "%s",
+              out);
+    free(out);
+    h_kafka_stop(k);
+    h_redis_stop(r);
     h_rmtree(dir);
     free(dir);
 }

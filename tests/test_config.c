@@ -329,7 +329,7 @@ Test(config, bad_values_in_file)
     expect_file_error("batch:\n  max_ms: ten\n", "2:11: batch.max_ms: 'ten' is not an integer");
     expect_file_error("processing: {lateness: 7}\n",
                       "1:24: processing.lateness: '7' is not a duration (examples: 7d, 24h, "
-                      "30m, 90s, 500ms)");
+                      "30m, 90s, 500ms, 0)");
     expect_file_error("embedded:\n  sample: maybe\n",
                       "2:11: embedded.sample: 'maybe' is not a boolean (true/false, yes/no, "
                       "on/off, 1/0)");
@@ -373,7 +373,8 @@ Test(config, bad_values_by_flag_and_env)
     cr_expect_str_eq(errbuf, "--batch.max_ms: '99999999999' is too large (at most 2147483647)");
     cr_expect_eq(pql_config_set(&c, "state.ttl", "400", errbuf, sizeof(errbuf)), -1);
     cr_expect_str_eq(errbuf,
-                     "--state.ttl: '400' is not a duration (examples: 7d, 24h, 30m, 90s, 500ms)");
+                     "--state.ttl: '400' is not a duration (examples: 7d, 24h, 30m, 90s, 500ms, "
+                     "0)");
     cr_expect_eq(pql_config_set(&c, "output.format", "xml", errbuf, sizeof(errbuf)), -1);
     cr_expect_str_eq(errbuf, "--output.format: 'xml' is not one of avro, json");
     cr_expect_eq(pql_config_set(&c, "bach.max_ms", "1", errbuf, sizeof(errbuf)), -1);

@@ -364,6 +364,35 @@ Test(expr, abs_log1p_sigmoid)
     expect_num("sigmoid(-4.2 + 0.30 * core_uses + 0.80 * invites)", 1.0 / (1.0 + exp(-(-0.5))));
 }
 
+Test(expr, duration_literals_are_milliseconds)
+{
+    expect_num("14d", 14.0 * 86400000);
+    expect_num("2w", 14.0 * 86400000);
+    expect_num("24h", 86400000);
+    expect_num("30m", 1800000);
+    expect_num("90s", 90000);
+    expect_num("500ms", 500);
+    expect_num("1.5d", 1.5 * 86400000);
+    expect_num("14d / 1d", 14);
+    expect_bool("1d < 25h", 1);
+    expect_num("1e3", 1000); /* an exponent is not a unit */
+}
+
+Test(template, formatting_helpers)
+{
+    expect_render("{count(2000)} messages", "2,000 messages");
+    expect_render("{count(1234567.4)}", "1,234,567");
+    expect_render("{count(-1500)} {count(999)} {count(0)}", "-1,500 999 0");
+    expect_render("{count(missing)}", "n/a");
+    expect_render("{duration(14d)}", "14 days");
+    expect_render("{duration(1d)} {duration(25h)}", "1 day 1 day 1 hour");
+    expect_render("{duration(90m)}", "1 hour 30 minutes");
+    expect_render("{duration(45s)} {duration(61s)} {duration(0)}",
+                  "45 seconds 1 minute 1 second 0 seconds");
+    expect_render("{duration(-2h)}", "-2 hours");
+    expect_render("{duration(1 / 0)}", "n/a");
+}
+
 Test(expr, pct)
 {
     pql_value v = eval("pct(a / b)");
@@ -568,7 +597,9 @@ Test(expr_errors, syntax)
     expect_error("a || b", 2, "unexpected '|' (use 'or')");
     expect_error("a # b", 2, "unexpected character '#'");
     expect_error("a \xc3\xa9 b", 2, "unexpected character '\xc3\xa9'");
-    expect_error("5d", 0, "invalid number '5d'");
+    expect_error("5x", 0, "invalid number '5x'");
+    expect_error("5days", 0, "invalid number '5days'");
+    expect_error("5d.x", 0, "invalid number '5d.x'");
     expect_error("1.", 0, "invalid number '1.'");
     expect_error("1e", 0, "invalid number '1e'");
     expect_error("1.2.3", 0, "invalid number '1.2.3'");
@@ -595,9 +626,11 @@ Test(expr_errors, functions)
     expect_error("1 + mn(2, 3)", 4, "unknown function 'mn' (did you mean 'min'?)");
     expect_error("log(2)", 0, "unknown function 'log' (did you mean 'log1p'?)");
     expect_error("foo(1)", 0,
-                 "unknown function 'foo' (functions: min, max, abs, log1p, sigmoid, pct)");
+                 "unknown function 'foo' (functions: min, max, abs, log1p, sigmoid, pct, "
+                 "count, duration)");
     expect_error("core_uses(1)", 0,
-                 "unknown function 'core_uses' (functions: min, max, abs, log1p, sigmoid, pct)");
+                 "unknown function 'core_uses' (functions: min, max, abs, log1p, sigmoid, pct, "
+                 "count, duration)");
     expect_error("abs(1, 2)", 0, "abs() takes exactly 1 argument but was given 2");
     expect_error("1 + pct()", 4, "pct() takes exactly 1 argument but was given 0");
     expect_error("min()", 0, "min() takes at least 1 argument but was given 0");

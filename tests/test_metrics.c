@@ -425,6 +425,7 @@ Test(contributions, a_conversion_before_qualifying_is_non_pql)
 /* ---- with real accounts ------------------------------------------------------------ */
 
 static const char *rules_yaml = "lifecycle: { signup: signed_up, conversion: paid }\n"
+                                "traits: { seats: number }\n"
                                 "signals:\n"
                                 "  logins: { count: login, window: 30d }\n"
                                 "  users: { distinct: user_id, of: '*', window: 30d }\n"

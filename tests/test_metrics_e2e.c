@@ -41,6 +41,7 @@
 static const char *rules_yaml =
     "version: 3\n"
     "lifecycle: { signup: signed_up, conversion: subscription_started }\n"
+    "traits: { seats: number }\n"
     "signals:\n"
     "  logins:  { count: login, window: 30d }\n"
     "  invites: { count: teammate_invited, window: 30d }\n"
@@ -1066,6 +1067,14 @@ Test(metrics_e2e, the_embedded_default_shows_figures_and_the_command_reads_them)
     free(out);
     h_proc_stop(cli);
     cr_assert_eq(h_proc_stop(p), 0);
+
+    /* with the processor stopped, the command serves its data itself */
+    cli = h_proc_start_argv(cli_argv, cli_env);
+    cr_assert_eq(h_proc_wait(cli, 30000), 0);
+    out = h_proc_log(cli);
+    cr_assert(strstr(out, "\ntotal       organic "), "%s", out);
+    free(out);
+    h_proc_stop(cli);
     h_rmtree(d);
     free(d);
 }

@@ -25,6 +25,7 @@
 static const char *rules_yaml =
     "version: 9\n"
     "lifecycle: { signup: signed_up, conversion: subscription_started }\n"
+    "traits: { seats: number }\n"
     "signals:\n"
     "  logins:  { count: login, window: 7d }\n"
     "  invites: { count: teammate_invited, window: 14d }\n"
@@ -65,13 +66,16 @@ static void teardown(void)
     free(dir);
 }
 
+/* rules.watch for the next start(): off unless a test watches the files */
+static const char *rules_watch = "0";
+
 static h_proc *start(const char *group, const char *alerts, const char *batch)
 {
-    return h_proc_start("PQLSTREAM_BROKERS", h_kafka_bootstraps(kafka), "PQLSTREAM_REDIS",
-                        h_redis_url(redis), "PQLSTREAM_RULES", rules_path, "PQLSTREAM_GROUP", group,
-                        "PQLSTREAM_TOPIC_ALERTS", alerts, "PQLSTREAM_BATCH_MAX_MESSAGES", batch,
-                        "PQLSTREAM_KAFKA_SESSION_TIMEOUT_MS", "6000",
-                        "PQLSTREAM_KAFKA_HEARTBEAT_INTERVAL_MS", "500", NULL);
+    return h_proc_start(
+        "PQLSTREAM_BROKERS", h_kafka_bootstraps(kafka), "PQLSTREAM_REDIS", h_redis_url(redis),
+        "PQLSTREAM_RULES", rules_path, "PQLSTREAM_GROUP", group, "PQLSTREAM_TOPIC_ALERTS", alerts,
+        "PQLSTREAM_BATCH_MAX_MESSAGES", batch, "PQLSTREAM_KAFKA_SESSION_TIMEOUT_MS", "6000",
+        "PQLSTREAM_KAFKA_HEARTBEAT_INTERVAL_MS", "500", "PQLSTREAM_RULES_WATCH", rules_watch, NULL);
 }
 
 /* Waits until Redis holds every input offset of `group`, failing at once
@@ -424,48 +428,69 @@ static int count_alerts(const char *rule, const char *version)
     return n;
 }
 
-Test(pipeline, sighup_reloads_rules_and_refuses_an_invalid_set)
+/* A reload story, triggered by SIGHUP (by_signal) or by the file watch:
+ * an invalid set is refused whole with file:line:col and the running one
+ * stays; a valid set with a new version takes over, the alerts carry the
+ * version, a rule that still exists keeps its fired state, a new rule fires,
+ * and a signal whose definition changed is named in the log. */
+static void reload_story(const char *group, int by_signal)
 {
     int64_t t = pql_now_ms() - PQL_MS_HOUR;
-    h_proc *p = start("g3", "pql-alerts", "1000");
+    rules_watch = by_signal ? "0" : "200ms";
+    h_proc *p = start(group, "pql-alerts", "1000");
     H_ASSERT_PROC(p, h_proc_wait_log(p, "partition assigned", 30000) == 0);
     for (int i = 0; i < 3; i++)
         h_produce_usage(kafka, USAGE, -1, "acme", "login", "u1", t + i, H_NO_PROPS);
     h_produce_usage(kafka, USAGE, -1, "acme", "teammate_invited", "u1", t + 10, H_NO_PROPS);
     h_flush(kafka);
-    wait_done(p, "g3", 60000);
+    wait_done(p, group, 60000);
 
-    /* an invalid set is refused whole; the running one stays */
     write_rules("pql:\n  - name: x\n    when: nope >= 1\n");
-    h_proc_kill(p, SIGHUP);
+    if (by_signal) h_proc_kill(p, SIGHUP);
     H_ASSERT_PROC(p, h_proc_wait_log(p, "rules reload refused", 30000) == 0);
     char *log = h_proc_log(p);
     cr_assert(strstr(log, "rules.yaml:3:11: error: in when: unknown signal 'nope'"), "%s", log);
+    cr_assert(by_signal || strstr(log, "rule files changed; reloading"), "%s", log);
     free(log);
 
-    /* a valid set with a new version and a new rule: alerts carry the version,
-       the old rule's fired state is kept (no second `team` alert) */
     write_rules("version: 10\n"
                 "signals:\n"
                 "  logins:  { count: login, window: 7d }\n"
+                "  users:   { distinct: user_id, of: '*', window: 14d }\n"
                 "  invites: { count: teammate_invited, window: 14d }\n"
                 "pql:\n"
                 "  - name: team\n"
                 "    when: logins >= 3 and invites >= 1\n"
                 "  - name: busy\n"
                 "    when: logins >= 4\n");
-    h_proc_kill(p, SIGHUP);
+    if (by_signal) h_proc_kill(p, SIGHUP);
     H_ASSERT_PROC(p, h_proc_wait_log(p, "rules reloaded", 30000) == 0);
     h_produce_usage(kafka, USAGE, -1, "acme", "login", "u1", t + 20, H_NO_PROPS);
     h_flush(kafka);
-    wait_done(p, "g3", 60000);
+    wait_done(p, group, 60000);
     int busy = 0;
     for (int i = 0; i < 100 && !(busy = count_alerts("busy", "10")); i++)
         h_sleep_ms(100);
     H_ASSERT_PROC(p, busy == 1, "the new rule fires with the new version");
     cr_assert_eq(count_alerts("team", "9"), 1);
     cr_assert_eq(count_alerts("team", "10"), 0, "a rule that still exists keeps its state");
+    log = h_proc_log(p);
+    cr_assert(strstr(log, "old_version=9 version=10"), "%s", log);
+    cr_assert(strstr(log, "signal definition changed: it starts empty for every account\" "
+                          "signal=users"),
+              "the 30d -> 14d window change is logged: %s", log);
+    free(log);
     cr_assert_eq(h_proc_stop(p), 0);
+}
+
+Test(pipeline, sighup_reloads_rules_and_refuses_an_invalid_set)
+{
+    reload_story("g3", 1);
+}
+
+Test(pipeline, edited_rule_files_reload_without_a_signal)
+{
+    reload_story("g5", 0);
 }
 
 /* The account hash of `account` in whichever partition holds it, field `f`. */

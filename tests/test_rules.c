@@ -4,6 +4,9 @@
 
 #include <criterion/criterion.h>
 #include <string.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
 
 static pql_rules *load(const char *yaml, pql_buf *errors)
 {
@@ -25,13 +28,13 @@ Test(rules, shipped_rule_set_loads)
     pql_buf errors = {0};
     pql_rules *r = pql_rules_load(PQL_SOURCE_DIR "/rules", &errors);
     cr_assert_not_null(r, "%s", errors.data ? errors.data : "");
-    cr_assert_str_eq(pql_rules_version(r), "1");
-    cr_assert_eq(pql_rules_nsignals(r), 7);
-    cr_assert_eq(pql_rules_nrules(r), 3);
+    cr_assert_str_eq(pql_rules_version(r), "1+1"); /* expansion.yaml + pql.yaml */
+    cr_assert_eq(pql_rules_nsignals(r), 11);
+    cr_assert_eq(pql_rules_nrules(r), 7);
     cr_assert_str_eq(pql_rules_signup_event(r), "signed_up");
     cr_assert_str_eq(pql_rules_conversion_event(r), "subscription_started");
     const pql_rule *seat =
-        pql_rules_rule(r, (size_t)pql_rules_rule_by_name(r, "seat-saturation", 15));
+        pql_rules_rule(r, (size_t)pql_rules_rule_by_name(r, "seat-saturation-80", 18));
     cr_assert_eq(seat->kind, PQL_ALERT_EXPANSION);
     cr_assert_eq(seat->applies_to, PQL_APPLIES_PAID);
     cr_assert_eq(seat->cooldown_ms, 14 * PQL_MS_DAY);
@@ -194,4 +197,103 @@ Test(rules, logistic_terms_may_be_expressions)
     cr_assert_eq(l->nsignals, 2, "both signals are in the alert's signals map");
     pql_rules_destroy(r);
     pql_buf_free(&e);
+}
+
+Test(rules, traits_are_declared_with_types)
+{
+    const char *head = "traits: { seats: number, plan: string, trial: bool }\n"
+                       "signals:\n  users: { distinct: user_id, window: 30d }\n"
+                       "expansion:\n  - name: r\n";
+    char yaml[512];
+    /* a typo gets a did-you-mean with the position of the name */
+    snprintf(yaml, sizeof yaml, "%s    when: users >= account.seets\n", head);
+    expect_error(yaml, "t.yaml:6:20: error: in when: unknown trait 'account.seets' (did you mean "
+                       "'account.seats'?)");
+    /* an undeclared one says how to declare it */
+    snprintf(yaml, sizeof yaml, "%s    fit: account.employees >= 50\n    when: users >= 1\n", head);
+    expect_error(yaml, "t.yaml:6:10: error: in fit: unknown trait 'account.employees' — declare "
+                       "the traits rules read under 'traits:'");
+    /* the declared type is checked: a string trait compared with a number */
+    snprintf(yaml, sizeof yaml, "%s    when: account.plan > 5\n", head);
+    expect_error(yaml, "t.yaml:6:11: error: in when: cannot compare a string (account.plan) with "
+                       "a number (5)");
+    snprintf(yaml, sizeof yaml, "%s    when: users / account.plan >= 0.8\n", head);
+    expect_error(yaml, "expects a number but found a string (account.plan)");
+    snprintf(yaml, sizeof yaml, "%s    when: account.trial == \"yes\"\n", head);
+    expect_error(yaml, "cannot compare a boolean (account.trial) with a string");
+    /* a bad type name */
+    expect_error("traits: { seats: numbr }\n",
+                 "t.yaml:1:18: error: trait 'seats' has type 'numbr': use number, string or bool "
+                 "(did you mean 'number'?)");
+    expect_error("traits: [seats]\n", "t.yaml:1:10: error: traits must be a mapping");
+}
+
+Test(rules, traits_merge_across_files_and_conflicts_are_refused)
+{
+    pql_buf errors = {0};
+    char *dir = strdup("/tmp/pqlrules-XXXXXX");
+    cr_assert_not_null(mkdtemp(dir));
+    char path[512];
+    snprintf(path, sizeof path, "%s/a.yaml", dir);
+    FILE *f = fopen(path, "w");
+    fputs("traits: { seats: number }\nsignals:\n  u: { distinct: user_id, window: 30d }\n", f);
+    fclose(f);
+    snprintf(path, sizeof path, "%s/b.yaml", dir);
+    f = fopen(path, "w");
+    fputs("traits: { plan: string }\nexpansion:\n  - name: r\n"
+          "    when: 'u >= account.seats and account.plan == \"team\"'\n",
+          f);
+    fclose(f);
+    pql_rules *r = pql_rules_load(dir, &errors);
+    cr_assert_not_null(r, "%s", errors.data ? errors.data : "");
+    cr_assert_eq(pql_rules_ntraits(r), 2);
+    pql_rules_destroy(r);
+
+    f = fopen(path, "w");
+    fputs("traits: { seats: string }\n", f);
+    fclose(f);
+    cr_assert_null(pql_rules_load(dir, &errors));
+    cr_assert(strstr(errors.data, "b.yaml:1:11: error: trait 'seats' is declared twice with "
+                                  "different types"),
+              "%s", errors.data);
+    pql_buf_free(&errors);
+    remove(path);
+    snprintf(path, sizeof path, "%s/a.yaml", dir);
+    remove(path);
+    rmdir(dir);
+    free(dir);
+}
+
+Test(rules, held_for_longer_than_a_window_is_refused)
+{
+    expect_error("signals:\n  calls: { sum: properties.n, of: api, window: 7d }\n"
+                 "expansion:\n  - name: r\n    when: calls >= 100\n    held_for: 14d\n",
+                 "t.yaml:6:15: error: held_for 14d is longer than the window (7 days) of signal "
+                 "'calls' that the rule reads: lengthen the window or shorten held_for");
+    /* lifetime signals and a window at least as long are fine */
+    pql_buf errors = {0};
+    pql_rules *r = load("signals:\n  calls: { sum: properties.n, of: api, window: 30d }\n"
+                        "  ever: { count: x, window: lifetime }\n"
+                        "expansion:\n  - name: r\n    when: calls >= 100 and ever >= 1\n"
+                        "    held_for: 14d\n",
+                        &errors);
+    cr_assert_not_null(r, "%s", errors.data ? errors.data : "");
+    pql_rules_destroy(r);
+    pql_buf_free(&errors);
+}
+
+Test(rules, since_signup_and_duration_literals)
+{
+    pql_buf errors = {0};
+    pql_rules *r = load("lifecycle: { signup: signed_up }\n"
+                        "signals:\n  m: { count: meeting_scheduled, window: 14d }\n"
+                        "pql:\n  - name: r\n    when: m >= 5 and since_signup <= 14d\n"
+                        "    reasons: ['Signed up {duration(since_signup)} ago']\n",
+                        &errors);
+    cr_assert_not_null(r, "%s", errors.data ? errors.data : "");
+    pql_rules_destroy(r);
+    expect_error("signals:\n  m: { count: x, window: 14d }\n"
+                 "pql:\n  - name: r\n    when: since_signup <= \"14d\"\n",
+                 "cannot compare a number (since_signup) with a string");
+    pql_buf_free(&errors);
 }
