@@ -87,34 +87,6 @@ static int cmd_rules_check(int argc, char **argv)
     return bad ? 1 : 0;
 }
 
-/* The Redis the configuration names; for the embedded default, the private
- * redis-server of `run` when it is up, else one started on its data
- * directory for the time of the command (*child). */
-static const char *explain_redis(const pql_config *cfg, pql_redis_child **child, char *err,
-                                 size_t errsize)
-{
-    static char url[1200];
-    char dir[1024];
-    struct stat st;
-    if (cfg->redis_url[0]) return cfg->redis_url;
-    snprintf(dir, sizeof(dir), "%s/redis", cfg->data_dir);
-    if (stat(dir, &st) < 0) {
-        snprintf(err, errsize,
-                 "no Redis is configured (PQLSTREAM_REDIS) and the embedded default has no data "
-                 "in %.700s: run `pqlstream run` first, or set PQLSTREAM_REDIS",
-                 dir);
-        return NULL;
-    }
-    snprintf(url, sizeof(url), "unix://%s/redis.sock", dir);
-    pql_store *probe = pql_store_open(url, 1000, err, errsize);
-    int up = probe && pql_store_ping(probe, err, errsize) == PQL_OK;
-    pql_store_close(probe);
-    if (up) return url;
-    pql_redis_child_opts ro = {.dir = dir, .appendonly = 1};
-    if (!(*child = pql_redis_child_start(&ro, err, errsize))) return NULL;
-    return pql_redis_child_url(*child);
-}
-
 static int cmd_rules_explain(int argc, char **argv)
 {
     const char *account = NULL;
@@ -175,8 +147,10 @@ static int cmd_rules_explain(int argc, char **argv)
         goto out;
     }
     pql_buf_free(&errors);
-    const char *url = explain_redis(&cfg, &child, err, sizeof(err));
-    if (!url || !(store = pql_store_open(url, 5000, err, sizeof(err)))) {
+    char url[1200];
+    if (pql_redis_for_tool(cfg.redis_url, cfg.data_dir, url, sizeof(url), &child, err,
+                           sizeof(err)) < 0 ||
+        !(store = pql_store_open(url, 5000, err, sizeof(err)))) {
         fprintf(stderr, "pqlstream: %s\n", err);
         goto out;
     }

@@ -100,41 +100,6 @@ static void period_label(pql_granularity g, int64_t start, char *out, size_t siz
         snprintf(out, size, "%.10s", iso);
 }
 
-/* The Redis URL: redis.url; for the embedded default, the private
- * redis-server of `run` when it is up, else one started on its data
- * directory for the time of the command (*child).  @returns 0 or -1. */
-static int redis_url_of(const pql_config *cfg, char *url, size_t size, pql_redis_child **child,
-                        FILE *err)
-{
-    if (cfg->redis_url[0]) {
-        snprintf(url, size, "%s", cfg->redis_url);
-        return 0;
-    }
-    char dir[1024], abs[1024], e[512];
-    struct stat st;
-    snprintf(dir, sizeof dir, "%s/redis", cfg->data_dir);
-    if (stat(dir, &st) != 0 || !realpath(dir, abs)) {
-        fprintf(err,
-                "pqlstream metrics: no Redis configured (redis.url, PQLSTREAM_REDIS) and the "
-                "embedded default has no data in %s: start `pqlstream run` in this directory "
-                "first, or set PQLSTREAM_REDIS to the Redis the processors use\n",
-                dir);
-        return -1;
-    }
-    snprintf(url, size, "unix://%s/redis.sock", abs);
-    pql_store *probe = pql_store_open(url, 1000, e, sizeof e);
-    int up = probe && pql_store_ping(probe, e, sizeof e) == PQL_OK;
-    pql_store_close(probe);
-    if (up) return 0;
-    pql_redis_child_opts ro = {.dir = abs, .appendonly = 1};
-    if (!(*child = pql_redis_child_start(&ro, e, sizeof e))) {
-        fprintf(err, "pqlstream metrics: cannot start a redis-server on %s: %s\n", abs, e);
-        return -1;
-    }
-    snprintf(url, size, "%s", pql_redis_child_url(*child));
-    return 0;
-}
-
 typedef struct opts {
     pql_granularity g;
     int seg;             /* pql_segment */
@@ -335,7 +300,10 @@ int pql_metrics_command(int argc, char **argv, char *const *envp, FILE *out, FIL
     pql_store *st = NULL;
     pql_redis_child *child = NULL;
     int32_t nparts = 0;
-    if (redis_url_of(&cfg, url, sizeof url, &child, err) < 0) goto out;
+    if (pql_redis_for_tool(cfg.redis_url, cfg.data_dir, url, sizeof url, &child, e, sizeof e) < 0) {
+        fprintf(err, "pqlstream metrics: %s\n", e);
+        goto out;
+    }
     if (!(st = pql_store_open(url, cfg.redis_timeout_ms, e, sizeof e))) {
         fprintf(err, "pqlstream metrics: cannot read Redis: %s (check PQLSTREAM_REDIS)\n", e);
         goto out;

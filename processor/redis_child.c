@@ -275,3 +275,39 @@ int pql_redis_child_restart(pql_redis_child *c, char *errstr, size_t errstr_size
     kill_hard(c);
     return spawn(c, errstr, errstr_size);
 }
+
+int pql_redis_for_tool(const char *redis_url, const char *data_dir, char *url, size_t url_size,
+                       pql_redis_child **child, char *errstr, size_t errstr_size)
+{
+    char dir[PATH_MAX], abs[PATH_MAX];
+    struct stat st;
+    *child = NULL;
+    if (redis_url && redis_url[0]) {
+        snprintf(url, url_size, "%s", redis_url);
+        return 0;
+    }
+    snprintf(dir, sizeof dir, "%s/redis", data_dir);
+    if (stat(dir, &st) != 0 || !realpath(dir, abs)) {
+        pql_set_err(errstr, errstr_size,
+                    "no Redis is configured (redis.url, PQLSTREAM_REDIS) and the embedded default "
+                    "has no data in %s: run `pqlstream run` in this directory first, or set "
+                    "PQLSTREAM_REDIS to the Redis the processors use",
+                    dir);
+        return -1;
+    }
+    char sock[PATH_MAX + 16];
+    snprintf(sock, sizeof sock, "%s/redis.sock", abs);
+    pql_redis_child probe = {.sock = sock};
+    if (answers_ping(&probe)) { /* `run` is up: read its server */
+        snprintf(url, url_size, "unix://%s/redis.sock", abs);
+        return 0;
+    }
+    pql_redis_child_opts ro = {.dir = abs, .appendonly = 1};
+    char e[512];
+    if (!(*child = pql_redis_child_start(&ro, e, sizeof e))) {
+        pql_set_err(errstr, errstr_size, "cannot start a redis-server on %s: %s", abs, e);
+        return -1;
+    }
+    snprintf(url, url_size, "%s", pql_redis_child_url(*child));
+    return 0;
+}

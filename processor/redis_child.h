@@ -34,4 +34,12 @@ void pql_redis_child_stop(pql_redis_child *c);
  *  @returns 0 or -1 with errstr. */
 int pql_redis_child_restart(pql_redis_child *c, char *errstr, size_t errstr_size);
 
+/** The Redis a command-line tool reads (rules explain, metrics): `redis_url`
+ *  when set; else the embedded default's private server under
+ *  `<data_dir>/redis` — the one `pqlstream run` has up, or, when run is down,
+ *  one started on its data for the caller (*child: stop it when done).
+ *  @returns 0 with the URL in `url`, or -1 with what to do in errstr. */
+int pql_redis_for_tool(const char *redis_url, const char *data_dir, char *url, size_t url_size,
+                       pql_redis_child **child, char *errstr, size_t errstr_size);
+
 #endif

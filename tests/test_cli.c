@@ -204,3 +204,21 @@ Test(cli, rules_explain_reads_live_state, .timeout = 180)
     h_rmtree(dir);
     free(dir);
 }
+
+Test(cli, rules_explain_without_redis_or_data_says_what_to_do)
+{
+    char *dir = h_mkdtemp(), data[600];
+    snprintf(data, sizeof(data), "PQLSTREAM_DATA_DIR=%s/none", dir);
+    const char *env[] = {data, "PQLSTREAM_RULES=" PQL_SOURCE_DIR "/rules", NULL};
+    const char *argv[] = {"pqlstream", "rules", "explain", "--account", "acme", NULL};
+    char *out;
+    cr_assert_eq(run(&out, argv, env), 1);
+    cr_assert(strstr(out, "no Redis is configured (redis.url, PQLSTREAM_REDIS) and the embedded "
+                          "default has no data in "),
+              "%s", out);
+    cr_assert(strstr(out, "run `pqlstream run` in this directory first, or set PQLSTREAM_REDIS"),
+              "%s", out);
+    free(out);
+    h_rmtree(dir);
+    free(dir);
+}

@@ -881,8 +881,8 @@ Test(metrics_e2e, the_command_says_what_is_wrong)
     p = h_proc_start_argv(plain, no_redis_env);
     cr_assert_eq(h_proc_wait(p, 30000), 1);
     out = h_proc_log(p);
-    cr_assert(strstr(out, "no Redis configured"), "%s", out);
-    cr_assert(strstr(out, "start `pqlstream run`"), "%s", out);
+    cr_assert(strstr(out, "no Redis is configured (redis.url, PQLSTREAM_REDIS)"), "%s", out);
+    cr_assert(strstr(out, "run `pqlstream run` in this directory first"), "%s", out);
     free(out);
     h_proc_stop(p);
     h_rmtree(d);
