@@ -6,21 +6,21 @@
  *
  * The story.  Accounts "acct-0001"… each get, on first appearance, a short
  * history: an AccountUpdate (plan free|team, seats for team, channel,
- * employees), then for free accounts a self-serve `signed_up` event some days
- * ago, for team accounts (sales-led, no self-serve signup) a
- * `subscription_started` (paid from day one), and logins on some of the past
- * days.  The history is the one place event time is not "now": `active_days`
- * in rules/pql.yaml needs logins on 3 distinct days, which wall-clock time
- * alone would take days to produce.  After that every event carries the wall
- * clock: logins, feature_used (projects/docs/chat), teammate_invited,
- * pricing_viewed, onboarding_completed, api_request, and now and then a free
- * account converting (subscription_started, then plan=team with seats); hot
- * free accounts, the ones the PQL rules catch, convert more often, so the
- * metric aggregates show PQL-to-paid well above non-PQL-to-paid.
+ * employees, api_call_limit, product "workspace"), then for free accounts a self-serve `signed_up`
+ * event some days ago, for team accounts (sales-led, no self-serve signup) a `subscription_started`
+ * (paid from day one), and logins on some of the past days (hot teams also use a second product,
+ * "whiteboard", on some of them). The history is the one place event time is not "now":
+ * `active_days` in rules/pql.yaml needs logins on 3 distinct days, which wall-clock time alone
+ * would take days to produce.  After that every event carries the wall clock: logins, feature_used
+ * (projects/docs/chat), teammate_invited, pricing_viewed, onboarding_completed, api_request,
+ * premium_feature_attempted (mostly by hot teams), and now and then a free account converting
+ * (subscription_started, then plan=team with seats); hot free accounts, the ones the PQL rules
+ * catch, convert more often, so the metric aggregates show PQL-to-paid well above non-PQL-to-paid.
  *
  * About 15% of the accounts are "hot" (12× as active, long history, team
  * accounts whose users fill their seats), so at 200 records/s the shipped
- * rules (team-adoption, pricing-intent, seat-saturation) fire within seconds;
+ * rules (team-adoption, pricing-intent, seat-saturation-80/90, premium-attempts,
+ * cross-product) fire within seconds;
  * the rest trickle.  Which account does what is a pure function of the seed
  * (splitmix64): two runs with the same seed produce the same sequence of
  * (account, event) records; only timestamps differ. */
@@ -184,6 +184,7 @@ static void emit_traits(pql_sample *s, int account, int64_t ts)
     t[n++] = prop_num("employees", a->employees);
     t[n++] = prop_num("api_call_limit", a->team ? 100000 : 10000);
     if (a->team) t[n++] = prop_num("seats", a->seats);
+    t[n++] = prop_str("product", "workspace"); /* what it pays for (rules/expansion.yaml) */
     pql_event ev = {0};
     ev.kind = PQL_INPUT_ACCOUNT;
     ev.account_id = a->id;
@@ -270,6 +271,11 @@ static void introduce(pql_sample *s, int i, int64_t now)
             p[0] = prop_str("method", rnd01(s) < 0.7 ? "password" : "sso");
             emit_usage(s, i, now - d * PQL_MS_DAY + k * 1000, "login", pick_user(s, a), p, 1);
         }
+        /* hot teams try the second product (cross-product exploration) */
+        if (a->team && a->hot && rnd01(s) < 0.7) {
+            p[0] = prop_str("product", "whiteboard");
+            emit_usage(s, i, now - d * PQL_MS_DAY + 5000, "board_created", pick_user(s, a), p, 1);
+        }
     }
 }
 
@@ -293,12 +299,24 @@ static void live_event(pql_sample *s, int i, int64_t now)
                                          "pricing_viewed",
                                          "onboarding_completed",
                                          "api_request",
-                                         "subscription_started"};
+                                         "subscription_started",
+                                         "premium_feature_attempted"};
     static const char *const features[] = {"projects", "docs", "chat"};
     static const double feature_w[] = {6, 2.5, 1.5};
+    static const char *const premium[] = {"sso", "audit_log", "advanced_permissions"};
+    static const double premium_w[] = {3, 1, 1};
     sample_account *a = &s->accts[i];
-    double w[] = {24, 34, 5, 6, a->onboarded ? 0 : 4, 20, a->team ? 0 : a->hot ? 0.6 : 0.3};
-    const char *ev = pick(s, events, w, 7);
+    double w[] = {24,
+                  34,
+                  5,
+                  6,
+                  a->onboarded ? 0 : 4,
+                  20,
+                  a->team  ? 0
+                  : a->hot ? 0.6
+                           : 0.3,
+                  a->team && a->hot ? 1.5 : 0.3};
+    const char *ev = pick(s, events, w, 8);
     int user = pick_user(s, a);
     pql_prop p[MAX_PROPS];
     size_t n = 0;
@@ -314,6 +332,8 @@ static void live_event(pql_sample *s, int i, int64_t now)
         p[n++] = prop_str("role", rnd01(s) < 0.8 ? "member" : "admin");
     } else if (!strcmp(ev, "pricing_viewed")) {
         p[n++] = prop_str("page", rnd01(s) < 0.6 ? "/pricing" : "/pricing/team");
+    } else if (!strcmp(ev, "premium_feature_attempted")) {
+        p[n++] = prop_str("feature", pick(s, premium, premium_w, 3));
     } else if (!strcmp(ev, "onboarding_completed")) {
         a->onboarded = 1;
     } else if (!strcmp(ev, "api_request")) {

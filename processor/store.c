@@ -540,6 +540,22 @@ static int is_flat_pairs(const redisReply *r)
     return 1;
 }
 
+/* Appends `cmd` pql:{<group>:<partition>}:<kind><name> to the pipeline (no
+ * reply read): the one-key reads that tools and the prefetch pipeline. */
+static pql_err append_key_command(pql_store *s, const char *cmd, const char *group,
+                                  int32_t partition, const char *kind, const char *name, size_t len,
+                                  char *errstr, size_t errstr_size)
+{
+    pql_buf_reset(&s->scratch); /* hiredis copies the arguments at append */
+    if (append_key(&s->scratch, group, partition, kind, name, len))
+        return io_fail(s, errstr, errstr_size, "out of memory");
+    const char *av[2] = {cmd, s->scratch.data};
+    size_t al[2] = {strlen(cmd), s->scratch.len};
+    if (redisAppendCommandArgv(s->ctx, 2, av, al) != REDIS_OK)
+        return io_fail(s, errstr, errstr_size, cmd);
+    return PQL_OK;
+}
+
 pql_err pql_store_load_accounts(pql_store *s, const char *group, int32_t partition,
                                 const char *const *ids, const size_t *id_lens, size_t n,
                                 void (*fn)(void *opaque, size_t i, const char *field,
@@ -548,15 +564,10 @@ pql_err pql_store_load_accounts(pql_store *s, const char *group, int32_t partiti
 {
     pql_err err = n ? store_connect(s, errstr, errstr_size) : PQL_OK;
     if (n == 0 || err) return err;
-    for (size_t i = 0; i < n; i++) { /* hiredis copies the arguments at append */
-        pql_buf_reset(&s->scratch);
-        if (append_key(&s->scratch, group, partition, "a:", ids[i], id_lens[i]))
-            return io_fail(s, errstr, errstr_size, "HGETALL: out of memory");
-        const char *av[2] = {"HGETALL", s->scratch.data};
-        size_t al[2] = {7, s->scratch.len};
-        if (redisAppendCommandArgv(s->ctx, 2, av, al) != REDIS_OK)
-            return io_fail(s, errstr, errstr_size, "HGETALL");
-    }
+    for (size_t i = 0; i < n; i++)
+        if ((err = append_key_command(s, "HGETALL", group, partition, "a:", ids[i], id_lens[i],
+                                      errstr, errstr_size)))
+            return err;
     s->round_trips++;
     s->commands += n;
     for (size_t i = 0; i < n; i++) {
@@ -580,15 +591,10 @@ pql_err pql_store_find_account(pql_store *s, const char *group, const char *acco
     pql_err err = store_connect(s, errstr, errstr_size);
     *partition = -1;
     if (err) return err;
-    for (int32_t p = 0; p < max_partitions; p++) {
-        pql_buf_reset(&s->scratch);
-        if (append_key(&s->scratch, group, p, "a:", account, strlen(account)))
-            return io_fail(s, errstr, errstr_size, "EXISTS: out of memory");
-        const char *av[2] = {"EXISTS", s->scratch.data};
-        size_t al[2] = {6, s->scratch.len};
-        if (redisAppendCommandArgv(s->ctx, 2, av, al) != REDIS_OK)
-            return io_fail(s, errstr, errstr_size, "EXISTS");
-    }
+    for (int32_t p = 0; p < max_partitions; p++)
+        if ((err = append_key_command(s, "EXISTS", group, p, "a:", account, strlen(account), errstr,
+                                      errstr_size)))
+            return err;
     s->round_trips++;
     s->commands += (uint64_t)max_partitions;
     for (int32_t p = 0; p < max_partitions; p++) {
@@ -639,15 +645,10 @@ pql_err pql_store_read_counters(pql_store *s, const char *group, size_t n,
 {
     pql_err err = n ? store_connect(s, errstr, errstr_size) : PQL_OK;
     if (n == 0 || err) return err;
-    for (size_t i = 0; i < n; i++) { /* hiredis copies the arguments at append */
-        pql_buf_reset(&s->scratch);
-        if (append_key(&s->scratch, group, partitions[i], "c:", names[i], strlen(names[i])))
-            return io_fail(s, errstr, errstr_size, "HGETALL: out of memory");
-        const char *av[2] = {"HGETALL", s->scratch.data};
-        size_t al[2] = {7, s->scratch.len};
-        if (redisAppendCommandArgv(s->ctx, 2, av, al) != REDIS_OK)
-            return io_fail(s, errstr, errstr_size, "HGETALL");
-    }
+    for (size_t i = 0; i < n; i++)
+        if ((err = append_key_command(s, "HGETALL", group, partitions[i], "c:", names[i],
+                                      strlen(names[i]), errstr, errstr_size)))
+            return err;
     s->round_trips++;
     s->commands += n;
     for (size_t i = 0; i < n; i++) {
