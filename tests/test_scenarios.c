@@ -57,12 +57,12 @@ static int64_t produced;      /* input records produced so far */
 static int64_t phase_started; /* wall clock when the first event of the current phase was
                                  produced (a phase ends with settle()) */
 static int phase_open;
-static int64_t next_event_id;
 
 static void setup(void)
 {
     redis = h_redis_start();
     kafka = h_kafka_start(PARTS, USAGE, ACCTS, ALERTS, "pql-dlq", "pql-metrics", NULL);
+    h_kafka_event_time_records(kafka, 1); /* the merge of the inputs follows the story */
     int64_t now = pql_now_ms();
     day0 = (now - 20 * DAY) / DAY * DAY + 9 * HOUR;
     produced = 0;
@@ -90,24 +90,10 @@ static void run_rules(const char *rules_path)
                         "PQLSTREAM_KAFKA_HEARTBEAT_INTERVAL_MS", "500", NULL);
 }
 
-/* Produces `ev` keyed by its account, with the event time as record time. */
-static void produce(const char *topic, const pql_event *ev)
+/* Every input record is counted (settle() waits for them all) and opens the
+ * phase whose alerts must be emitted after it started. */
+static void produced_one(void)
 {
-    pql_buf b = {0};
-    char err[256];
-    cr_assert_eq(pql_event_encode(ev, &b, err, sizeof err), PQL_OK, "%s", err);
-    rd_kafka_resp_err_t e;
-    for (int tries = 0;; tries++) {
-        e = rd_kafka_producev(h_kafka_producer(kafka), RD_KAFKA_V_TOPIC(topic),
-                              RD_KAFKA_V_KEY(ev->account_id, ev->account_id_len),
-                              RD_KAFKA_V_VALUE(b.data, b.len), RD_KAFKA_V_TIMESTAMP(ev->timestamp),
-                              RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY), RD_KAFKA_V_END);
-        if (e != RD_KAFKA_RESP_ERR__QUEUE_FULL || tries > 200) break;
-        rd_kafka_poll(h_kafka_producer(kafka), 50);
-    }
-    cr_assert_eq(e, RD_KAFKA_RESP_ERR_NO_ERROR, "produce to %s: %s", topic, rd_kafka_err2str(e));
-    rd_kafka_poll(h_kafka_producer(kafka), 0);
-    pql_buf_free(&b);
     if (!phase_open) phase_started = pql_now_ms();
     phase_open = 1;
     produced++;
@@ -117,33 +103,15 @@ static void produce(const char *topic, const pql_event *ev)
 static void usage(const char *account, const char *event, const char *user, int64_t ts,
                   const pql_prop *props, size_t nprops)
 {
-    char id[32];
-    snprintf(id, sizeof id, "s-%lld", (long long)++next_event_id);
-    pql_event ev = {.kind = PQL_INPUT_USAGE,
-                    .event_id = id,
-                    .event_id_len = strlen(id),
-                    .account_id = account,
-                    .account_id_len = strlen(account),
-                    .user_id = user,
-                    .user_id_len = user ? strlen(user) : 0,
-                    .event = event,
-                    .event_len = strlen(event),
-                    .timestamp = ts,
-                    .props = (pql_prop *)props,
-                    .nprops = nprops};
-    produce(USAGE, &ev);
+    produced_one();
+    h_produce_usage(kafka, USAGE, -1, account, event, user, ts, props, nprops);
 }
 
 /* An AccountUpdate: traits as H_PROPS(…). */
 static void update(const char *account, int64_t ts, const pql_prop *traits, size_t ntraits)
 {
-    pql_event ev = {.kind = PQL_INPUT_ACCOUNT,
-                    .account_id = account,
-                    .account_id_len = strlen(account),
-                    .timestamp = ts,
-                    .props = (pql_prop *)traits,
-                    .nprops = ntraits};
-    produce(ACCTS, &ev);
+    produced_one();
+    h_produce_account(kafka, ACCTS, -1, account, ts, traits, ntraits);
 }
 
 static long long stat_counter(const char *field)

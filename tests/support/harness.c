@@ -179,6 +179,7 @@ struct h_kafka {
     pql_embedded_kafka *cluster;
     rd_kafka_t *producer;
     int64_t next_id;
+    int event_time_records; /* h_kafka_event_time_records */
     int delivery_errors;
     char first_error[256];
 };
@@ -263,21 +264,34 @@ void h_kafka_stop(h_kafka *k)
     free(k);
 }
 
-void h_produce_raw(h_kafka *k, const char *topic, int32_t partition, const char *key,
-                   const void *value, size_t len)
+void h_kafka_event_time_records(h_kafka *k, int on)
+{
+    k->event_time_records = on;
+}
+
+/* Produces one record; record_ts 0 means the producer's clock. */
+static void produce_record(h_kafka *k, const char *topic, int32_t partition, const char *key,
+                           const void *value, size_t len, int64_t record_ts)
 {
     if (partition < 0) partition = RD_KAFKA_PARTITION_UA;
     for (int tries = 0;; tries++) {
-        rd_kafka_resp_err_t err = rd_kafka_producev(
-            k->producer, RD_KAFKA_V_TOPIC(topic), RD_KAFKA_V_PARTITION(partition),
-            RD_KAFKA_V_KEY(key, key ? strlen(key) : 0), RD_KAFKA_V_VALUE((void *)value, len),
-            RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY), RD_KAFKA_V_END);
+        rd_kafka_resp_err_t err =
+            rd_kafka_producev(k->producer, RD_KAFKA_V_TOPIC(topic), RD_KAFKA_V_PARTITION(partition),
+                              RD_KAFKA_V_KEY(key, key ? strlen(key) : 0),
+                              RD_KAFKA_V_VALUE((void *)value, len), RD_KAFKA_V_TIMESTAMP(record_ts),
+                              RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY), RD_KAFKA_V_END);
         if (!err) break;
         if (err != RD_KAFKA_RESP_ERR__QUEUE_FULL || tries > 200)
             cr_assert_fail("produce to %s failed: %s", topic, rd_kafka_err2str(err));
         rd_kafka_poll(k->producer, STEP_MS);
     }
     rd_kafka_poll(k->producer, 0);
+}
+
+void h_produce_raw(h_kafka *k, const char *topic, int32_t partition, const char *key,
+                   const void *value, size_t len)
+{
+    produce_record(k, topic, partition, key, value, len, 0);
 }
 
 void h_produce_event(h_kafka *k, const char *topic, int32_t partition, const pql_event *ev)
@@ -287,7 +301,8 @@ void h_produce_event(h_kafka *k, const char *topic, int32_t partition, const pql
     if (pql_event_encode(ev, &b, err, sizeof err) != PQL_OK)
         cr_assert_fail("cannot encode the event: %s", err);
     char *key = xstrndup(ev->account_id, ev->account_id_len);
-    h_produce_raw(k, topic, partition, key, b.data, b.len);
+    produce_record(k, topic, partition, key, b.data, b.len,
+                   k->event_time_records ? ev->timestamp : 0);
     free(key);
     pql_buf_free(&b);
 }

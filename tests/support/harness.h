@@ -89,6 +89,12 @@ void h_kafka_stop(h_kafka *k);
 /* `partition` -1 everywhere means: librdkafka's default partitioner decides
  * by key (what real producers do; both input topics then agree). */
 
+/** By default records carry the producer's clock as their Kafka timestamp
+ *  (what most producers do).  With `on`, h_produce_usage/_account/_event
+ *  stamp each record with its event time instead, so the processor's merge
+ *  of the two input topics follows event time (scenario tests). */
+void h_kafka_event_time_records(h_kafka *k, int on);
+
 /** Produces a UsageEvent (plain Avro) keyed by `account`, with a fresh
  *  event_id "h-<n>".  user_id NULL → null.  ts in ms since the epoch. */
 void h_produce_usage(h_kafka *k, const char *topic, int32_t partition, const char *account,
