@@ -444,13 +444,6 @@ static size_t default_reasons(pql_account *a, const pql_rule *rule, const verdic
     return n;
 }
 
-static const char *model_name(pql_model m)
-{
-    return m == PQL_MODEL_WEIGHTED   ? "weighted"
-           : m == PQL_MODEL_LOGISTIC ? "logistic"
-                                     : "threshold";
-}
-
 /* Emits the alert of rule ri for `episode` (its arming sequence number, plus
  * the tier for a tier rise): the id derives from (account, rule, episode). */
 static void emit(pql_account *a, size_t ri, const verdict *v, const char *episode,
@@ -467,7 +460,7 @@ static void emit(pql_account *a, size_t ri, const verdict *v, const char *episod
     al.kind = rule->kind;
     al.rule = rule->name;
     al.ruleset_version = pql_rules_version(a->rules);
-    al.model = model_name(rule->model);
+    al.model = pql_model_name(rule->model);
     al.has_score = v->has_score;
     al.score = v->score;
     al.tier = pql_tier_name(v->tier);
@@ -901,6 +894,11 @@ void pql_account_rule_view(pql_account *a, size_t i, pql_rule_view *out)
     out->fired_at = st->fired_at;
     out->held_since = st->held_since;
     out->fired_tier = st->tier;
+}
+
+int pql_account_paid(pql_account *a)
+{
+    return is_paid(a);
 }
 
 void pql_account_lifecycle(const pql_account *a, int64_t *signed_up_at, int64_t *converted_at,

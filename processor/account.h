@@ -112,6 +112,10 @@ typedef struct pql_rule_view {
 
 void pql_account_rule_view(pql_account *a, size_t i, pql_rule_view *out);
 
+/** @returns non-zero when the account counts as paid: it converted, or the
+ *  set's lifecycle.paid holds on its traits. */
+int pql_account_paid(pql_account *a);
+
 /** A pql_expr_lookup_fn over the account (ctx is the pql_account *): reads
  *  signals, traits and builtins as the rules see them; event fields are null. */
 pql_value pql_account_lookup(void *account, int slot);

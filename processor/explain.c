@@ -39,13 +39,6 @@ static const char *applies_name(pql_applies a)
     return a == PQL_APPLIES_PAID ? "paid" : a == PQL_APPLIES_ALL ? "all" : "free";
 }
 
-static const char *model_name(pql_model m)
-{
-    return m == PQL_MODEL_WEIGHTED   ? "weighted"
-           : m == PQL_MODEL_LOGISTIC ? "logistic"
-                                     : "threshold";
-}
-
 /* Formats ms since the epoch as "2026-11-20 10:00 UTC" (seconds when not 0). */
 static void fmt_time(char *buf, size_t size, int64_t ms)
 {
@@ -165,7 +158,7 @@ static json_t *explain_rule(pql_account *a, const pql_rules *r, size_t i)
     json_t *j = json_object();
     json_object_set_new(j, "name", json_string(rule->name));
     json_object_set_new(j, "kind", json_string(rule->kind == PQL_ALERT_PQL ? "PQL" : "EXPANSION"));
-    json_object_set_new(j, "model", json_string(model_name(rule->model)));
+    json_object_set_new(j, "model", json_string(pql_model_name(rule->model)));
     json_object_set_new(j, "applies_to", json_string(applies_name(rule->applies_to)));
     json_object_set_new(j, "applies", json_boolean(v.applies));
     json_object_set_new(j, "fit", rule->fit ? json_boolean(v.fit) : json_null());
@@ -243,17 +236,9 @@ json_t *pql_explain_json(pql_account *a, const pql_rules *r)
     json_object_set_new(doc, "signals", signals);
 
     json_t *rules = json_array();
-    int paid = 0;
-    for (size_t i = 0; i < pql_rules_nrules(r); i++) {
-        json_t *rj = explain_rule(a, r, i);
-        if (i == 0) {
-            pql_rule_view v;
-            pql_account_rule_view(a, 0, &v);
-            paid = v.paid;
-        }
-        json_array_append_new(rules, rj);
-    }
-    json_object_set_new(doc, "paid", json_boolean(paid));
+    for (size_t i = 0; i < pql_rules_nrules(r); i++)
+        json_array_append_new(rules, explain_rule(a, r, i));
+    json_object_set_new(doc, "paid", json_boolean(pql_account_paid(a)));
     json_object_set_new(doc, "rules", rules);
     return doc;
 }

@@ -618,11 +618,10 @@ static void check_model(loader *l, pql_rule *rule, struct fy_node *def, struct f
         /* weighted  */ {0, 1, 0, 0, 0, 1},
         /* logistic  */ {0, 0, 1, 1, 1, 1},
     };
-    static const char *const model_names[] = {"threshold", "weighted", "logistic"};
     for (int k = 0; k <= K_TIERS; k++)
         if (keys[k] && !allowed[rule->model][k])
             error_at(l, keys[k], 0, "'%s' is not part of a %s rule", names[k],
-                     model_names[rule->model]);
+                     pql_model_name(rule->model));
     if (rule->model == PQL_MODEL_THRESHOLD && !keys[K_WHEN])
         error_at(l, def, 0, "rule '%s' needs a 'when' condition", rule->name);
     if (rule->model == PQL_MODEL_WEIGHTED) {
@@ -1269,6 +1268,13 @@ const pql_expr *pql_rules_paid_expr(const pql_rules *r)
 int64_t pql_rules_max_window(const pql_rules *r)
 {
     return r->max_window;
+}
+
+const char *pql_model_name(pql_model m)
+{
+    return m == PQL_MODEL_WEIGHTED   ? "weighted"
+           : m == PQL_MODEL_LOGISTIC ? "logistic"
+                                     : "threshold";
 }
 
 const char *pql_tier_name(int tier)

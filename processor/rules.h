@@ -171,6 +171,8 @@ size_t pql_rules_nprops(const pql_rules *r);
 const char *pql_rules_prop(const pql_rules *r, size_t i);
 /** "HIGH", "MEDIUM", "LOW" for PQL_TIER_*, NULL for anything else. */
 const char *pql_tier_name(int tier);
+/** "threshold", "weighted", "logistic": the name a rule file and an alert use. */
+const char *pql_model_name(pql_model m);
 
 /** Lifecycle event names (NULL when not declared). */
 const char *pql_rules_signup_event(const pql_rules *r);
