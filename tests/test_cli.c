@@ -39,11 +39,8 @@ Test(cli, rules_check_ok_and_errors_with_position)
 
     char *dir = h_mkdtemp(), path[512];
     snprintf(path, sizeof(path), "%s/bad.yaml", dir);
-    FILE *f = fopen(path, "w");
-    fputs("signals:\n  invites: { count: teammate_invited, window: 14d }\npql:\n"
-          "  - name: r\n    when: invite >= 1\n",
-          f);
-    fclose(f);
+    h_write_file(path, "signals:\n  invites: { count: teammate_invited, window: 14d }\npql:\n"
+                       "  - name: r\n    when: invite >= 1\n");
     const char *bad[] = {"pqlstream", "rules", "check", path, NULL};
     cr_assert_eq(run(&out, bad, no_env), 1);
     char want[700];
@@ -117,9 +114,7 @@ Test(cli, invalid_rules_refuse_to_start)
 {
     char *dir = h_mkdtemp(), path[512], env_rules[600];
     snprintf(path, sizeof(path), "%s/r.yaml", dir);
-    FILE *f = fopen(path, "w");
-    fputs("pql:\n  - name: x\n    when: (1 > 0\n", f);
-    fclose(f);
+    h_write_file(path, "pql:\n  - name: x\n    when: (1 > 0\n");
     snprintf(env_rules, sizeof(env_rules), "PQLSTREAM_RULES=%s", path);
     const char *env[] = {env_rules, NULL};
     const char *argv[] = {"pqlstream", "run", NULL};
@@ -141,18 +136,15 @@ Test(cli, rules_explain_reads_live_state, .timeout = 180)
                                "pql-metrics", NULL);
     char *dir = h_mkdtemp(), path[512];
     snprintf(path, sizeof(path), "%s/r.yaml", dir);
-    FILE *f = fopen(path, "w");
-    fputs("version: 5\n"
-          "lifecycle: { signup: signed_up, conversion: subscription_started }\n"
-          "traits: { seats: number }\n"
-          "signals:\n"
-          "  logins:  { count: login, window: 7d }\n"
-          "  invites: { count: teammate_invited, window: 14d }\n"
-          "pql:\n"
-          "  - name: team\n"
-          "    when: logins >= 2 and invites >= 1\n",
-          f);
-    fclose(f);
+    h_write_file(path, "version: 5\n"
+                       "lifecycle: { signup: signed_up, conversion: subscription_started }\n"
+                       "traits: { seats: number }\n"
+                       "signals:\n"
+                       "  logins:  { count: login, window: 7d }\n"
+                       "  invites: { count: teammate_invited, window: 14d }\n"
+                       "pql:\n"
+                       "  - name: team\n"
+                       "    when: logins >= 2 and invites >= 1\n");
     h_produce_account(k, "account-updates", -1, "acme", t0, H_PROPS(H_NUM("seats", 3)));
     h_produce_usage(k, "usage-events", -1, "acme", "signed_up", "u1", t0, H_NO_PROPS);
     h_produce_usage(k, "usage-events", -1, "acme", "login", "u1", t0 + 3600000, H_NO_PROPS);

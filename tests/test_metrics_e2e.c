@@ -66,10 +66,7 @@ static void setup(void)
     kafka = h_kafka_start(PARTS, USAGE, ACCTS, "pql-alerts", "pql-dlq", METRICS, NULL);
     dir = h_mkdtemp();
     snprintf(rules_path, sizeof(rules_path), "%s/rules.yaml", dir);
-    FILE *f = fopen(rules_path, "w");
-    cr_assert_not_null(f);
-    fputs(rules_yaml, f);
-    fclose(f);
+    h_write_file(rules_path, rules_yaml);
 }
 
 static void teardown(void)

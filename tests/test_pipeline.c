@@ -52,10 +52,7 @@ static void setup(void)
                           "alerts-b", NULL);
     dir = h_mkdtemp();
     snprintf(rules_path, sizeof(rules_path), "%s/rules.yaml", dir);
-    FILE *f = fopen(rules_path, "w");
-    cr_assert_not_null(f);
-    fputs(rules_yaml, f);
-    fclose(f);
+    h_write_file(rules_path, rules_yaml);
 }
 
 static void teardown(void)
@@ -406,10 +403,7 @@ Test(pipeline, kill_9_mid_stream_ends_in_the_state_of_an_uninterrupted_run, .tim
 
 static void write_rules(const char *text)
 {
-    FILE *f = fopen(rules_path, "w");
-    cr_assert_not_null(f);
-    fputs(text, f);
-    fclose(f);
+    h_write_file(rules_path, text);
 }
 
 static int count_alerts(const char *rule, const char *version)

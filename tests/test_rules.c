@@ -1,5 +1,6 @@
 /* test_rules.c — loading rule files: the shipped set, and every error a rule
  * author can make, reported with file:line:col. */
+#include "harness.h"
 #include "rules.h"
 
 #include <criterion/criterion.h>
@@ -235,23 +236,17 @@ Test(rules, traits_merge_across_files_and_conflicts_are_refused)
     cr_assert_not_null(mkdtemp(dir));
     char path[512];
     snprintf(path, sizeof path, "%s/a.yaml", dir);
-    FILE *f = fopen(path, "w");
-    fputs("traits: { seats: number }\nsignals:\n  u: { distinct: user_id, window: 30d }\n", f);
-    fclose(f);
+    h_write_file(path,
+                 "traits: { seats: number }\nsignals:\n  u: { distinct: user_id, window: 30d }\n");
     snprintf(path, sizeof path, "%s/b.yaml", dir);
-    f = fopen(path, "w");
-    fputs("traits: { plan: string }\nexpansion:\n  - name: r\n"
-          "    when: 'u >= account.seats and account.plan == \"team\"'\n",
-          f);
-    fclose(f);
+    h_write_file(path, "traits: { plan: string }\nexpansion:\n  - name: r\n"
+                       "    when: 'u >= account.seats and account.plan == \"team\"'\n");
     pql_rules *r = pql_rules_load(dir, &errors);
     cr_assert_not_null(r, "%s", errors.data ? errors.data : "");
     cr_assert_eq(pql_rules_ntraits(r), 2);
     pql_rules_destroy(r);
 
-    f = fopen(path, "w");
-    fputs("traits: { seats: string }\n", f);
-    fclose(f);
+    h_write_file(path, "traits: { seats: string }\n");
     cr_assert_null(pql_rules_load(dir, &errors));
     cr_assert(strstr(errors.data, "b.yaml:1:11: error: trait 'seats' is declared twice with "
                                   "different types"),

@@ -47,6 +47,14 @@ static int64_t mono_ms(void)
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
+void h_write_file(const char *path, const char *text)
+{
+    FILE *f = fopen(path, "w");
+    if (!f) cr_assert_fail("cannot write %s: %s", path, strerror(errno));
+    int bad = fputs(text, f) < 0;
+    if (fclose(f) != 0 || bad) cr_assert_fail("cannot write %s: %s", path, strerror(errno));
+}
+
 char *h_mkdtemp(void)
 {
     char tmpl[] = "/tmp/pqlh-XXXXXX";

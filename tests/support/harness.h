@@ -215,6 +215,8 @@ void h_lines_free(h_lines *l);
 
 /* ---- misc ----------------------------------------------------------------- */
 
+/** Writes `text` to `path` (created or truncated); fails the test on error. */
+void h_write_file(const char *path, const char *text);
 /** A fresh temp directory (/tmp/pqlh-XXXXXX), caller frees the string. */
 char *h_mkdtemp(void);
 /** Removes a directory tree; NULL is fine. */
