@@ -221,20 +221,17 @@ static rd_kafka_conf_t *client_conf(const char *bootstraps, const char *const *p
     return conf;
 }
 
-h_kafka *h_kafka_start(int partitions, const char *topic, ...)
+static h_kafka *kafka_start(int nbrokers, int partitions, const char *topic, va_list ap)
 {
     const char *topics[33];
     size_t n = 0;
-    va_list ap;
-    va_start(ap, topic);
     for (const char *t = topic; t && n < 32; t = va_arg(ap, const char *))
         topics[n++] = t;
-    va_end(ap);
     topics[n] = NULL;
 
     h_kafka *k = xcalloc(1, sizeof *k);
     char err[256];
-    k->cluster = pql_embedded_kafka_start(1, topics, partitions, err, sizeof err);
+    k->cluster = pql_embedded_kafka_start(nbrokers, topics, partitions, err, sizeof err);
     if (!k->cluster) cr_assert_fail("cannot start the mock cluster: %s", err);
     static const char *const props[] = {"enable.idempotence", "true",    "linger.ms", "1",
                                         "client.id",          "harness", NULL};
@@ -243,6 +240,24 @@ h_kafka *h_kafka_start(int partitions, const char *topic, ...)
     rd_kafka_conf_set_dr_msg_cb(conf, on_delivery);
     k->producer = rd_kafka_new(RD_KAFKA_PRODUCER, conf, err, sizeof err);
     if (!k->producer) cr_assert_fail("cannot create the harness producer: %s", err);
+    return k;
+}
+
+h_kafka *h_kafka_start(int partitions, const char *topic, ...)
+{
+    va_list ap;
+    va_start(ap, topic);
+    h_kafka *k = kafka_start(1, partitions, topic, ap);
+    va_end(ap);
+    return k;
+}
+
+h_kafka *h_kafka_start_brokers(int nbrokers, int partitions, const char *topic, ...)
+{
+    va_list ap;
+    va_start(ap, topic);
+    h_kafka *k = kafka_start(nbrokers, partitions, topic, ap);
+    va_end(ap);
     return k;
 }
 
@@ -819,7 +834,11 @@ static int cmp_str(const void *a, const void *b)
     return strcmp(*(char *const *)a, *(char *const *)b);
 }
 
-h_lines *h_redis_dump_partition(const char *url, const char *group, int partition)
+/* Every field of every hash pql:{<group>:<p>}:<tail>* except the key
+ * pql:{<group>:<p>}:<skip> (skip NULL: none) and, with skip_zero, fields
+ * whose value is "0", as sorted lines "<key without its prefix>\t<field>\t<value>". */
+static h_lines *dump_hashes(const char *url, const char *group, int partition, const char *tail,
+                            const char *skip, int skip_zero)
 {
     /* SCAN MATCH is a glob: escape the group's special characters. */
     pql_buf prefix = {0}, pattern = {0};
@@ -828,7 +847,7 @@ h_lines *h_redis_dump_partition(const char *url, const char *group, int partitio
         if (strchr("*?[]\\", prefix.data[i])) pql_buf_append(&pattern, "\\", 1);
         pql_buf_append(&pattern, &prefix.data[i], 1);
     }
-    pql_buf_printf(&pattern, "a:*");
+    pql_buf_printf(&pattern, "%s*", tail);
 
     redisContext *c = redis_connect(url);
     h_lines *out = xcalloc(1, sizeof *out);
@@ -843,8 +862,11 @@ h_lines *h_redis_dump_partition(const char *url, const char *group, int partitio
         for (size_t i = 0; i < keys->elements; i++) {
             const char *key = keys->element[i]->str;
             size_t klen = (size_t)keys->element[i]->len;
+            if (skip && klen == prefix.len + strlen(skip) && !strcmp(key + prefix.len, skip))
+                continue;
             redisReply *h = redis_cmd(c, "HGETALL %b", key, klen);
             for (size_t j = 0; h->type == REDIS_REPLY_ARRAY && j + 1 < h->elements; j += 2) {
+                if (skip_zero && !strcmp(h->element[j + 1]->str, "0")) continue;
                 pql_buf line = {0};
                 append_escaped(&line, key + prefix.len, klen - prefix.len);
                 pql_buf_append(&line, "\t", 1);
@@ -863,6 +885,26 @@ h_lines *h_redis_dump_partition(const char *url, const char *group, int partitio
     pql_buf_free(&pattern);
     if (out->n) qsort(out->lines, out->n, sizeof *out->lines, cmp_str);
     return out;
+}
+
+h_lines *h_redis_dump_partition(const char *url, const char *group, int partition)
+{
+    return dump_hashes(url, group, partition, "a:", NULL, 0);
+}
+
+h_lines *h_redis_dump_counters(const char *url, const char *group, int partition)
+{
+    return dump_hashes(url, group, partition, "c:", "c:mv", 1);
+}
+
+long long h_redis_hlen(const char *url, const char *key)
+{
+    redisContext *c = redis_connect(url);
+    redisReply *r = redis_cmd(c, "HLEN %s", key);
+    long long n = r->type == REDIS_REPLY_INTEGER ? r->integer : -1;
+    freeReplyObject(r);
+    redisFree(c);
+    return n;
 }
 
 int h_lines_compare(const h_lines *a, const h_lines *b)

@@ -69,6 +69,11 @@ typedef struct h_kafka h_kafka;
  *  topics, each with `partitions` partitions; also opens the producer the
  *  h_produce_* calls use (idempotent, so order per partition is kept). */
 h_kafka *h_kafka_start(int partitions, const char *topic, ...) __attribute__((sentinel));
+/** Same with a cluster of `nbrokers` brokers, the partitions' leaders spread
+ *  over them (replication 1): for broker faults and leader changes through
+ *  h_kafka_mock() (rd_kafka_mock_broker_set_down, _partition_set_leader…). */
+h_kafka *h_kafka_start_brokers(int nbrokers, int partitions, const char *topic, ...)
+    __attribute__((sentinel));
 const char *h_kafka_bootstraps(const h_kafka *k);
 rd_kafka_mock_cluster_t *h_kafka_mock(h_kafka *k);
 /** The harness's producer handle (e.g. for metadata or watermark queries). */
@@ -209,6 +214,16 @@ typedef struct h_lines {
  *  dropped, so dumps of two groups compare equal; bytes other than printable
  *  ASCII are written as \xNN).  Free with h_lines_free. */
 h_lines *h_redis_dump_partition(const char *url, const char *group, int partition);
+/** The partition's counter hashes (metrics and stats), SCAN pql:{<group>:<p>}:c:*
+ *  then HGETALL, as sorted lines "c:<name>\t<field>\t<value>" like
+ *  h_redis_dump_partition.  Leaves out what depends on where batches were
+ *  cut rather than on the events: pql:{<group>:<p>}:c:mv (the version bumps
+ *  the metrics emitter polls, one per batch that changed a period) and
+ *  counters at 0 (a +1 and a -1 in one batch write nothing, in two batches
+ *  leave a field at 0; both mean 0). */
+h_lines *h_redis_dump_counters(const char *url, const char *group, int partition);
+/** HLEN key (e.g. an outbox), 0 when absent. */
+long long h_redis_hlen(const char *url, const char *key);
 /** @returns 0 when equal, else -1 after printing the first difference. */
 int h_lines_compare(const h_lines *a, const h_lines *b);
 void h_lines_free(h_lines *l);

@@ -1,0 +1,911 @@
+/* test_faults.c — the fault suite (DESIGN §5, §7, §8): several pqlstream
+ * processes in one consumer group, on a 3-broker mock cluster and a real
+ * redis-server, while members are killed, join and leave, freeze, and while
+ * brokers, Redis and the alert topic fail.  Every trial must end with exactly
+ * the state of one uninterrupted run.
+ *
+ * Set-up, once: 16-partition input topics, 200k events of the sample
+ * workload over 2000 accounts, all produced before any processing; then a
+ * reference run — one process, its own group and alert topic, no fault —
+ * whose final state every trial is compared with.
+ *
+ * Why a trial's final state must equal the reference's exactly.  A task
+ * merges its usage and account-update partitions by record timestamp (ties:
+ * account updates first), each partition in offset order.  The only input to
+ * that choice besides the logs is time: when one side has nothing buffered
+ * and is not known to be at its end, the task waits up to
+ * processing.max_task_idle and then goes on without it.  Every run here sets
+ * that wait to 10 minutes and the logs are complete before any processor
+ * starts, so a side with nothing buffered is either at its end (partition
+ * EOF: nothing can come after) or the task waits for it — a fault that
+ * delays one partition (a broker down, a leader change, a fetch error, a
+ * rebalance) delays the task, never reorders its input.  The merge is then a
+ * pure function of the logs, so is the sequence of events each task applies,
+ * so is the state: any difference is a lost, doubled or reordered event.
+ *
+ * Trials (each in its own group, with its own alert topic; 2–3 members with
+ * a 6 s session timeout, so rebalances take seconds):
+ *   kill9-*       kill -9 of a random member at random progress points (the
+ *                 seed is printed), the member restarted at once;
+ *   rebalance     1 member, a 2nd and a 3rd join, one leaves by SIGTERM
+ *                 (exit 0), another joins;
+ *   zombie        a member is SIGSTOPped until its partitions' epochs show
+ *                 the others claimed them, then SIGCONTed: its write is
+ *                 refused by the epoch fence (its log says "fenced"), it
+ *                 rejoins and the state still equals the reference;
+ *   brokers       a broker down then up, partition leader changes, injected
+ *                 Fetch/Produce/OffsetCommit/Heartbeat/JoinGroup errors;
+ *   redis         Redis (AOF) killed and restarted mid-stream, then frozen
+ *                 (SIGSTOP) longer than the processors' Redis timeout;
+ *   alerts-down   the alert topic unwritable for a while: the outbox grows,
+ *                 and nothing is lost when it recovers.
+ * After each: every partition's accounts and counters (h_redis_dump_*)
+ * equal the reference's; `consumed` sums to the events produced; every alert
+ * id of the reference is delivered on the trial's topic and no other, a
+ * duplicate always with the same account and rule.  A figure line per trial
+ * and a summary are printed ("faults:" lines); a failed check does not stop
+ * the later trials — the test fails at the end, naming them.
+ *
+ * PQL_FAULTS_SEED=<n> in the environment replays the random choices of a
+ * run (each trial prints the seed it used). */
+#include "alert.h"
+#include "harness.h"
+#include "sample.h"
+
+#include <criterion/criterion.h>
+#include <hiredis/hiredis.h>
+#include <inttypes.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#define PARTS       16
+#define USAGE       "usage-events"
+#define ACCTS       "account-updates"
+#define EVENTS      200000
+#define ACCOUNTS    2000
+#define MAX_MEMBERS 3
+#define BROKERS     3
+
+/* Kafka protocol ApiKeys (rdkafka_mock.h takes them as plain numbers). */
+enum {
+    API_PRODUCE = 0,
+    API_FETCH = 1,
+    API_OFFSET_COMMIT = 8,
+    API_JOIN_GROUP = 11,
+    API_HEARTBEAT = 12
+};
+
+static h_redis *redis;
+static h_kafka *kafka;
+static int64_t high[PARTS][2]; /* high watermarks of USAGE, ACCTS */
+static int64_t total_events;
+
+/* ---- small helpers -------------------------------------------------------- */
+
+static int64_t mono_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* splitmix64: a trial's random choices are a function of its seed. */
+static uint64_t next_rand(uint64_t *state)
+{
+    uint64_t z = (*state += 0x9e3779b97f4a7c15ULL);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    return z ^ (z >> 31);
+}
+
+/* A uniform double in [lo, hi). */
+static double rand_between(uint64_t *state, double lo, double hi)
+{
+    return lo + (hi - lo) * (double)(next_rand(state) >> 11) / (double)(1ULL << 53);
+}
+
+/* A Redis connection of our own that tolerates a Redis that is down (the
+ * harness's calls fail the test instead): NULL when unreachable. */
+static redisContext *redis_try(void)
+{
+    struct timeval tv = {2, 0};
+    redisContext *c = redisConnectUnixWithTimeout(h_redis_url(redis) + strlen("unix://"), tv);
+    if (c && c->err) {
+        redisFree(c);
+        c = NULL;
+    }
+    return c;
+}
+
+/* ---- a trial -------------------------------------------------------------- */
+
+typedef struct trial {
+    const char *name;
+    char group[32], alerts[32];
+    uint64_t seed, rng;
+    int kills, rebalances, faults;
+    h_proc *m[MAX_MEMBERS];
+    int failed;
+    char first_failure[256];
+    /* figures */
+    long long consumed, lost, doubled, missing, extra, dups, wrong, differing;
+    int64_t started_ms, seconds;
+} trial;
+
+#define MAX_TRIALS 12
+static trial trials[MAX_TRIALS];
+static int ntrials;
+
+/* Records a failed check of trial t (the suite goes on with the next trial). */
+static void trial_fail(trial *t, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void trial_fail(trial *t, const char *fmt, ...)
+{
+    char msg[256];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    fprintf(stderr, "faults: [%s] FAILED: %s\n", t->name, msg);
+    if (!t->failed++) snprintf(t->first_failure, sizeof t->first_failure, "%s", msg);
+}
+
+static trial *trial_begin(const char *name, uint64_t base_seed)
+{
+    cr_assert_lt(ntrials, MAX_TRIALS);
+    trial *t = &trials[ntrials++];
+    memset(t, 0, sizeof *t);
+    t->name = name;
+    snprintf(t->group, sizeof t->group, "f-%s", name);
+    snprintf(t->alerts, sizeof t->alerts, "alerts-%s", name);
+    t->seed = base_seed + (uint64_t)ntrials * 7919;
+    t->rng = t->seed;
+    t->started_ms = mono_ms();
+    fprintf(stderr, "faults: [%s] begins, seed=%" PRIu64 "\n", name, t->seed);
+    return t;
+}
+
+static h_proc *proc_start(const char *group, const char *alerts)
+{
+    char env[12][256];
+    const char *envp[13];
+    int n = 0;
+    snprintf(env[n++], sizeof env[0], "PQLSTREAM_BROKERS=%s", h_kafka_bootstraps(kafka));
+    snprintf(env[n++], sizeof env[0], "PQLSTREAM_REDIS=%s", h_redis_url(redis));
+    snprintf(env[n++], sizeof env[0], "PQLSTREAM_RULES=%s/rules", PQL_SOURCE_DIR);
+    snprintf(env[n++], sizeof env[0], "PQLSTREAM_GROUP=%s", group);
+    snprintf(env[n++], sizeof env[0], "PQLSTREAM_TOPIC_ALERTS=%s", alerts);
+    snprintf(env[n++], sizeof env[0], "PQLSTREAM_KAFKA_SESSION_TIMEOUT_MS=6000");
+    snprintf(env[n++], sizeof env[0], "PQLSTREAM_KAFKA_HEARTBEAT_INTERVAL_MS=500");
+    snprintf(env[n++], sizeof env[0], "PQLSTREAM_PROCESSING_MAX_TASK_IDLE=10m");
+    snprintf(env[n++], sizeof env[0], "PQLSTREAM_REDIS_TIMEOUT_MS=1000");
+    snprintf(env[n++], sizeof env[0], "PQLSTREAM_BATCH_MAX_MESSAGES=2000");
+    snprintf(env[n++], sizeof env[0], "PQLSTREAM_RULES_WATCH=0");
+    for (int i = 0; i < n; i++)
+        envp[i] = env[i];
+    envp[n] = NULL;
+    static const char *const argv[] = {"pqlstream", "run", NULL};
+    return h_proc_start_argv(argv, envp);
+}
+
+static void member_start(trial *t, int slot)
+{
+    cr_assert_null(t->m[slot]);
+    t->m[slot] = proc_start(t->group, t->alerts);
+    fprintf(stderr, "faults: [%s] member %d started (pid %d)\n", t->name, slot,
+            (int)h_proc_pid(t->m[slot]));
+}
+
+/* A random running member's slot. */
+static int random_member(trial *t)
+{
+    int slots[MAX_MEMBERS], n = 0;
+    for (int i = 0; i < MAX_MEMBERS; i++)
+        if (t->m[i]) slots[n++] = i;
+    cr_assert_gt(n, 0);
+    return slots[next_rand(&t->rng) % (uint64_t)n];
+}
+
+/* SIGTERM: the member must finish, leave and exit 0. */
+static void member_stop(trial *t, int slot)
+{
+    h_proc *p = t->m[slot];
+    t->m[slot] = NULL;
+    if (!p) return;
+    int64_t t0 = mono_ms();
+    int rc = h_proc_wait(p, 0); /* ended on its own? */
+    if (rc >= 0) {
+        h_proc_dump_log(p, 40);
+        trial_fail(t, "member %d (pid %d) had ended by itself with %d", slot, (int)h_proc_pid(p),
+                   rc);
+    }
+    rc = h_proc_stop(p);
+    if (rc != 0) trial_fail(t, "member %d: SIGTERM ended it with %d, not 0", slot, rc);
+    fprintf(stderr, "faults: [%s] member %d stopped by SIGTERM in %" PRId64 " ms (exit %d)\n",
+            t->name, slot, mono_ms() - t0, rc);
+}
+
+static void member_kill9(trial *t, int slot, double at)
+{
+    h_proc *p = t->m[slot];
+    t->m[slot] = NULL;
+    h_proc_kill(p, SIGKILL);
+    int rc = h_proc_wait(p, 10000);
+    if (rc != 128 + SIGKILL) trial_fail(t, "member %d: kill -9 ended it with %d", slot, rc);
+    h_proc_stop(p);
+    t->kills++;
+    fprintf(stderr, "faults: [%s] kill -9 member %d at %.0f%%\n", t->name, slot, at * 100);
+}
+
+/* Fails the trial (with the member's log) if a member ended unbidden.
+ * @returns 1 if all members run. */
+static int members_alive(trial *t)
+{
+    int ok = 1;
+    for (int i = 0; i < MAX_MEMBERS; i++) {
+        if (!t->m[i] || h_proc_wait(t->m[i], 0) < 0) continue;
+        h_proc_dump_log(t->m[i], 60);
+        trial_fail(t, "member %d ended by itself with %d", i, h_proc_wait(t->m[i], 0));
+        h_proc_stop(t->m[i]);
+        t->m[i] = NULL;
+        ok = 0;
+    }
+    return ok;
+}
+
+/* ---- progress, read from Redis -------------------------------------------- */
+
+/* Share of the input the group has stored offsets for (0..1); -1 when Redis
+ * does not answer.  *outbox (if given) gets the outboxes' total length. */
+static double progress(const char *group, long long *outbox)
+{
+    redisContext *c = redis_try();
+    if (!c) return -1;
+    for (int p = 0; p < PARTS; p++) {
+        redisAppendCommand(c, "HMGET pql:{%s:%d}:meta off:%s off:%s", group, p, USAGE, ACCTS);
+        redisAppendCommand(c, "HLEN pql:{%s:%d}:outbox", group, p);
+    }
+    int64_t done = 0;
+    long long box = 0;
+    int ok = 1;
+    for (int p = 0; p < PARTS && ok; p++) {
+        redisReply *r = NULL, *h = NULL;
+        if (redisGetReply(c, (void **)&r) != REDIS_OK ||
+            redisGetReply(c, (void **)&h) != REDIS_OK || r->type != REDIS_REPLY_ARRAY ||
+            r->elements != 2 || h->type != REDIS_REPLY_INTEGER) {
+            ok = 0;
+        } else {
+            for (int k = 0; k < 2; k++) {
+                int64_t off =
+                    r->element[k]->type == REDIS_REPLY_STRING ? atoll(r->element[k]->str) : 0;
+                done += off < high[p][k] ? off : high[p][k];
+            }
+            box += h->integer;
+        }
+        freeReplyObject(r);
+        freeReplyObject(h);
+    }
+    redisFree(c);
+    if (!ok) return -1;
+    if (outbox) *outbox = box;
+    return (double)done / (double)total_events;
+}
+
+/* Polls until the group has stored offsets for `goal` of the input.
+ * @returns 0, or -1 on timeout or when a member ended unbidden. */
+static int wait_progress(trial *t, double goal, int timeout_ms)
+{
+    int64_t deadline = mono_ms() + timeout_ms;
+    for (;;) {
+        double at = progress(t->group, NULL);
+        if (at >= goal) return 0;
+        if (!members_alive(t)) return -1;
+        if (mono_ms() > deadline) {
+            trial_fail(t, "progress stuck at %.1f%% (waiting for %.0f%%)", at * 100, goal * 100);
+            return -1;
+        }
+        h_sleep_ms(50);
+    }
+}
+
+/* Polls until every input offset is stored and every outbox is empty
+ * (every alert delivered and its delivery recorded). */
+static int wait_done(trial *t, int timeout_ms)
+{
+    int64_t deadline = mono_ms() + timeout_ms;
+    long long box = -1;
+    double at = -1;
+    for (;;) {
+        at = progress(t->group, &box);
+        if (at >= 1.0 && box == 0) return 0;
+        if (!members_alive(t)) return -1;
+        if (mono_ms() > deadline) break;
+        h_sleep_ms(50);
+    }
+    for (int i = 0; i < MAX_MEMBERS; i++)
+        h_proc_dump_log(t->m[i], 30);
+    trial_fail(t, "not done after %d s: %.2f%% stored, outbox %lld", timeout_ms / 1000, at * 100,
+               box);
+    return -1;
+}
+
+/* ---- the reference and the comparison ------------------------------------- */
+
+typedef struct ref_alert {
+    char *id, *account, *rule;
+    int seen;
+} ref_alert;
+
+static h_lines *ref_accounts[PARTS], *ref_counters[PARTS];
+static ref_alert *ref_alerts;
+static size_t nref_alerts;
+
+static int cmp_ref_alert(const void *a, const void *b)
+{
+    return strcmp(((const ref_alert *)a)->id, ((const ref_alert *)b)->id);
+}
+
+static long long sum_stat(const char *group, const char *field)
+{
+    long long sum = 0;
+    for (int p = 0; p < PARTS; p++) {
+        char key[128];
+        snprintf(key, sizeof key, "pql:{%s:%d}:c:stats", group, p);
+        char *v = h_redis_hget(h_redis_url(redis), key, field);
+        if (v) sum += atoll(v);
+        free(v);
+    }
+    return sum;
+}
+
+/* Decodes an alert into its id, account and rule (strdup'ed). */
+static void alert_fields(const h_msg *m, char **id, char **account, char **rule)
+{
+    char err[256];
+    json_t *j = pql_alert_avro_to_json(m->value, m->value_len, err, sizeof err);
+    cr_assert_not_null(j, "an alert does not decode: %s", err);
+    *id = strdup(json_string_value(json_object_get(j, "alert_id")));
+    *account = strdup(json_string_value(json_object_get(j, "account_id")));
+    *rule = strdup(json_string_value(json_object_get(j, "rule")));
+    json_decref(j);
+}
+
+static void reference_run(void)
+{
+    int64_t t0 = mono_ms();
+    h_proc *p = proc_start("f-ref", "alerts-ref");
+    H_ASSERT_PROC(p, h_wait_offsets_of(p, kafka, h_redis_url(redis), "f-ref", USAGE, PARTS, NULL,
+                                       600000) == 0);
+    H_ASSERT_PROC(p, h_wait_offsets_of(p, kafka, h_redis_url(redis), "f-ref", ACCTS, PARTS, NULL,
+                                       600000) == 0);
+    long long box = -1;
+    for (int i = 0; i < 600 && box != 0; i++) {
+        progress("f-ref", &box);
+        if (box) h_sleep_ms(50);
+    }
+    H_ASSERT_PROC(p, box == 0, "the reference's outbox drains");
+    cr_assert_eq(h_proc_stop(p), 0);
+    fprintf(stderr, "faults: reference run: %" PRId64 " events in %.1f s\n", total_events,
+            (double)(mono_ms() - t0) / 1000);
+
+    for (int q = 0; q < PARTS; q++) {
+        ref_accounts[q] = h_redis_dump_partition(h_redis_url(redis), "f-ref", q);
+        ref_counters[q] = h_redis_dump_counters(h_redis_url(redis), "f-ref", q);
+        cr_assert_gt(ref_accounts[q]->n, 100, "partition %d has account state", q);
+        cr_assert_gt(ref_counters[q]->n, 10, "partition %d has counters", q);
+    }
+    cr_assert_eq(sum_stat("f-ref", "consumed"), total_events);
+
+    h_msgs *m = h_consume_all(h_kafka_bootstraps(kafka), "alerts-ref", 30000);
+    cr_assert_not_null(m);
+    ref_alerts = calloc(m->n + 1, sizeof *ref_alerts);
+    for (size_t i = 0; i < m->n; i++) {
+        ref_alert a = {0};
+        alert_fields(&m->msgs[i], &a.id, &a.account, &a.rule);
+        int dup = 0;
+        for (size_t k = 0; k < nref_alerts && !dup; k++)
+            dup = !strcmp(ref_alerts[k].id, a.id);
+        if (dup) {
+            free(a.id);
+            free(a.account);
+            free(a.rule);
+        } else {
+            ref_alerts[nref_alerts++] = a;
+        }
+    }
+    h_msgs_free(m);
+    qsort(ref_alerts, nref_alerts, sizeof *ref_alerts, cmp_ref_alert);
+    cr_assert_gt(nref_alerts, 50, "the workload fires alerts (%zu)", nref_alerts);
+    cr_assert_eq((long long)nref_alerts,
+                 sum_stat("f-ref", "alerts_pql") + sum_stat("f-ref", "alerts_expansion"),
+                 "one delivered alert id per alert counted");
+}
+
+/* Every check of a finished trial: state, counters, alerts. */
+static void compare_with_reference(trial *t)
+{
+    for (int q = 0; q < PARTS; q++) {
+        h_lines *a = h_redis_dump_partition(h_redis_url(redis), t->group, q);
+        h_lines *c = h_redis_dump_counters(h_redis_url(redis), t->group, q);
+        int bad_a = h_lines_compare(ref_accounts[q], a) != 0;
+        int bad_c = h_lines_compare(ref_counters[q], c) != 0;
+        if (bad_a || bad_c) {
+            t->differing++;
+            trial_fail(t, "partition %d: %s differ from the reference", q,
+                       bad_a && bad_c ? "accounts and counters"
+                       : bad_a        ? "accounts"
+                                      : "counters");
+        }
+        h_lines_free(a);
+        h_lines_free(c);
+    }
+    t->consumed = sum_stat(t->group, "consumed");
+    t->lost = t->consumed < total_events ? total_events - t->consumed : 0;
+    t->doubled = t->consumed > total_events ? t->consumed - total_events : 0;
+    if (t->consumed != total_events)
+        trial_fail(t, "consumed %lld of %" PRId64 " events", t->consumed, total_events);
+
+    for (size_t i = 0; i < nref_alerts; i++)
+        ref_alerts[i].seen = 0;
+    h_msgs *m = h_consume_all(h_kafka_bootstraps(kafka), t->alerts, 30000);
+    if (!m) {
+        trial_fail(t, "cannot read %s back", t->alerts);
+        return;
+    }
+    for (size_t i = 0; i < m->n; i++) {
+        ref_alert a = {0};
+        alert_fields(&m->msgs[i], &a.id, &a.account, &a.rule);
+        ref_alert *r = bsearch(&a, ref_alerts, nref_alerts, sizeof *ref_alerts, cmp_ref_alert);
+        if (!r) {
+            if (t->extra++ < 5)
+                trial_fail(t, "alert %s (%s, %s) is not one of the reference's", a.id, a.account,
+                           a.rule);
+        } else {
+            if (strcmp(r->account, a.account) || strcmp(r->rule, a.rule) || !m->msgs[i].key ||
+                strcmp(m->msgs[i].key, a.account)) {
+                if (t->wrong++ < 5)
+                    trial_fail(t, "alert %s carries (%s, %s), the reference (%s, %s)", a.id,
+                               a.account, a.rule, r->account, r->rule);
+            }
+            if (r->seen++) t->dups++;
+        }
+        free(a.id);
+        free(a.account);
+        free(a.rule);
+    }
+    h_msgs_free(m);
+    for (size_t i = 0; i < nref_alerts; i++)
+        if (!ref_alerts[i].seen && t->missing++ < 5)
+            trial_fail(t, "alert %s (%s, %s) was never delivered", ref_alerts[i].id,
+                       ref_alerts[i].account, ref_alerts[i].rule);
+    if (t->extra > 5 || t->wrong > 5 || t->missing > 5)
+        trial_fail(t, "in all: %lld unknown, %lld wrong, %lld missing alert ids", t->extra,
+                   t->wrong, t->missing);
+}
+
+/* Waits for the end, stops every member (each must exit 0), compares. */
+static void trial_end(trial *t)
+{
+    wait_done(t, 420000);
+    for (int i = 0; i < MAX_MEMBERS; i++)
+        member_stop(t, i);
+    compare_with_reference(t);
+    t->seconds = (mono_ms() - t->started_ms) / 1000;
+    fprintf(stderr,
+            "faults: figure trial=%s seed=%" PRIu64
+            " kills=%d rebalances=%d faults=%d events=%" PRId64
+            " consumed=%lld lost=%lld double_counted=%lld alerts=%zu alerts_missing=%lld "
+            "alerts_unknown=%lld duplicate_deliveries=%lld partitions_differing=%lld "
+            "seconds=%" PRId64 " result=%s\n",
+            t->name, t->seed, t->kills, t->rebalances, t->faults, total_events, t->consumed,
+            t->lost, t->doubled, nref_alerts, t->missing, t->extra, t->dups, t->differing,
+            t->seconds, t->failed ? "FAIL" : "ok");
+}
+
+/* ---- the trials ----------------------------------------------------------- */
+
+/* kill -9 of a random member at `kills` random progress points; 3 members. */
+static void trial_kill9(const char *name, uint64_t base_seed, int kills)
+{
+    trial *t = trial_begin(name, base_seed);
+    for (int i = 0; i < MAX_MEMBERS; i++)
+        member_start(t, i);
+    double at = 0;
+    for (int k = 0; k < kills; k++) {
+        at = rand_between(&t->rng, at + 0.05, 0.2 + 0.7 * (k + 1) / kills);
+        if (wait_progress(t, at, 300000)) break;
+        int slot = random_member(t);
+        member_kill9(t, slot, progress(t->group, NULL));
+        member_start(t, slot); /* restarted at once: it joins, the dead one times out */
+        t->rebalances += 2;
+    }
+    trial_end(t);
+}
+
+/* 1 member; a 2nd and a 3rd join; one leaves (SIGTERM, exit 0); one joins. */
+static void trial_rebalance(uint64_t base_seed)
+{
+    trial *t = trial_begin("rebalance", base_seed);
+    member_start(t, 0);
+    static const double at[] = {0.1, 0.3, 0.5, 0.7};
+    for (int step = 0; step < 4; step++) {
+        if (wait_progress(t, at[step], 300000)) break;
+        if (step < 2) {
+            member_start(t, step + 1);
+        } else if (step == 2) {
+            member_stop(t, random_member(t));
+        } else {
+            for (int i = 0; i < MAX_MEMBERS; i++)
+                if (!t->m[i]) {
+                    member_start(t, i);
+                    break;
+                }
+        }
+        t->rebalances++;
+    }
+    trial_end(t);
+}
+
+/* The partitions a member owns now, from its log: each "partition assigned"
+ * line adds one, each "partition released" line removes one.
+ * @returns how many (owned[p] set for each). */
+static int owned_partitions(const h_proc *p, int owned[PARTS])
+{
+    memset(owned, 0, PARTS * sizeof *owned);
+    char *log = h_proc_log(p);
+    int n = 0;
+    for (char *line = log; line && *line;) {
+        char *end = strchr(line, '\n');
+        if (end) *end = 0;
+        int add = strstr(line, "msg=\"partition assigned\"") != NULL;
+        int del = strstr(line, "msg=\"partition released\"") != NULL;
+        const char *pp = strstr(line, " partition=");
+        if ((add || del) && pp) {
+            int part = atoi(pp + strlen(" partition="));
+            if (part >= 0 && part < PARTS) owned[part] = add;
+        }
+        line = end ? end + 1 : NULL;
+    }
+    free(log);
+    for (int q = 0; q < PARTS; q++)
+        n += owned[q];
+    return n;
+}
+
+static int64_t epoch_of(const char *group, int partition)
+{
+    char key[128];
+    snprintf(key, sizeof key, "pql:{%s:%d}:meta", group, partition);
+    char *v = h_redis_hget(h_redis_url(redis), key, "epoch");
+    int64_t e = v ? atoll(v) : 0;
+    free(v);
+    return e;
+}
+
+static int log_count(const h_proc *p, const char *needle)
+{
+    char *log = h_proc_log(p);
+    int n = 0;
+    for (const char *s = log; s && (s = strstr(s, needle)); s += strlen(needle))
+        n++;
+    free(log);
+    return n;
+}
+
+/* One zombie episode of member `slot`: SIGSTOP until every partition it owns
+ * has a newer epoch (the others claimed them), SIGCONT, then wait until it
+ * is a member again.  @returns 1 when its log gained a "fenced" line. */
+static int zombie_episode(trial *t, int slot)
+{
+    h_proc *z = t->m[slot];
+    int owned[PARTS];
+    int64_t epochs[PARTS];
+    /* it must own something to be a zombie of */
+    int64_t deadline = mono_ms() + 60000;
+    while (owned_partitions(z, owned) == 0 && mono_ms() < deadline)
+        h_sleep_ms(50);
+    int fenced_before = log_count(z, "fenced");
+    h_proc_kill(z, SIGSTOP);
+    int n = owned_partitions(z, owned);
+    for (int q = 0; q < PARTS; q++)
+        epochs[q] = owned[q] ? epoch_of(t->group, q) : 0;
+    double at = progress(t->group, NULL);
+    int64_t t0 = mono_ms();
+    fprintf(stderr, "faults: [%s] SIGSTOP member %d (owns %d partitions) at %.0f%%\n", t->name,
+            slot, n, at * 100);
+    int moved = 0;
+    for (deadline = mono_ms() + 90000; !moved && mono_ms() < deadline;) {
+        moved = 1;
+        for (int q = 0; q < PARTS && moved; q++)
+            moved = !owned[q] || epoch_of(t->group, q) > epochs[q];
+        if (!moved) h_sleep_ms(50);
+    }
+    if (!moved) trial_fail(t, "the frozen member's partitions were not claimed within 90 s");
+    fprintf(stderr, "faults: [%s] its partitions were claimed by others after %" PRId64 " ms\n",
+            t->name, mono_ms() - t0);
+    h_proc_kill(z, SIGCONT);
+    t->faults++;
+    t->rebalances += 2;
+    /* it notices it is out: a write refused by the fence, or a revocation */
+    int assigned_before = log_count(z, "msg=\"partition assigned\"");
+    int64_t until = mono_ms() + 60000;
+    int fenced = 0;
+    while (mono_ms() < until && !(fenced = log_count(z, "fenced") > fenced_before) &&
+           log_count(z, "msg=\"partition assigned\"") == assigned_before)
+        h_sleep_ms(50);
+    fprintf(stderr, "faults: [%s] member %d after SIGCONT: %s\n", t->name, slot,
+            fenced ? "its write was fenced" : "no write attempted (revoked first)");
+    return fenced;
+}
+
+/* A member frozen (SIGSTOP) until its partitions move, then thawed. */
+static void trial_zombie(uint64_t base_seed)
+{
+    trial *t = trial_begin("zombie", base_seed);
+    for (int i = 0; i < MAX_MEMBERS; i++)
+        member_start(t, i);
+    int fenced = 0, episodes = 0;
+    double at = 0.1;
+    /* The freeze lands anywhere in the member's loop; its write is fenced
+       only when it held applied, unwritten events then (not when it sat in
+       a poll and learns it was revoked first): try up to 3 freezes. */
+    while (!fenced && episodes < 3) {
+        if (wait_progress(t, at, 300000)) break;
+        fenced = zombie_episode(t, random_member(t));
+        episodes++;
+        at = progress(t->group, NULL) + 0.05;
+        if (at > 0.8) break;
+    }
+    if (!fenced)
+        trial_fail(t,
+                   "after %d freezes, no zombie write was refused by the fence (no \"fenced\" "
+                   "in the frozen member's log)",
+                   episodes);
+    trial_end(t);
+}
+
+/* A broker down then up, leader changes, request errors; 3 members. */
+static void trial_brokers(uint64_t base_seed)
+{
+    trial *t = trial_begin("brokers", base_seed);
+    rd_kafka_mock_cluster_t *mock = h_kafka_mock(kafka);
+    for (int i = 0; i < MAX_MEMBERS; i++)
+        member_start(t, i);
+    t->rebalances += 2;
+
+    if (!wait_progress(t, 0.1, 300000)) {
+        int32_t b = 1 + (int32_t)(next_rand(&t->rng) % BROKERS);
+        fprintf(stderr, "faults: [%s] broker %d down\n", t->name, (int)b);
+        rd_kafka_mock_broker_set_down(mock, b);
+        h_sleep_ms(5000); /* the fault's duration, not a synchronisation */
+        rd_kafka_mock_broker_set_up(mock, b);
+        fprintf(stderr, "faults: [%s] broker %d up\n", t->name, (int)b);
+        t->faults++;
+    }
+    if (!wait_progress(t, 0.3, 300000)) {
+        /* move the leaders of a third of the input partitions */
+        int moved = 0;
+        for (int q = 0; q < PARTS; q++) {
+            if (next_rand(&t->rng) % 3) continue;
+            int32_t b = 1 + (int32_t)(next_rand(&t->rng) % BROKERS);
+            cr_assert_eq(rd_kafka_mock_partition_set_leader(mock, USAGE, q, b), 0);
+            cr_assert_eq(rd_kafka_mock_partition_set_leader(mock, ACCTS, q, b), 0);
+            moved++;
+        }
+        fprintf(stderr, "faults: [%s] leaders of %d partitions (both topics) moved\n", t->name,
+                moved);
+        t->faults++;
+    }
+    if (!wait_progress(t, 0.5, 300000)) {
+        rd_kafka_mock_push_request_errors(
+            mock, API_FETCH, 6, RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION,
+            RD_KAFKA_RESP_ERR__TRANSPORT, RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT,
+            RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION, RD_KAFKA_RESP_ERR__TRANSPORT,
+            RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART);
+        rd_kafka_mock_push_request_errors(
+            mock, API_PRODUCE, 4, RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION,
+            RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT, RD_KAFKA_RESP_ERR__TRANSPORT,
+            RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS);
+        rd_kafka_mock_push_request_errors(
+            mock, API_OFFSET_COMMIT, 4, RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT,
+            RD_KAFKA_RESP_ERR_NOT_COORDINATOR, RD_KAFKA_RESP_ERR_COORDINATOR_NOT_AVAILABLE,
+            RD_KAFKA_RESP_ERR__TRANSPORT);
+        rd_kafka_mock_push_request_errors(mock, API_HEARTBEAT, 3, RD_KAFKA_RESP_ERR_NOT_COORDINATOR,
+                                          RD_KAFKA_RESP_ERR_COORDINATOR_LOAD_IN_PROGRESS,
+                                          RD_KAFKA_RESP_ERR_REBALANCE_IN_PROGRESS);
+        rd_kafka_mock_push_request_errors(mock, API_JOIN_GROUP, 1,
+                                          RD_KAFKA_RESP_ERR_COORDINATOR_LOAD_IN_PROGRESS);
+        fprintf(stderr,
+                "faults: [%s] request errors pushed: Fetch, Produce, OffsetCommit, "
+                "Heartbeat, JoinGroup\n",
+                t->name);
+        t->faults += 5;
+        t->rebalances++;
+    }
+    if (!wait_progress(t, 0.7, 300000)) {
+        int32_t b = 1 + (int32_t)(next_rand(&t->rng) % BROKERS);
+        fprintf(stderr, "faults: [%s] broker %d down again, a leader moves to it meanwhile\n",
+                t->name, (int)b);
+        rd_kafka_mock_broker_set_down(mock, b);
+        int32_t other = 1 + b % BROKERS;
+        rd_kafka_mock_partition_set_leader(mock, USAGE, (int32_t)(next_rand(&t->rng) % PARTS),
+                                           other);
+        h_sleep_ms(3000); /* the fault's duration */
+        rd_kafka_mock_broker_set_up(mock, b);
+        t->faults += 2;
+    }
+    trial_end(t);
+}
+
+/* Redis killed and restarted (AOF), then frozen past the processors' timeout. */
+static void trial_redis(uint64_t base_seed)
+{
+    trial *t = trial_begin("redis", base_seed);
+    for (int i = 0; i < 2; i++)
+        member_start(t, i);
+    t->rebalances++;
+    double at = rand_between(&t->rng, 0.15, 0.35);
+    if (!wait_progress(t, at, 300000)) {
+        char err[256];
+        fprintf(stderr, "faults: [%s] redis-server kill -9 and restart at %.0f%%\n", t->name,
+                at * 100);
+        cr_assert_eq(pql_redis_child_restart(h_redis_child(redis), err, sizeof err), 0, "%s", err);
+        t->faults++;
+    }
+    at = rand_between(&t->rng, 0.5, 0.7);
+    if (!wait_progress(t, at, 300000)) {
+        pid_t pid = pql_redis_child_pid(h_redis_child(redis));
+        fprintf(stderr, "faults: [%s] redis-server frozen (SIGSTOP) for 4 s at %.0f%%\n", t->name,
+                at * 100);
+        kill(pid, SIGSTOP);
+        h_sleep_ms(4000); /* the fault's duration: 4x the processors' Redis timeout */
+        kill(pid, SIGCONT);
+        t->faults++;
+        int complained = 0;
+        for (int i = 0; i < MAX_MEMBERS; i++)
+            complained += t->m[i] && (log_count(t->m[i], "level=warn") > 0);
+        fprintf(stderr, "faults: [%s] redis-server thawed; %d member(s) logged warnings\n", t->name,
+                complained);
+    }
+    trial_end(t);
+}
+
+/* Where the readiness assertion goes once /readyz exists (it is being built
+ * elsewhere): while the alert topic is unwritable a member must report
+ * unready (DESIGN §7).  Nothing is checked here yet. */
+static void readiness_while_alerts_blocked(trial *t)
+{
+    (void)t;
+}
+
+/* The alert topic unwritable (no leader in metadata, Produce failing) from
+ * the start until the outboxes hold alerts; then writable again. */
+static void trial_alerts_down(uint64_t base_seed)
+{
+    trial *t = trial_begin("alerts-down", base_seed);
+    rd_kafka_mock_cluster_t *mock = h_kafka_mock(kafka);
+    rd_kafka_mock_topic_set_error(mock, t->alerts, RD_KAFKA_RESP_ERR_LEADER_NOT_AVAILABLE);
+    rd_kafka_mock_push_request_errors(
+        mock, API_PRODUCE, 3, RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION,
+        RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION, RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION);
+    t->faults += 2;
+    for (int i = 0; i < 2; i++)
+        member_start(t, i);
+    t->rebalances++;
+    /* the outboxes grow while nothing can be delivered */
+    long long box = 0;
+    double at = 0;
+    int64_t deadline = mono_ms() + 300000;
+    while (mono_ms() < deadline && members_alive(t)) {
+        at = progress(t->group, &box);
+        if (box >= (long long)nref_alerts / 3 && at >= 0.4) break;
+        h_sleep_ms(50);
+    }
+    fprintf(stderr, "faults: [%s] alert topic unwritable: outboxes hold %lld alerts at %.0f%%\n",
+            t->name, box, at * 100);
+    if (box < (long long)nref_alerts / 3)
+        trial_fail(t, "the outboxes held only %lld alerts while the topic was unwritable", box);
+    readiness_while_alerts_blocked(t);
+    rd_kafka_mock_topic_set_error(mock, t->alerts, RD_KAFKA_RESP_ERR_NO_ERROR);
+    fprintf(stderr, "faults: [%s] alert topic writable again\n", t->name);
+    trial_end(t);
+}
+
+/* ---- the suite ------------------------------------------------------------ */
+
+static void setup(void)
+{
+    redis = h_redis_start_aof(); /* the redis trial kills it: nothing may be lost */
+    kafka = h_kafka_start_brokers(BROKERS, PARTS, USAGE, ACCTS, "pql-dlq", "pql-metrics",
+                                  "alerts-ref", "alerts-kill9-a", "alerts-kill9-b",
+                                  "alerts-kill9-c", "alerts-rebalance", "alerts-zombie",
+                                  "alerts-brokers", "alerts-redis", "alerts-alerts-down", NULL);
+}
+
+static void teardown(void)
+{
+    for (int q = 0; q < PARTS; q++) {
+        h_lines_free(ref_accounts[q]);
+        h_lines_free(ref_counters[q]);
+    }
+    for (size_t i = 0; i < nref_alerts; i++) {
+        free(ref_alerts[i].id);
+        free(ref_alerts[i].account);
+        free(ref_alerts[i].rule);
+    }
+    free(ref_alerts);
+    h_kafka_stop(kafka);
+    h_redis_stop(redis);
+}
+
+TestSuite(faults, .init = setup, .fini = teardown, .timeout = 1700);
+
+Test(faults, every_fault_ends_in_the_state_of_an_uninterrupted_run)
+{
+    int64_t t0 = mono_ms();
+    const char *env_seed = getenv("PQL_FAULTS_SEED");
+    uint64_t base_seed = env_seed ? strtoull(env_seed, NULL, 10) : (uint64_t)time(NULL);
+    fprintf(stderr, "faults: base seed %" PRIu64 " (PQL_FAULTS_SEED=%" PRIu64 " replays it)\n",
+            base_seed, base_seed);
+
+    pql_sample_opts so = {.bootstraps = h_kafka_bootstraps(kafka),
+                          .usage_topic = USAGE,
+                          .accounts_topic = ACCTS,
+                          .rate = 400000,
+                          .accounts = ACCOUNTS,
+                          .seed = 5,
+                          .max_events = EVENTS};
+    char err[256];
+    pql_sample *s = pql_sample_start(&so, err, sizeof err);
+    cr_assert_not_null(s, "%s", err);
+    while (pql_sample_produced(s) < so.max_events)
+        h_sleep_ms(50);
+    pql_sample_stop(s);
+    for (int q = 0; q < PARTS; q++) {
+        high[q][0] = h_high_watermark(kafka, USAGE, q);
+        high[q][1] = h_high_watermark(kafka, ACCTS, q);
+        cr_assert(high[q][0] > 0 && high[q][1] > 0, "partition %d has input", q);
+        total_events += high[q][0] + high[q][1];
+    }
+    cr_assert_eq(total_events, EVENTS, "every event is in the log (mock retention)");
+    fprintf(stderr, "faults: %" PRId64 " events produced in %.1f s\n", total_events,
+            (double)(mono_ms() - t0) / 1000);
+
+    reference_run();
+
+    trial_kill9("kill9-a", base_seed, 2);
+    trial_kill9("kill9-b", base_seed, 3);
+    trial_rebalance(base_seed);
+    trial_zombie(base_seed);
+    trial_brokers(base_seed);
+    trial_redis(base_seed);
+    trial_alerts_down(base_seed);
+
+    int failed = 0;
+    long long kills = 0, rebalances = 0, faults = 0, lost = 0, doubled = 0, missing = 0;
+    for (int i = 0; i < ntrials; i++) {
+        trial *t = &trials[i];
+        failed += t->failed > 0;
+        kills += t->kills;
+        rebalances += t->rebalances;
+        faults += t->faults;
+        lost += t->lost;
+        doubled += t->doubled;
+        missing += t->missing;
+    }
+    fprintf(stderr,
+            "faults: summary trials=%d failed=%d kills=%lld rebalances=%lld faults=%lld "
+            "events_per_trial=%" PRId64 " lost=%lld double_counted=%lld alerts_missing=%lld "
+            "alerts_per_trial=%zu seconds=%" PRId64 "\n",
+            ntrials, failed, kills, rebalances, faults, total_events, lost, doubled, missing,
+            nref_alerts, (mono_ms() - t0) / 1000);
+    for (int i = 0; i < ntrials; i++)
+        if (trials[i].failed)
+            fprintf(stderr, "faults: trial %s (seed %" PRIu64 ") failed: %s\n", trials[i].name,
+                    trials[i].seed, trials[i].first_failure);
+    cr_assert_eq(failed, 0, "%d of %d fault trials failed (see the faults: lines)", failed,
+                 ntrials);
+}
