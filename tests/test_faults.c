@@ -69,6 +69,13 @@
 #define ACCOUNTS    2000
 #define MAX_MEMBERS 3
 #define BROKERS     3
+/* Small batches: many write boundaries per partition for faults to land
+ * between, and inboxes long enough for back-pressure pauses (past 4
+ * batches), which rebalances must then undo. */
+#define BATCH 500
+/* A trial fails when its progress stays still this long (a rebalance takes
+ * seconds, the longest fault here lasts 5 s). */
+#define STALL_MS 90000
 
 /* Kafka protocol ApiKeys (rdkafka_mock.h takes them as plain numbers). */
 enum {
@@ -81,6 +88,7 @@ enum {
 
 static h_redis *redis;
 static h_kafka *kafka;
+static char *logdir;           /* every member's log is kept here until the suite passes */
 static int64_t high[PARTS][2]; /* high watermarks of USAGE, ACCTS */
 static int64_t total_events;
 
@@ -153,6 +161,17 @@ static void trial_fail(trial *t, const char *fmt, ...)
     if (!t->failed++) snprintf(t->first_failure, sizeof t->first_failure, "%s", msg);
 }
 
+/* PQL_FAULTS_ONLY=<name>[,<name>…] runs only those trials. */
+static int trial_wanted(const char *name)
+{
+    const char *only = getenv("PQL_FAULTS_ONLY");
+    if (!only || !*only) return 1;
+    size_t n = strlen(name);
+    for (const char *s = only; (s = strstr(s, name)); s += n)
+        if ((s == only || s[-1] == ',') && (s[n] == 0 || s[n] == ',')) return 1;
+    return 0;
+}
+
 static trial *trial_begin(const char *name, uint64_t base_seed)
 {
     cr_assert_lt(ntrials, MAX_TRIALS);
@@ -182,7 +201,7 @@ static h_proc *proc_start(const char *group, const char *alerts)
     snprintf(env[n++], sizeof env[0], "PQLSTREAM_KAFKA_HEARTBEAT_INTERVAL_MS=500");
     snprintf(env[n++], sizeof env[0], "PQLSTREAM_PROCESSING_MAX_TASK_IDLE=10m");
     snprintf(env[n++], sizeof env[0], "PQLSTREAM_REDIS_TIMEOUT_MS=1000");
-    snprintf(env[n++], sizeof env[0], "PQLSTREAM_BATCH_MAX_MESSAGES=2000");
+    snprintf(env[n++], sizeof env[0], "PQLSTREAM_BATCH_MAX_MESSAGES=%d", BATCH);
     snprintf(env[n++], sizeof env[0], "PQLSTREAM_RULES_WATCH=0");
     for (int i = 0; i < n; i++)
         envp[i] = env[i];
@@ -209,6 +228,16 @@ static int random_member(trial *t)
     return slots[next_rand(&t->rng) % (uint64_t)n];
 }
 
+/* Copies member p's log into logdir as <trial>-<pid>.log. */
+static void keep_log(const trial *t, const h_proc *p)
+{
+    char path[512];
+    snprintf(path, sizeof path, "%s/%s-%d.log", logdir, t->name, (int)h_proc_pid(p));
+    char *log = h_proc_log(p);
+    if (log) h_write_file(path, log);
+    free(log);
+}
+
 /* SIGTERM: the member must finish, leave and exit 0. */
 static void member_stop(trial *t, int slot)
 {
@@ -222,7 +251,10 @@ static void member_stop(trial *t, int slot)
         trial_fail(t, "member %d (pid %d) had ended by itself with %d", slot, (int)h_proc_pid(p),
                    rc);
     }
-    rc = h_proc_stop(p);
+    h_proc_kill(p, SIGTERM);
+    rc = h_proc_wait(p, 10000);
+    keep_log(t, p);
+    rc = rc < 0 ? h_proc_stop(p) : (h_proc_stop(p), rc);
     if (rc != 0) trial_fail(t, "member %d: SIGTERM ended it with %d, not 0", slot, rc);
     fprintf(stderr, "faults: [%s] member %d stopped by SIGTERM in %" PRId64 " ms (exit %d)\n",
             t->name, slot, mono_ms() - t0, rc);
@@ -235,6 +267,7 @@ static void member_kill9(trial *t, int slot, double at)
     h_proc_kill(p, SIGKILL);
     int rc = h_proc_wait(p, 10000);
     if (rc != 128 + SIGKILL) trial_fail(t, "member %d: kill -9 ended it with %d", slot, rc);
+    keep_log(t, p);
     h_proc_stop(p);
     t->kills++;
     fprintf(stderr, "faults: [%s] kill -9 member %d at %.0f%%\n", t->name, slot, at * 100);
@@ -249,6 +282,7 @@ static int members_alive(trial *t)
         if (!t->m[i] || h_proc_wait(t->m[i], 0) < 0) continue;
         h_proc_dump_log(t->m[i], 60);
         trial_fail(t, "member %d ended by itself with %d", i, h_proc_wait(t->m[i], 0));
+        keep_log(t, t->m[i]);
         h_proc_stop(t->m[i]);
         t->m[i] = NULL;
         ok = 0;
@@ -296,15 +330,20 @@ static double progress(const char *group, long long *outbox)
 
 /* Polls until the group has stored offsets for `goal` of the input.
  * @returns 0, or -1 on timeout or when a member ended unbidden. */
-static int wait_progress(trial *t, double goal, int timeout_ms)
+static int wait_progress(trial *t, double goal)
 {
-    int64_t deadline = mono_ms() + timeout_ms;
+    double last = -1;
+    int64_t moved_at = mono_ms();
     for (;;) {
         double at = progress(t->group, NULL);
         if (at >= goal) return 0;
         if (!members_alive(t)) return -1;
-        if (mono_ms() > deadline) {
-            trial_fail(t, "progress stuck at %.1f%% (waiting for %.0f%%)", at * 100, goal * 100);
+        if (at != last) last = at, moved_at = mono_ms();
+        if (mono_ms() - moved_at > STALL_MS) {
+            for (int i = 0; i < MAX_MEMBERS; i++)
+                h_proc_dump_log(t->m[i], 30);
+            trial_fail(t, "stalled: progress at %.2f%% for %d s (waiting for %.0f%%)", at * 100,
+                       STALL_MS / 1000, goal * 100);
             return -1;
         }
         h_sleep_ms(50);
@@ -313,22 +352,23 @@ static int wait_progress(trial *t, double goal, int timeout_ms)
 
 /* Polls until every input offset is stored and every outbox is empty
  * (every alert delivered and its delivery recorded). */
-static int wait_done(trial *t, int timeout_ms)
+static int wait_done(trial *t)
 {
-    int64_t deadline = mono_ms() + timeout_ms;
-    long long box = -1;
-    double at = -1;
+    long long box = -1, last_box = -1;
+    double at = -1, last = -1;
+    int64_t moved_at = mono_ms();
     for (;;) {
         at = progress(t->group, &box);
         if (at >= 1.0 && box == 0) return 0;
         if (!members_alive(t)) return -1;
-        if (mono_ms() > deadline) break;
+        if (at != last || box != last_box) last = at, last_box = box, moved_at = mono_ms();
+        if (mono_ms() - moved_at > STALL_MS) break;
         h_sleep_ms(50);
     }
     for (int i = 0; i < MAX_MEMBERS; i++)
         h_proc_dump_log(t->m[i], 30);
-    trial_fail(t, "not done after %d s: %.2f%% stored, outbox %lld", timeout_ms / 1000, at * 100,
-               box);
+    trial_fail(t, "stalled: %.2f%% stored, outbox %lld, unchanged for %d s", at * 100, box,
+               STALL_MS / 1000);
     return -1;
 }
 
@@ -489,7 +529,7 @@ static void compare_with_reference(trial *t)
 /* Waits for the end, stops every member (each must exit 0), compares. */
 static void trial_end(trial *t)
 {
-    wait_done(t, 420000);
+    wait_done(t);
     for (int i = 0; i < MAX_MEMBERS; i++)
         member_stop(t, i);
     compare_with_reference(t);
@@ -516,7 +556,7 @@ static void trial_kill9(const char *name, uint64_t base_seed, int kills)
     double at = 0;
     for (int k = 0; k < kills; k++) {
         at = rand_between(&t->rng, at + 0.05, 0.2 + 0.7 * (k + 1) / kills);
-        if (wait_progress(t, at, 300000)) break;
+        if (wait_progress(t, at)) break;
         int slot = random_member(t);
         member_kill9(t, slot, progress(t->group, NULL));
         member_start(t, slot); /* restarted at once: it joins, the dead one times out */
@@ -530,12 +570,14 @@ static void trial_rebalance(uint64_t base_seed)
 {
     trial *t = trial_begin("rebalance", base_seed);
     member_start(t, 0);
-    static const double at[] = {0.1, 0.3, 0.5, 0.7};
-    for (int step = 0; step < 4; step++) {
-        if (wait_progress(t, at[step], 300000)) break;
+    /* join, join, leave, join, leave, join: partitions move away from a
+       member and back to it */
+    static const double at[] = {0.08, 0.2, 0.32, 0.44, 0.56, 0.68};
+    for (int step = 0; step < 6; step++) {
+        if (wait_progress(t, at[step])) break;
         if (step < 2) {
             member_start(t, step + 1);
-        } else if (step == 2) {
+        } else if (step % 2 == 0) {
             member_stop(t, random_member(t));
         } else {
             for (int i = 0; i < MAX_MEMBERS; i++)
@@ -595,75 +637,150 @@ static int log_count(const h_proc *p, const char *needle)
     return n;
 }
 
-/* One zombie episode of member `slot`: SIGSTOP until every partition it owns
- * has a newer epoch (the others claimed them), SIGCONT, then wait until it
- * is a member again.  @returns 1 when its log gained a "fenced" line. */
-static int zombie_episode(trial *t, int slot)
+/* The zombie's partitions move: polls until every partition in owned[] has
+ * an epoch above epochs[] (another member claimed it).  @returns 0 or -1. */
+static int wait_claimed_by_others(trial *t, const int owned[PARTS], const int64_t epochs[PARTS])
 {
-    h_proc *z = t->m[slot];
-    int owned[PARTS];
-    int64_t epochs[PARTS];
-    /* it must own something to be a zombie of */
-    int64_t deadline = mono_ms() + 60000;
-    while (owned_partitions(z, owned) == 0 && mono_ms() < deadline)
-        h_sleep_ms(50);
-    int fenced_before = log_count(z, "fenced");
-    h_proc_kill(z, SIGSTOP);
-    int n = owned_partitions(z, owned);
-    for (int q = 0; q < PARTS; q++)
-        epochs[q] = owned[q] ? epoch_of(t->group, q) : 0;
-    double at = progress(t->group, NULL);
     int64_t t0 = mono_ms();
-    fprintf(stderr, "faults: [%s] SIGSTOP member %d (owns %d partitions) at %.0f%%\n", t->name,
-            slot, n, at * 100);
-    int moved = 0;
-    for (deadline = mono_ms() + 90000; !moved && mono_ms() < deadline;) {
-        moved = 1;
+    for (;;) {
+        int moved = 1;
         for (int q = 0; q < PARTS && moved; q++)
             moved = !owned[q] || epoch_of(t->group, q) > epochs[q];
-        if (!moved) h_sleep_ms(50);
+        if (moved) {
+            fprintf(stderr,
+                    "faults: [%s] its partitions were claimed by others after %" PRId64 " ms\n",
+                    t->name, mono_ms() - t0);
+            return 0;
+        }
+        if (mono_ms() - t0 > STALL_MS) {
+            trial_fail(t, "the frozen member's partitions were not claimed within %d s",
+                       STALL_MS / 1000);
+            return -1;
+        }
+        h_sleep_ms(50);
     }
-    if (!moved) trial_fail(t, "the frozen member's partitions were not claimed within 90 s");
-    fprintf(stderr, "faults: [%s] its partitions were claimed by others after %" PRId64 " ms\n",
-            t->name, mono_ms() - t0);
-    h_proc_kill(z, SIGCONT);
-    t->faults++;
-    t->rebalances += 2;
-    /* it notices it is out: a write refused by the fence, or a revocation */
+}
+
+/* After SIGCONT: polls until the thawed member's log gains a "fenced" line
+ * or it is assigned partitions again.  @returns 1 when fenced. */
+static int wait_thawed(trial *t, h_proc *z, int fenced_before)
+{
     int assigned_before = log_count(z, "msg=\"partition assigned\"");
     int64_t until = mono_ms() + 60000;
     int fenced = 0;
     while (mono_ms() < until && !(fenced = log_count(z, "fenced") > fenced_before) &&
            log_count(z, "msg=\"partition assigned\"") == assigned_before)
         h_sleep_ms(50);
-    fprintf(stderr, "faults: [%s] member %d after SIGCONT: %s\n", t->name, slot,
-            fenced ? "its write was fenced" : "no write attempted (revoked first)");
+    if (fenced) {
+        char *log = h_proc_log(z);
+        const char *line = log ? strstr(log, "fenced") : NULL;
+        while (line && line > log && line[-1] != '\n')
+            line--;
+        const char *end = line ? strchr(line, '\n') : NULL;
+        int len = !line ? 0 : end ? (int)(end - line) : (int)strlen(line);
+        fprintf(stderr, "faults: [%s] the thawed member's write was refused: %.*s\n", t->name, len,
+                line ? line : "");
+        free(log);
+    } else {
+        fprintf(stderr, "faults: [%s] the thawed member wrote nothing before it was revoked\n",
+                t->name);
+        h_proc_dump_log(z, 15);
+    }
     return fenced;
 }
 
-/* A member frozen (SIGSTOP) until its partitions move, then thawed. */
+/* Waits until member z owns a partition, then fills owned[].
+ * @returns how many it owns. */
+static int wait_owner(h_proc *z, int owned[PARTS])
+{
+    int64_t deadline = mono_ms() + STALL_MS;
+    int n;
+    while ((n = owned_partitions(z, owned)) == 0 && mono_ms() < deadline)
+        h_sleep_ms(50);
+    return n;
+}
+
+/* A zombie episode of member `slot`: SIGSTOP (wherever it is in its loop)
+ * until every partition it owns has a newer epoch, then SIGCONT.
+ * @returns 1 when its log gained a "fenced" line. */
+static int zombie_episode(trial *t, int slot)
+{
+    h_proc *z = t->m[slot];
+    int owned[PARTS];
+    int64_t epochs[PARTS];
+    wait_owner(z, owned);
+    int fenced_before = log_count(z, "fenced");
+    h_proc_kill(z, SIGSTOP);
+    int n = owned_partitions(z, owned);
+    for (int q = 0; q < PARTS; q++)
+        epochs[q] = owned[q] ? epoch_of(t->group, q) : 0;
+    fprintf(stderr, "faults: [%s] SIGSTOP member %d (owns %d partitions) at %.0f%%\n", t->name,
+            slot, n, progress(t->group, NULL) * 100);
+    wait_claimed_by_others(t, owned, epochs);
+    h_proc_kill(z, SIGCONT);
+    t->faults++;
+    t->rebalances += 2;
+    return wait_thawed(t, z, fenced_before);
+}
+
+/* A zombie episode where member `slot` surely holds applied, unwritten
+ * events when it freezes: Redis is frozen first, until the member logs a
+ * failed write (its batch stays pending, to be retried); then the member is
+ * frozen, Redis thawed, the member's partitions claimed by the others, and
+ * the member thawed.  Its pending write carries the old epoch: the fence
+ * must refuse it.  @returns 1 when its log gained a "fenced" line. */
+static int zombie_episode_pending(trial *t, int slot)
+{
+    h_proc *z = t->m[slot];
+    int owned[PARTS];
+    int64_t epochs[PARTS];
+    wait_owner(z, owned);
+    int fenced_before = log_count(z, "fenced");
+    int failed_before = log_count(z, "op=write");
+    pid_t rpid = pql_redis_child_pid(h_redis_child(redis));
+    kill(rpid, SIGSTOP);
+    int64_t deadline = mono_ms() + 20000;
+    while (log_count(z, "op=write") == failed_before && mono_ms() < deadline &&
+           h_proc_wait(z, 0) < 0)
+        h_sleep_ms(20);
+    int holding = log_count(z, "op=write") > failed_before;
+    if (holding) h_proc_kill(z, SIGSTOP);
+    kill(rpid, SIGCONT);
+    t->faults++;
+    if (!holding) {
+        trial_fail(t, "member %d logged no failed write while Redis was frozen for 20 s", slot);
+        return 0;
+    }
+    int n = owned_partitions(z, owned);
+    for (int q = 0; q < PARTS; q++)
+        epochs[q] = owned[q] ? epoch_of(t->group, q) : 0;
+    fprintf(stderr,
+            "faults: [%s] SIGSTOP member %d (owns %d partitions) holding a failed write, at "
+            "%.0f%%\n",
+            t->name, slot, n, progress(t->group, NULL) * 100);
+    wait_claimed_by_others(t, owned, epochs);
+    h_proc_kill(z, SIGCONT);
+    t->faults++;
+    t->rebalances += 2;
+    return wait_thawed(t, z, fenced_before);
+}
+
+/* Zombies: a member frozen (SIGSTOP) until its partitions move, then
+ * thawed — once holding a pending write, once wherever the freeze lands. */
 static void trial_zombie(uint64_t base_seed)
 {
     trial *t = trial_begin("zombie", base_seed);
     for (int i = 0; i < MAX_MEMBERS; i++)
         member_start(t, i);
-    int fenced = 0, episodes = 0;
-    double at = 0.1;
-    /* The freeze lands anywhere in the member's loop; its write is fenced
-       only when it held applied, unwritten events then (not when it sat in
-       a poll and learns it was revoked first): try up to 3 freezes. */
-    while (!fenced && episodes < 3) {
-        if (wait_progress(t, at, 300000)) break;
-        fenced = zombie_episode(t, random_member(t));
-        episodes++;
-        at = progress(t->group, NULL) + 0.05;
-        if (at > 0.8) break;
-    }
-    if (!fenced)
-        trial_fail(t,
-                   "after %d freezes, no zombie write was refused by the fence (no \"fenced\" "
-                   "in the frozen member's log)",
-                   episodes);
+    if (!wait_progress(t, rand_between(&t->rng, 0.03, 0.1)) &&
+        !zombie_episode_pending(t, random_member(t)))
+        trial_fail(t, "the zombie's pending write was not refused by the fence (no \"fenced\" in "
+                      "its log)");
+    /* The freeze lands anywhere in the member's loop: its write is fenced
+       when it held applied, unwritten events; when it sat in a poll, it
+       learns it was revoked before writing anything.  Either way it must
+       rejoin cleanly. */
+    if (!wait_progress(t, progress(t->group, NULL) + 0.02)) zombie_episode(t, random_member(t));
     trial_end(t);
 }
 
@@ -676,7 +793,7 @@ static void trial_brokers(uint64_t base_seed)
         member_start(t, i);
     t->rebalances += 2;
 
-    if (!wait_progress(t, 0.1, 300000)) {
+    if (!wait_progress(t, 0.1)) {
         int32_t b = 1 + (int32_t)(next_rand(&t->rng) % BROKERS);
         fprintf(stderr, "faults: [%s] broker %d down\n", t->name, (int)b);
         rd_kafka_mock_broker_set_down(mock, b);
@@ -685,7 +802,7 @@ static void trial_brokers(uint64_t base_seed)
         fprintf(stderr, "faults: [%s] broker %d up\n", t->name, (int)b);
         t->faults++;
     }
-    if (!wait_progress(t, 0.3, 300000)) {
+    if (!wait_progress(t, 0.3)) {
         /* move the leaders of a third of the input partitions */
         int moved = 0;
         for (int q = 0; q < PARTS; q++) {
@@ -699,7 +816,7 @@ static void trial_brokers(uint64_t base_seed)
                 moved);
         t->faults++;
     }
-    if (!wait_progress(t, 0.5, 300000)) {
+    if (!wait_progress(t, 0.5)) {
         rd_kafka_mock_push_request_errors(
             mock, API_FETCH, 6, RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION,
             RD_KAFKA_RESP_ERR__TRANSPORT, RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT,
@@ -725,7 +842,7 @@ static void trial_brokers(uint64_t base_seed)
         t->faults += 5;
         t->rebalances++;
     }
-    if (!wait_progress(t, 0.7, 300000)) {
+    if (!wait_progress(t, 0.7)) {
         int32_t b = 1 + (int32_t)(next_rand(&t->rng) % BROKERS);
         fprintf(stderr, "faults: [%s] broker %d down again, a leader moves to it meanwhile\n",
                 t->name, (int)b);
@@ -740,35 +857,94 @@ static void trial_brokers(uint64_t base_seed)
     trial_end(t);
 }
 
-/* Redis killed and restarted (AOF), then frozen past the processors' timeout. */
+/* How many "redis unavailable" lines the members have logged. */
+static int redis_complaints(const trial *t)
+{
+    int n = 0;
+    for (int i = 0; i < MAX_MEMBERS; i++)
+        n += t->m[i] ? log_count(t->m[i], "redis unavailable") : 0;
+    return n;
+}
+
+/* Redis killed and restarted at once (AOF), frozen past the processors'
+ * timeout, then killed and left down for a while.  Each must be felt: a
+ * member logs that Redis is unavailable. */
 static void trial_redis(uint64_t base_seed)
 {
     trial *t = trial_begin("redis", base_seed);
+    char err[256];
     for (int i = 0; i < 2; i++)
         member_start(t, i);
     t->rebalances++;
     double at = rand_between(&t->rng, 0.15, 0.35);
-    if (!wait_progress(t, at, 300000)) {
-        char err[256];
+    if (!wait_progress(t, at)) {
         fprintf(stderr, "faults: [%s] redis-server kill -9 and restart at %.0f%%\n", t->name,
                 at * 100);
         cr_assert_eq(pql_redis_child_restart(h_redis_child(redis), err, sizeof err), 0, "%s", err);
         t->faults++;
     }
-    at = rand_between(&t->rng, 0.5, 0.7);
-    if (!wait_progress(t, at, 300000)) {
+    at = rand_between(&t->rng, 0.45, 0.6);
+    if (!wait_progress(t, at)) {
+        int before = redis_complaints(t);
         pid_t pid = pql_redis_child_pid(h_redis_child(redis));
         fprintf(stderr, "faults: [%s] redis-server frozen (SIGSTOP) for 4 s at %.0f%%\n", t->name,
                 at * 100);
         kill(pid, SIGSTOP);
         h_sleep_ms(4000); /* the fault's duration: 4x the processors' Redis timeout */
+        int felt = redis_complaints(t) > before;
         kill(pid, SIGCONT);
         t->faults++;
-        int complained = 0;
-        for (int i = 0; i < MAX_MEMBERS; i++)
-            complained += t->m[i] && (log_count(t->m[i], "level=warn") > 0);
-        fprintf(stderr, "faults: [%s] redis-server thawed; %d member(s) logged warnings\n", t->name,
-                complained);
+        if (!felt) trial_fail(t, "no member logged \"redis unavailable\" while Redis was frozen");
+    }
+    at = rand_between(&t->rng, 0.7, 0.85);
+    if (!wait_progress(t, at)) {
+        int before = redis_complaints(t);
+        fprintf(stderr, "faults: [%s] redis-server kill -9 at %.0f%%, down for 3 s\n", t->name,
+                at * 100);
+        kill(pql_redis_child_pid(h_redis_child(redis)), SIGKILL);
+        h_sleep_ms(3000); /* the fault's duration */
+        int felt = redis_complaints(t) > before;
+        cr_assert_eq(pql_redis_child_restart(h_redis_child(redis), err, sizeof err), 0, "%s", err);
+        t->faults++;
+        if (!felt) trial_fail(t, "no member logged \"redis unavailable\" while Redis was down");
+    }
+    trial_end(t);
+}
+
+/* A rebalance while Redis is down, and another after it is back: 2
+ * members, Redis frozen until both have paused (logged "redis
+ * unavailable"), a 3rd member joins (partitions move away from the first
+ * two while paused), Redis thawed, then the 3rd leaves (SIGTERM): its
+ * partitions go back to the first two, which must fetch them again. */
+static void trial_redis_rebalance(uint64_t base_seed)
+{
+    trial *t = trial_begin("redis-rebalance", base_seed);
+    for (int i = 0; i < 2; i++)
+        member_start(t, i);
+    t->rebalances++;
+    if (!wait_progress(t, rand_between(&t->rng, 0.1, 0.25))) {
+        int before[2] = {log_count(t->m[0], "redis unavailable"),
+                         log_count(t->m[1], "redis unavailable")};
+        pid_t rpid = pql_redis_child_pid(h_redis_child(redis));
+        kill(rpid, SIGSTOP);
+        fprintf(stderr, "faults: [%s] redis-server frozen; a member joins meanwhile\n", t->name);
+        int64_t deadline = mono_ms() + 20000;
+        while (mono_ms() < deadline && (log_count(t->m[0], "redis unavailable") == before[0] ||
+                                        log_count(t->m[1], "redis unavailable") == before[1]))
+            h_sleep_ms(20);
+        member_start(t, 2);
+        /* the join is served while Redis is down: the newcomer is assigned
+           partitions (it cannot claim them yet) */
+        int newcomer = h_proc_wait_log(t->m[2], "msg=\"partition assigned\"", 60000) == 0;
+        kill(rpid, SIGCONT);
+        t->faults++;
+        t->rebalances++;
+        if (!newcomer) trial_fail(t, "the member that joined while Redis was frozen got nothing");
+        fprintf(stderr, "faults: [%s] redis-server thawed\n", t->name);
+    }
+    if (!wait_progress(t, progress(t->group, NULL) + 0.05)) {
+        member_stop(t, 2);
+        t->rebalances++;
     }
     trial_end(t);
 }
@@ -819,10 +995,10 @@ static void trial_alerts_down(uint64_t base_seed)
 static void setup(void)
 {
     redis = h_redis_start_aof(); /* the redis trial kills it: nothing may be lost */
-    kafka = h_kafka_start_brokers(BROKERS, PARTS, USAGE, ACCTS, "pql-dlq", "pql-metrics",
-                                  "alerts-ref", "alerts-kill9-a", "alerts-kill9-b",
-                                  "alerts-kill9-c", "alerts-rebalance", "alerts-zombie",
-                                  "alerts-brokers", "alerts-redis", "alerts-alerts-down", NULL);
+    kafka = h_kafka_start_brokers(
+        BROKERS, PARTS, USAGE, ACCTS, "pql-dlq", "pql-metrics", "alerts-ref", "alerts-kill9-a",
+        "alerts-kill9-b", "alerts-kill9-c", "alerts-rebalance", "alerts-zombie", "alerts-brokers",
+        "alerts-redis", "alerts-redis-rebalance", "alerts-alerts-down", NULL);
 }
 
 static void teardown(void)
@@ -848,8 +1024,11 @@ Test(faults, every_fault_ends_in_the_state_of_an_uninterrupted_run)
     int64_t t0 = mono_ms();
     const char *env_seed = getenv("PQL_FAULTS_SEED");
     uint64_t base_seed = env_seed ? strtoull(env_seed, NULL, 10) : (uint64_t)time(NULL);
-    fprintf(stderr, "faults: base seed %" PRIu64 " (PQL_FAULTS_SEED=%" PRIu64 " replays it)\n",
-            base_seed, base_seed);
+    logdir = h_mkdtemp();
+    fprintf(stderr,
+            "faults: base seed %" PRIu64 " (PQL_FAULTS_SEED=%" PRIu64 " replays it); member logs "
+            "in %s\n",
+            base_seed, base_seed, logdir);
 
     pql_sample_opts so = {.bootstraps = h_kafka_bootstraps(kafka),
                           .usage_topic = USAGE,
@@ -876,13 +1055,15 @@ Test(faults, every_fault_ends_in_the_state_of_an_uninterrupted_run)
 
     reference_run();
 
-    trial_kill9("kill9-a", base_seed, 2);
-    trial_kill9("kill9-b", base_seed, 3);
-    trial_rebalance(base_seed);
-    trial_zombie(base_seed);
-    trial_brokers(base_seed);
-    trial_redis(base_seed);
-    trial_alerts_down(base_seed);
+    if (trial_wanted("kill9-a")) trial_kill9("kill9-a", base_seed, 2);
+    if (trial_wanted("kill9-b")) trial_kill9("kill9-b", base_seed, 3);
+    if (trial_wanted("kill9-c")) trial_kill9("kill9-c", base_seed, 4);
+    if (trial_wanted("rebalance")) trial_rebalance(base_seed);
+    if (trial_wanted("zombie")) trial_zombie(base_seed);
+    if (trial_wanted("brokers")) trial_brokers(base_seed);
+    if (trial_wanted("redis")) trial_redis(base_seed);
+    if (trial_wanted("redis-rebalance")) trial_redis_rebalance(base_seed);
+    if (trial_wanted("alerts-down")) trial_alerts_down(base_seed);
 
     int failed = 0;
     long long kills = 0, rebalances = 0, faults = 0, lost = 0, doubled = 0, missing = 0;
@@ -906,6 +1087,11 @@ Test(faults, every_fault_ends_in_the_state_of_an_uninterrupted_run)
         if (trials[i].failed)
             fprintf(stderr, "faults: trial %s (seed %" PRIu64 ") failed: %s\n", trials[i].name,
                     trials[i].seed, trials[i].first_failure);
+    if (!failed)
+        h_rmtree(logdir);
+    else
+        fprintf(stderr, "faults: the members' logs are kept in %s\n", logdir);
+    free(logdir);
     cr_assert_eq(failed, 0, "%d of %d fault trials failed (see the faults: lines)", failed,
                  ntrials);
 }
