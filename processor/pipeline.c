@@ -347,7 +347,16 @@ static void drop_task(pql_pipeline *p, int32_t part, const char *why)
     p->tasks[part] = NULL;
     for (int i = 0; i < PQL_NTOPICS; i++) {
         inbox_clear(&p->inboxes[part][i]);
-        p->inboxes[part][i].paused = 0; /* an unassigned partition is not paused */
+        /* librdkafka keeps an application pause across unassign and assign:
+           resume now, or a partition revoked while paused (Redis down, back-
+           pressure) would never be fetched again should it come back here */
+        if (p->inboxes[part][i].paused) {
+            rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(1);
+            rd_kafka_topic_partition_list_add(l, p->topics[i], part);
+            rd_kafka_resume_partitions(p->consumer, l);
+            rd_kafka_topic_partition_list_destroy(l);
+        }
+        p->inboxes[part][i].paused = 0;
     }
     p->blocked_since[part] = 0;
     p->pending[part] = 0;
