@@ -199,7 +199,8 @@ out:
 
 /* pqlstream config: the effective configuration from every source (file,
  * environment, flags), as `key=value` lines with passwords, SASL secrets
- * and Redis credentials replaced by ***. */
+ * and Redis credentials replaced by ***; exit 2 when it does not load or
+ * the Redis URL cannot be parsed. */
 static int cmd_config(int argc, char **argv)
 {
     pql_config cfg;
@@ -214,6 +215,14 @@ static int cmd_config(int argc, char **argv)
         rc = 2;
     } else {
         pql_config_dump(&cfg, stdout);
+        /* the Redis URL is parsed when used; check it now (no connection) */
+        pql_store *st =
+            cfg.redis_url[0] ? pql_store_new(cfg.redis_url, 1000, err, sizeof(err)) : NULL;
+        if (cfg.redis_url[0] && !st) {
+            fprintf(stderr, "pqlstream: redis.url: %s\n", err);
+            rc = 2;
+        }
+        pql_store_close(st);
     }
     pql_config_term(&cfg);
     return rc;

@@ -267,3 +267,21 @@ Test(cli, redis_credentials_never_reach_the_log, .timeout = 120)
     h_rmtree(dir);
     free(dir);
 }
+
+Test(cli, the_shipped_example_configuration_loads)
+{
+    char *out;
+    const char *argv[] = {"pqlstream", "config", "--config",
+                          PQL_SOURCE_DIR "/deploy/pqlstream.yaml", NULL};
+    cr_assert_eq(run(&out, argv, no_env), 0, "%s", out);
+    cr_assert(strstr(out, "kafka.brokers=kafka-1:9092,kafka-2:9092,kafka-3:9092\n"), "%s", out);
+    cr_assert(strstr(out, "kafka.session.timeout.ms=10000\n"), "%s", out);
+    cr_assert(strstr(out, "redis.url=redis://redis.internal:6379/0\n"), "%s", out);
+    free(out);
+
+    /* a URL the processor would refuse is refused here too */
+    const char *env[] = {"PQLSTREAM_REDIS=redis://pqlstream@redis.internal:6379/0", NULL};
+    cr_assert_eq(run(&out, argv, env), 2, "%s", out);
+    cr_assert(strstr(out, "redis.url: Redis URL: credentials need a password"), "%s", out);
+    free(out);
+}
