@@ -17,6 +17,7 @@
 #include "redis_child.h"
 #include "rules.h"
 #include "sample.h"
+#include "store.h"
 
 #include <errno.h>
 #include <signal.h>
