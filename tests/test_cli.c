@@ -285,3 +285,18 @@ Test(cli, the_shipped_example_configuration_loads)
     cr_assert(strstr(out, "redis.url: Redis URL: credentials need a password"), "%s", out);
     free(out);
 }
+
+Test(cli, the_shipped_prometheus_alerting_rules_pass_promtool)
+{
+    if (system("command -v promtool >/dev/null 2>&1") != 0)
+        cr_skip_test("promtool is not installed (Debian package prometheus; scripts/setup installs "
+                     "it)");
+    FILE *f =
+        popen("promtool check rules " PQL_SOURCE_DIR "/deploy/prometheus/alerts.yaml 2>&1", "r");
+    cr_assert_not_null(f);
+    char out[4096];
+    size_t n = fread(out, 1, sizeof(out) - 1, f);
+    out[n] = '\0';
+    cr_assert_eq(pclose(f), 0, "%s", out);
+    cr_assert(strstr(out, "SUCCESS: 8 rules found"), "%s", out);
+}
