@@ -62,6 +62,10 @@ static const opt options[] = {
     {"Kafka", "kafka.brokers", "PQLSTREAM_BROKERS", T_STR, OFF(brokers), "", NULL, 0,
      "bootstrap servers; empty starts an embedded mock cluster"},
     {"Kafka", "group", NULL, T_STR, OFF(group), "pqlstream", NULL, 0, "consumer group id"},
+    {"Kafka", "instance_id", "PQLSTREAM_INSTANCE_ID", T_STR, OFF(instance_id), "", NULL, 0,
+     "static group membership (group.instance.id): a name stable across restarts and unique in "
+     "the group, e.g. the pod name of a StatefulSet; a restart within the session timeout then "
+     "moves no partition.  Empty: dynamic membership"},
     {"Kafka", "topics.usage", "PQLSTREAM_TOPIC_USAGE", T_STR, OFF(topic_usage), "usage-events",
      NULL, 0, "input topic of usage events"},
     {"Kafka", "topics.accounts", "PQLSTREAM_TOPIC_ACCOUNTS", T_STR, OFF(topic_accounts),

@@ -36,6 +36,7 @@ typedef struct pql_config {
     /* Kafka */
     char *brokers;     /* kafka.brokers / PQLSTREAM_BROKERS; "" = embedded mock cluster */
     char *group;       /* group / PQLSTREAM_GROUP, default "pqlstream" */
+    char *instance_id; /* static membership (group.instance.id); "" dynamic */
     char *topic_usage; /* topics.usage / PQLSTREAM_TOPIC_USAGE, default "usage-events" */
     char
         *topic_accounts; /* topics.accounts / PQLSTREAM_TOPIC_ACCOUNTS, default "account-updates" */

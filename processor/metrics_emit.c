@@ -374,7 +374,7 @@ pql_metrics_emitter *pql_metrics_emitter_start(const pql_config *cfg, const char
     pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
     pthread_cond_init(&e->cv, &ca);
     pthread_condattr_destroy(&ca);
-    if (!(e->store = pql_store_open(redis_url, cfg->redis_timeout_ms, why, sizeof why))) {
+    if (!(e->store = pql_store_new(redis_url, cfg->redis_timeout_ms, why, sizeof why))) {
         pql_set_err(errstr, errstr_size, "metrics: redis: %s", why);
         goto fail;
     }

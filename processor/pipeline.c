@@ -16,6 +16,7 @@
 #include <time.h>
 
 #define MAX_BACKOFF_MS 5000
+#define STOP_GRACE_MS  5000 /* SIGTERM: longest wait for Redis and the alert topic */
 
 /* Messages polled for one input partition and not yet processed (FIFO). */
 typedef struct inbox {
@@ -47,6 +48,11 @@ struct pql_pipeline {
     volatile sig_atomic_t *stop;   /* set by SIGTERM/SIGINT */
     volatile sig_atomic_t *reload; /* set by SIGHUP */
     pql_metrics_emitter *emitter;  /* emits while we own partition 0; NULL: off */
+    int cooperative;               /* incremental (cooperative) rebalance protocol */
+    unsigned char *pending;        /* by partition: a built batch waits for Redis */
+    int redis_down;                /* a Redis call failed: all paused, retrying */
+    int64_t redis_retry_at;        /* when to try again (wall clock, ms) */
+    int redis_backoff;             /* the back-off after the next failure (ms) */
 };
 
 static void sleep_ms(int ms)
@@ -119,18 +125,70 @@ static void inbox_free(inbox *q)
     q->cap = 0;
 }
 
-static void set_paused(pql_pipeline *p, int32_t part, int ti, int pause)
+/* ---- pausing -------------------------------------------------------------
+ *
+ * A partition is paused, so rd_kafka_consumer_poll() keeps being called (the
+ * membership stays alive, rebalances are served) without fetching, when:
+ *   - Redis is unavailable (every partition: nothing can be loaded or
+ *     written until a retry succeeds);
+ *   - its task is not claimed yet (the claim decides where to read from);
+ *   - its inbox is long (back-pressure: paused past 4 batches, resumed below
+ *     one). */
+
+static int want_paused(const pql_pipeline *p, int32_t part, int ti)
 {
-    inbox *q = &p->inboxes[part][ti];
-    if (q->paused == pause) return;
-    rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(1);
-    rd_kafka_topic_partition_list_add(l, p->topics[ti], part);
-    if (pause)
-        rd_kafka_pause_partitions(p->consumer, l);
-    else
-        rd_kafka_resume_partitions(p->consumer, l);
-    rd_kafka_topic_partition_list_destroy(l);
-    q->paused = pause;
+    const pql_task *t = p->tasks[part];
+    const inbox *q = &p->inboxes[part][ti];
+    size_t max = (size_t)p->cfg->batch_max_messages;
+    if (p->redis_down || t->state != PQL_TASK_RUNNING) return 1;
+    return q->paused ? inbox_len(q) >= max : inbox_len(q) > max * 4;
+}
+
+/* Brings every assigned partition's pause state in line with want_paused(),
+ * in at most two librdkafka calls. */
+static void update_pauses(pql_pipeline *p)
+{
+    rd_kafka_topic_partition_list_t *pause = NULL, *resume = NULL;
+    for (int32_t part = 0; part < p->npartitions; part++) {
+        if (!p->tasks[part]) continue;
+        for (int ti = 0; ti < PQL_NTOPICS; ti++) {
+            inbox *q = &p->inboxes[part][ti];
+            int want = want_paused(p, part, ti);
+            if (want == q->paused) continue;
+            rd_kafka_topic_partition_list_t **l = want ? &pause : &resume;
+            if (!*l) *l = rd_kafka_topic_partition_list_new(8);
+            rd_kafka_topic_partition_list_add(*l, p->topics[ti], part);
+            q->paused = want;
+        }
+    }
+    if (pause) {
+        rd_kafka_pause_partitions(p->consumer, pause);
+        rd_kafka_topic_partition_list_destroy(pause);
+    }
+    if (resume) {
+        rd_kafka_resume_partitions(p->consumer, resume);
+        rd_kafka_topic_partition_list_destroy(resume);
+    }
+}
+
+/* A Redis call failed: stop processing until a retry succeeds.  The back-off
+ * doubles from 100 ms up to MAX_BACKOFF_MS. */
+static void redis_failed(pql_pipeline *p, const char *op, const char *err)
+{
+    pql_warn("redis unavailable; partitions paused, retrying", "op=%s error=\"%s\" retry_ms=%d", op,
+             err, p->redis_backoff);
+    p->redis_down = 1;
+    p->redis_retry_at = pql_now_ms() + p->redis_backoff;
+    p->redis_backoff =
+        p->redis_backoff * 2 > MAX_BACKOFF_MS ? MAX_BACKOFF_MS : p->redis_backoff * 2;
+}
+
+static void redis_recovered(pql_pipeline *p)
+{
+    if (!p->redis_down) return;
+    p->redis_down = 0;
+    p->redis_backoff = 100;
+    pql_info("redis reachable again; resuming", "%s", "");
 }
 
 /* Chooses the next message of task `part` in the merge order: the smaller
@@ -228,35 +286,54 @@ static void resend_outbox_item(void *opaque, const char *id, size_t id_len, cons
     json_decref(j);
 }
 
-/* Claims partition `part` in Redis, retrying while Redis is unavailable. */
-static pql_task *claim_task(pql_pipeline *p, int32_t part)
+/* Seeks topic `ti` of partition `part` to `offset` (a stored next offset, or
+ * -1: where auto.offset.reset says). */
+static void seek_to(pql_pipeline *p, int32_t part, int ti, int64_t offset)
 {
-    pql_task *t = pql_task_new(part, ++p->generation);
-    if (!t) abort();
+    rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(1);
+    rd_kafka_topic_partition_list_add(l, p->topics[ti], part)->offset =
+        offset >= 0 ? offset : (p->reset_latest ? RD_KAFKA_OFFSET_END : RD_KAFKA_OFFSET_BEGINNING);
+    rd_kafka_error_t *e = rd_kafka_seek_partitions(p->consumer, l, 5000);
+    if (e) {
+        pql_warn("seek failed", "topic=%s partition=%d offset=%lld error=\"%s\"", p->topics[ti],
+                 part, (long long)offset, rd_kafka_error_string(e));
+        rd_kafka_error_destroy(e);
+    }
+    rd_kafka_topic_partition_list_destroy(l);
+}
+
+/* Claims task t's partition in Redis (bumping its epoch fences every older
+ * owner) and re-sends its outbox.  On success t is RUNNING with the offsets
+ * to resume from; on failure (Redis unavailable) t stays ASSIGNED, its
+ * partitions paused, and the claim is retried with the Redis back-off.
+ * @returns 0 or -1. */
+static int try_claim(pql_pipeline *p, pql_task *t)
+{
     pql_claim claim;
     char err[512];
-    int backoff = 100;
-    while (pql_store_claim(p->store, p->cfg->group, part, p->topics, PQL_NTOPICS, &claim, err,
-                           sizeof(err)) != PQL_OK) {
-        pql_warn("claim failed, retrying", "partition=%d error=\"%s\" retry_ms=%d", part, err,
-                 backoff);
-        sleep_ms(backoff);
-        backoff = backoff * 2 > MAX_BACKOFF_MS ? MAX_BACKOFF_MS : backoff * 2;
+    int32_t part = t->partition;
+    if (pql_store_claim(p->store, p->cfg->group, part, p->topics, PQL_NTOPICS, &claim, err,
+                        sizeof(err)) != PQL_OK) {
+        redis_failed(p, "claim", err);
+        return -1;
+    }
+    void *ctx[2] = {t, p};
+    if (pql_store_outbox_scan(p->store, p->cfg->group, part, resend_outbox_item, ctx, err,
+                              sizeof(err)) != PQL_OK) {
+        /* claimed but the outbox was not read: claim again (a second epoch
+           bump is harmless; re-sent alerts carry the same ids) */
+        redis_failed(p, "outbox", err);
+        return -1;
     }
     pql_task_claimed(t, &claim);
     if (pql_task_track_metrics(t, p->cfg->metrics_channel_trait, p->cfg->metrics_plan_trait))
         abort();
     if (part == 0) pql_metrics_emitter_own(p->emitter, claim.epoch);
-    void *ctx[2] = {t, p};
-    if (pql_store_outbox_scan(p->store, p->cfg->group, part, resend_outbox_item, ctx, err,
-                              sizeof(err)) != PQL_OK)
-        pql_warn("outbox scan failed; it is retried at the next assignment",
-                 "partition=%d error=\"%s\"", part, err);
-    pql_info("partition assigned",
+    pql_info("partition claimed",
              "partition=%d epoch=%lld seq=%lld usage_offset=%lld accounts_offset=%lld", part,
              (long long)claim.epoch, (long long)claim.seq, (long long)claim.offsets[0],
              (long long)claim.offsets[1]);
-    return t;
+    return 0;
 }
 
 static void drop_task(pql_pipeline *p, int32_t part, const char *why)
@@ -272,46 +349,103 @@ static void drop_task(pql_pipeline *p, int32_t part, const char *why)
         p->inboxes[part][i].paused = 0; /* an unassigned partition is not paused */
     }
     p->blocked_since[part] = 0;
+    p->pending[part] = 0;
 }
 
+/* Creates and claims the tasks of newly assigned partitions and fills in
+ * the offset each topic partition starts from: the one stored in Redis with
+ * the state.  When Redis is unavailable the partition is assigned at
+ * RD_KAFKA_OFFSET_INVALID, kept paused, and its messages dropped until the
+ * claim succeeds and seeks (retry_redis). */
 static void on_assign(pql_pipeline *p, rd_kafka_topic_partition_list_t *parts)
 {
     for (int i = 0; i < parts->cnt; i++) {
         rd_kafka_topic_partition_t *tp = &parts->elems[i];
         int ti = topic_index(p, tp->topic);
-        if (ti < 0 || tp->partition >= p->npartitions) continue;
         pql_task *t = task_of(p, tp->partition, 0);
-        if (!t) t = p->tasks[tp->partition] = claim_task(p, tp->partition);
-        int64_t off = t->committed[ti];
-        tp->offset =
-            off >= 0 ? off : (p->reset_latest ? RD_KAFKA_OFFSET_END : RD_KAFKA_OFFSET_BEGINNING);
+        if (!t) {
+            t = p->tasks[tp->partition] = pql_task_new(tp->partition, ++p->generation);
+            if (!t) abort();
+            pql_info("partition assigned", "partition=%d", tp->partition);
+            if (!p->redis_down) try_claim(p, t);
+        }
+        tp->offset = RD_KAFKA_OFFSET_INVALID;
+        if (t->state == PQL_TASK_RUNNING) {
+            int64_t off = t->committed[ti];
+            tp->offset = off >= 0
+                             ? off
+                             : (p->reset_latest ? RD_KAFKA_OFFSET_END : RD_KAFKA_OFFSET_BEGINNING);
+        }
     }
 }
 
-static void flush_batches(pql_pipeline *p); /* below */
+/* The group assigns partitions of the usage topic only (pql_pipeline_new
+ * subscribes to it alone); partition p of the account-update topic follows
+ * usage partition p onto the same member.  So whatever the assignor — the
+ * default cooperative-sticky, which moves only what must move, or range,
+ * roundrobin — task p owns both halves of its partition.
+ * @returns the usage partitions of `parts` and their followers (caller
+ * destroys). */
+static rd_kafka_topic_partition_list_t *with_followers(pql_pipeline *p,
+                                                       const rd_kafka_topic_partition_list_t *parts)
+{
+    rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(parts->cnt * 2 + 1);
+    for (int i = 0; i < parts->cnt; i++) {
+        const rd_kafka_topic_partition_t *tp = &parts->elems[i];
+        if (topic_index(p, tp->topic) != PQL_TOPIC_USAGE || tp->partition < 0 ||
+            tp->partition >= p->npartitions) {
+            pql_warn("ignoring an assigned partition that is not ours", "topic=%s partition=%d",
+                     tp->topic, tp->partition);
+            continue;
+        }
+        rd_kafka_topic_partition_list_add(l, p->topics[PQL_TOPIC_USAGE], tp->partition);
+        rd_kafka_topic_partition_list_add(l, p->topics[PQL_TOPIC_ACCOUNTS], tp->partition);
+    }
+    return l;
+}
+
+static void flush_batches(pql_pipeline *p, int force); /* below */
+
+static void log_assignment_error(const char *what, rd_kafka_error_t *e, rd_kafka_resp_err_t err)
+{
+    if (e) {
+        pql_error("rebalance: assignment call failed", "call=%s error=\"%s\"", what,
+                  rd_kafka_error_string(e));
+        rd_kafka_error_destroy(e);
+    } else if (err) {
+        pql_error("rebalance: assignment call failed", "call=%s error=\"%s\"", what,
+                  rd_kafka_err2str(err));
+    }
+}
 
 static void rebalance_cb(rd_kafka_t *rk, rd_kafka_resp_err_t err,
                          rd_kafka_topic_partition_list_t *parts, void *opaque)
 {
     pql_pipeline *p = opaque;
-    int cooperative = !strcmp(rd_kafka_rebalance_protocol(rk), "COOPERATIVE");
+    p->cooperative = !strcmp(rd_kafka_rebalance_protocol(rk), "COOPERATIVE");
+    rd_kafka_topic_partition_list_t *l = with_followers(p, parts);
     if (err == RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS) {
-        on_assign(p, parts);
-        if (cooperative)
-            rd_kafka_incremental_assign(rk, parts);
+        on_assign(p, l);
+        if (p->cooperative)
+            log_assignment_error("incremental_assign", rd_kafka_incremental_assign(rk, l), 0);
         else
-            rd_kafka_assign(rk, parts);
+            log_assignment_error("assign", NULL, rd_kafka_assign(rk, l));
+        update_pauses(p); /* unclaimed ones, or all while Redis is down */
+        rd_kafka_topic_partition_list_destroy(l);
         return;
     }
-    /* Revoke: everything applied so far is already written (batches are
-       flushed before every poll), so finishing means flushing deliveries. */
-    flush_batches(p);
-    for (int i = 0; i < parts->cnt; i++)
-        drop_task(p, parts->elems[i].partition, "revoked");
-    if (cooperative)
-        rd_kafka_incremental_unassign(rk, parts);
+    /* Revoke (or lost): finish the batch — everything applied is written,
+       or, Redis being unavailable, abandoned (the next owner re-reads it
+       from the offsets in Redis) — then drop the partitions' caches. */
+    pql_info("partitions revoked", "count=%d lost=%d", l->cnt / 2, rd_kafka_assignment_lost(rk));
+    flush_batches(p, !(p->stop && *p->stop && p->redis_down));
+    for (int i = 0; i < l->cnt; i += 2)
+        drop_task(p, l->elems[i].partition, "revoked");
+    if (p->cooperative)
+        log_assignment_error("incremental_unassign", rd_kafka_incremental_unassign(rk, l), 0);
     else
-        rd_kafka_assign(rk, NULL);
+        log_assignment_error("assign", NULL, rd_kafka_assign(rk, NULL));
+    rd_kafka_topic_partition_list_destroy(l);
 }
 
 /* ---- batches ----------------------------------------------------------- */
@@ -345,7 +479,7 @@ static int load_accounts(pql_pipeline *p, pql_task *t, pql_account **accts, size
                                      load_field, &c, err, sizeof(err)) == PQL_OK
                  ? 0
                  : -1;
-    if (rc < 0) pql_warn("account load failed", "partition=%d error=\"%s\"", t->partition, err);
+    if (rc < 0) redis_failed(p, "load", err);
     free(ids);
     free(lens);
     return rc;
@@ -427,28 +561,24 @@ static void process_message(pql_pipeline *p, pql_task *t, rd_kafka_message_t *m,
         return;
     }
     if (ensure_account(p, t, &ev) < 0) {
-        t->dlq_failed = 1; /* Redis failed: abandon the batch, retry later */
+        t->redis_failed = 1; /* abandon the batch, re-read it when Redis is back */
         return;
     }
     pql_task_apply(t, &ev, ti, m->offset, now, p->cfg->output_json);
 }
 
-/* A dead letter of t's batch was not delivered: the batch must not be
- * written (its offsets would pass the message).  Drops it and seeks back to
- * the stored offsets, so the batch is read and applied again. */
+/* t's batch cannot be written: a dead letter was not delivered (its offsets
+ * would pass the message), or an account could not be loaded.  Drops it and
+ * seeks back to the stored offsets, so the batch is read and applied again. */
 static void abandon_batch(pql_pipeline *p, pql_task *t)
 {
-    pql_warn("batch abandoned: a dead letter was not delivered; re-reading", "partition=%d",
-             t->partition);
+    pql_warn("batch abandoned; re-reading it", "partition=%d reason=%s", t->partition,
+             t->redis_failed ? "redis" : "dead letter not delivered");
     pql_task_abandon(t);
+    t->redis_failed = 0;
     for (int k = 0; k < PQL_NTOPICS; k++) {
         inbox_clear(&p->inboxes[t->partition][k]);
-        if (t->committed[k] < 0) continue;
-        rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(1);
-        rd_kafka_topic_partition_list_add(l, p->topics[k], t->partition)->offset = t->committed[k];
-        rd_kafka_error_t *e = rd_kafka_seek_partitions(p->consumer, l, 5000);
-        if (e) rd_kafka_error_destroy(e);
-        rd_kafka_topic_partition_list_destroy(l);
+        seek_to(p, t->partition, k, t->committed[k]);
     }
 }
 
@@ -470,99 +600,100 @@ static void publish(pql_pipeline *p, pql_task *t)
     rd_kafka_topic_partition_list_destroy(l);
 }
 
-static void pause_all(pql_pipeline *p, int pause)
-{
-    rd_kafka_topic_partition_list_t *a = NULL;
-    if (rd_kafka_assignment(p->consumer, &a) || !a) return;
-    if (pause)
-        rd_kafka_pause_partitions(p->consumer, a);
-    else
-        rd_kafka_resume_partitions(p->consumer, a);
-    rd_kafka_topic_partition_list_destroy(a);
-}
-
-/* Writes every task's batch to Redis in one round trip; then produces the
- * alerts and commits offsets to Kafka.  Each batch is built once: building
- * flushes the accounts (marks them clean), so after an I/O error the very
- * same batches are sent again — safe, the script recognises an applied one
- * by its seq — until each is applied or fenced. */
-static void flush_batches(pql_pipeline *p)
+/* Writes every pending batch to Redis in one round trip; produces the
+ * alerts of each applied one and commits its offsets to Kafka; drops a
+ * fenced task.  A batch that failed on I/O stays pending, unchanged, for
+ * the next try (safe: the script recognises an applied batch by its seq).
+ * @returns 0, or -1 when Redis failed (redis_failed was called). */
+static int write_pending(pql_pipeline *p)
 {
     pql_store_batch **batches = malloc((size_t)p->npartitions * sizeof(*batches));
     pql_task **owners = malloc((size_t)p->npartitions * sizeof(*owners));
     pql_err *results = malloc((size_t)p->npartitions * sizeof(*results));
     if (!batches || !owners || !results) abort();
+    size_t n = 0;
+    for (int32_t i = 0; i < p->npartitions; i++)
+        if (p->pending[i]) {
+            batches[n] = p->tasks[i]->batch;
+            owners[n++] = p->tasks[i];
+        }
+    int rc = 0;
+    char err[512] = "";
+    if (n) pql_store_commit(p->store, batches, n, results, err, sizeof(err));
+    for (size_t i = 0; i < n; i++) {
+        pql_task *t = owners[i];
+        if (results[i] == PQL_OK) {
+            p->pending[t->partition] = 0;
+            publish(p, t);
+        } else if (results[i] == PQL_ERR_FENCED) {
+            pql_error("fenced: another member owns this partition now; dropping it",
+                      "partition=%d epoch=%lld", t->partition, (long long)t->claim.epoch);
+            p->pending[t->partition] = 0;
+            pql_task_abandon(t);
+            drop_task(p, t->partition, "fenced");
+        } else {
+            rc = -1;
+        }
+    }
+    if (rc < 0) redis_failed(p, "write", err);
+    free(batches);
+    free(owners);
+    free(results);
+    return rc;
+}
 
+/* Ends the batch of every running task: dead letters acknowledged, then one
+ * atomic write per task, all in one round trip (write_pending).  Each batch
+ * is built once: building marks its accounts clean, so after an I/O error
+ * the very same batch is sent again, and until then its task applies
+ * nothing more (process_inboxes waits while Redis is down).  While Redis is
+ * down the write waits for the back-off, unless `force` (revocation,
+ * stopping: finish now or abandon). */
+static void flush_batches(pql_pipeline *p, int force)
+{
     /* dead letters must be acknowledged before the offset moves past them */
     for (int32_t i = 0; i < p->npartitions; i++)
         if (p->tasks[i] && p->tasks[i]->dlq_outstanding) {
             pql_sink_flush(p->sink, 10000);
             break;
         }
-    size_t n = 0;
     for (int32_t i = 0; i < p->npartitions; i++) {
         pql_task *t = p->tasks[i];
-        if (!t || t->state != PQL_TASK_RUNNING) continue;
-        if (t->dlq_failed || t->dlq_outstanding)
+        if (!t || t->state != PQL_TASK_RUNNING || p->pending[i]) continue;
+        if (t->dlq_failed || t->dlq_outstanding || t->redis_failed)
             abandon_batch(p, t);
-        else if (pql_task_build_batch(t, p->cfg->group, p->topics, p->ttl_ms)) {
-            batches[n] = t->batch;
-            owners[n++] = t;
-        }
+        else if (pql_task_build_batch(t, p->cfg->group, p->topics, p->ttl_ms))
+            p->pending[i] = 1;
     }
-
-    int backoff = 100, paused = 0;
-    while (n) {
-        char err[512];
-        /* per-batch outcomes are in results[]; a lost connection marks them IO */
-        pql_store_commit(p->store, batches, n, results, err, sizeof(err));
-        size_t left = 0;
-        for (size_t i = 0; i < n; i++) {
-            pql_task *t = owners[i];
-            if (results[i] == PQL_OK) {
-                publish(p, t);
-            } else if (results[i] == PQL_ERR_FENCED) {
-                pql_error("fenced: another member owns this partition now; dropping it",
-                          "partition=%d epoch=%lld", t->partition, (long long)t->claim.epoch);
-                t->state = PQL_TASK_CLOSED;
-                pql_task_abandon(t);
-            } else {
-                batches[left] = batches[i];
-                owners[left++] = t;
-            }
-        }
-        n = left;
-        if (!n) break;
-        if (p->stop && *p->stop && backoff >= MAX_BACKOFF_MS) {
-            /* Stopping and Redis still down: give up these batches.  Nothing
-               is lost: Redis keeps the last written offsets, the next owner
-               re-reads from there. */
-            pql_error("stopping without writing the last batch: redis unavailable", "error=\"%s\"",
-                      err);
-            for (size_t i = 0; i < n; i++)
-                owners[i]->state = PQL_TASK_CLOSED;
-            break;
-        }
-        pql_warn("redis write failed, retrying", "error=\"%s\" retry_ms=%d", err, backoff);
-        if (!paused) pause_all(p, 1);
-        paused = 1;
-        pql_sink_poll(p->sink, backoff);
-        backoff = backoff * 2 > MAX_BACKOFF_MS ? MAX_BACKOFF_MS : backoff * 2;
-    }
-    if (paused) {
-        pause_all(p, 0);
-        pql_info("redis write succeeded again; resumed", "%s", "");
-    }
-    for (int32_t i = 0; i < p->npartitions; i++) {
-        if (p->tasks[i] && p->tasks[i]->state == PQL_TASK_CLOSED)
-            drop_task(p, i, "fenced");
-        else if (p->tasks[i])
+    if (!p->redis_down || force) write_pending(p);
+    for (int32_t i = 0; i < p->npartitions; i++)
+        if (p->tasks[i] && !p->pending[i])
             pql_task_trim(p->tasks[i],
                           (size_t)p->cfg->cache_max_accounts / (size_t)p->npartitions + 1);
+}
+
+/* While Redis is down: at each back-off, claim the unclaimed tasks (seeking
+ * their partitions to the stored offsets) and write the pending batches;
+ * when all of it succeeds, processing resumes. */
+static void retry_redis(pql_pipeline *p)
+{
+    char err[512];
+    if (pql_now_ms() < p->redis_retry_at) return;
+    if (pql_store_ping(p->store, err, sizeof(err)) != PQL_OK) {
+        redis_failed(p, "ping", err);
+        return;
     }
-    free(batches);
-    free(owners);
-    free(results);
+    for (int32_t i = 0; i < p->npartitions; i++) {
+        pql_task *t = p->tasks[i];
+        if (!t || t->state != PQL_TASK_ASSIGNED) continue;
+        if (try_claim(p, t) < 0) return; /* Redis, not the task: one try per round */
+        for (int k = 0; k < PQL_NTOPICS; k++) {
+            inbox_clear(&p->inboxes[i][k]);
+            seek_to(p, i, k, t->committed[k]);
+        }
+    }
+    if (write_pending(p) < 0) return;
+    redis_recovered(p);
 }
 
 /* Routes a polled message (or partition-EOF event) to its task's inbox. */
@@ -586,8 +717,7 @@ static void route(pql_pipeline *p, rd_kafka_message_t *m)
         return;
     }
     inbox *q = &p->inboxes[m->partition][ti];
-    inbox_push(q, m);
-    if (inbox_len(q) > (size_t)p->cfg->batch_max_messages * 4) set_paused(p, m->partition, ti, 1);
+    inbox_push(q, m); /* back-pressure: update_pauses() */
 }
 
 /* Polls up to batch.max_messages messages or batch.max_ms into the inboxes.
@@ -611,29 +741,27 @@ static size_t poll_batch(pql_pipeline *p)
     return n;
 }
 
-/* Applies what the merge order allows of every task's inboxes, then writes. */
+/* Applies what the merge order allows of every task's inboxes, then writes.
+ * A Redis failure stops at once (the other tasks' messages wait in their
+ * inboxes): each further call would wait for redis.timeout_ms. */
 static void process_inboxes(pql_pipeline *p)
 {
     int64_t now = pql_now_ms();
-    for (int32_t part = 0; part < p->npartitions; part++) {
+    for (int32_t part = 0; part < p->npartitions && !p->redis_down; part++) {
         pql_task *t = p->tasks[part];
         if (!t || t->state != PQL_TASK_RUNNING) continue;
         if (prefetch(p, t) < 0) {
-            t->dlq_failed = 1; /* Redis failed: abandon this batch, re-read later */
-            continue;
+            t->redis_failed = 1; /* abandon this batch, re-read it later */
+            break;
         }
         int ti;
-        while (!t->dlq_failed && (ti = merge_next(p, part, now)) >= 0) {
+        while (!t->dlq_failed && !t->redis_failed && (ti = merge_next(p, part, now)) >= 0) {
             inbox *q = &p->inboxes[part][ti];
             process_message(p, t, inbox_peek(q), ti, now);
             inbox_pop(q);
         }
-        for (int k = 0; k < PQL_NTOPICS; k++)
-            if (p->inboxes[part][k].paused &&
-                inbox_len(&p->inboxes[part][k]) < (size_t)p->cfg->batch_max_messages)
-                set_paused(p, part, k, 0);
     }
-    flush_batches(p);
+    flush_batches(p, 0);
 }
 
 /* Loads the rule files again; if valid, swaps them in at this batch boundary.
@@ -654,7 +782,7 @@ static void reload_rules(pql_pipeline *p)
         return;
     }
     pql_buf_free(&errors);
-    flush_batches(p);
+    flush_batches(p, 0);
     for (int32_t i = 0; i < p->npartitions; i++)
         if (p->tasks[i]) pql_task_drop_cache(p->tasks[i]);
     pql_info("rules reloaded", "path=%s old_version=%s version=%s signals=%zu rules=%zu",
@@ -684,6 +812,43 @@ static int rules_changed(pql_pipeline *p)
     return pql_rules_fingerprint(p->cfg->rules_path) != p->rules_fingerprint;
 }
 
+static int any_pending(const pql_pipeline *p)
+{
+    for (int32_t i = 0; i < p->npartitions; i++)
+        if (p->pending[i]) return 1;
+    return 0;
+}
+
+/* SIGTERM/SIGINT: finish the batch, flush the alerts, commit, leave the
+ * group — within STOP_GRACE_MS when Redis or the alert topic is down.  What
+ * cannot be finished is not lost: an unwritten batch is re-read by the next
+ * owner from the offsets in Redis, undelivered alerts stay in the outbox and
+ * the next owner sends them. */
+static void stop_cleanly(pql_pipeline *p)
+{
+    int64_t deadline = pql_now_ms() + STOP_GRACE_MS;
+    pql_info("stopping: finishing the batch, flushing alerts, leaving the group", "%s", "");
+    flush_batches(p, 1);
+    while (any_pending(p) && pql_now_ms() < deadline) {
+        pql_sink_poll(p->sink, 100);
+        if (pql_now_ms() >= p->redis_retry_at) write_pending(p);
+    }
+    if (any_pending(p))
+        pql_error("stopping without writing the last batch: redis unavailable; the next owner "
+                  "of its partitions re-reads it from the offsets stored in Redis",
+                  "%s", "");
+    else
+        redis_recovered(p);
+    int64_t left_ms = deadline - pql_now_ms();
+    int in_flight = pql_sink_flush(p->sink, left_ms > 1000 ? (int)left_ms : 1000);
+    if (in_flight)
+        pql_warn("stopping with alerts undelivered: they stay in the outbox, the next owner of "
+                 "their partitions sends them",
+                 "in_flight=%d", in_flight);
+    if (!p->redis_down) flush_batches(p, 1); /* record the last deliveries */
+    rd_kafka_consumer_close(p->consumer);    /* revokes (rebalance_cb), leaves the group */
+}
+
 int pql_pipeline_run(pql_pipeline *p, volatile sig_atomic_t *stop, volatile sig_atomic_t *reload)
 {
     p->stop = stop;
@@ -692,9 +857,17 @@ int pql_pipeline_run(pql_pipeline *p, volatile sig_atomic_t *stop, volatile sig_
              p->cfg->group, p->topics[0], p->topics[1], p->cfg->topic_alerts, p->cfg->topic_dlq,
              p->npartitions);
     while (!*stop) {
+        /* Every pass polls the consumer (at most batch.max_ms) and makes at
+           most one bounded Redis attempt, so rd_kafka_consumer_poll is never
+           starved past max.poll.interval.ms, whatever Redis does. */
         poll_batch(p);
         pql_sink_poll(p->sink, 0);
-        process_inboxes(p); /* also writes outbox removals of delivered alerts */
+        if (p->redis_down)
+            retry_redis(p);
+        else
+            process_inboxes(p); /* also writes outbox removals of delivered alerts */
+        update_pauses(p);
+        if (p->redis_down) continue; /* reloads wait for a clean, written state */
         if (reload && *reload) {
             *reload = 0;
             reload_rules(p);
@@ -704,11 +877,7 @@ int pql_pipeline_run(pql_pipeline *p, volatile sig_atomic_t *stop, volatile sig_
             reload_rules(p);
         }
     }
-    pql_info("stopping: finishing the batch, flushing alerts, leaving the group", "%s", "");
-    flush_batches(p);
-    pql_sink_flush(p->sink, 10000);
-    flush_batches(p); /* record the last deliveries */
-    rd_kafka_consumer_close(p->consumer);
+    stop_cleanly(p);
     return 0;
 }
 
@@ -827,13 +996,17 @@ pql_pipeline *pql_pipeline_new(const pql_config *cfg, const char *brokers, const
         }
     }
 
-    p->store = pql_store_open(redis_url, cfg->redis_timeout_ms, e, sizeof(e));
+    p->store = pql_store_new(redis_url, cfg->redis_timeout_ms, e, sizeof(e));
     if (!p->store) {
-        snprintf(errstr, errstr_size, "redis: %s", e);
+        snprintf(errstr, errstr_size, "redis: %s (check PQLSTREAM_REDIS)", e);
         goto fail;
     }
-    if (pql_store_ping(p->store, e, sizeof(e)) != PQL_OK) {
-        snprintf(errstr, errstr_size, "redis is not answering: %s (check PQLSTREAM_REDIS)", e);
+    p->redis_backoff = 100;
+    pql_err perr = pql_store_ping(p->store, e, sizeof(e));
+    if (perr == PQL_ERR_IO) {
+        redis_failed(p, "connect", e); /* start anyway, paused: it may be restarting */
+    } else if (perr != PQL_OK) {
+        snprintf(errstr, errstr_size, "%s (check the user and password in PQLSTREAM_REDIS)", e);
         goto fail;
     }
 
@@ -841,8 +1014,12 @@ pql_pipeline *pql_pipeline_new(const pql_config *cfg, const char *brokers, const
         rd_kafka_conf_set(conf, "group.id", cfg->group, errstr, errstr_size) ||
         rd_kafka_conf_set(conf, "enable.auto.commit", "false", errstr, errstr_size) ||
         rd_kafka_conf_set(conf, "enable.auto.offset.store", "false", errstr, errstr_size) ||
-        /* range keeps partition p of both co-partitioned topics on one member */
-        rd_kafka_conf_set(conf, "partition.assignment.strategy", "range", errstr, errstr_size) ||
+        /* incremental rebalances: a join or leave moves only what must move,
+           the other members keep processing (see with_followers) */
+        rd_kafka_conf_set(conf, "partition.assignment.strategy", "cooperative-sticky", errstr,
+                          errstr_size) ||
+        (cfg->instance_id[0] &&
+         rd_kafka_conf_set(conf, "group.instance.id", cfg->instance_id, errstr, errstr_size)) ||
         rd_kafka_conf_set(conf, "auto.offset.reset", "earliest", errstr, errstr_size) ||
         rd_kafka_conf_set(conf, "fetch.wait.max.ms", "10", errstr, errstr_size) ||
         /* end-of-partition events tell the merge that one side has nothing more */
@@ -876,14 +1053,15 @@ pql_pipeline *pql_pipeline_new(const pql_config *cfg, const char *brokers, const
     p->tasks = calloc((size_t)p->npartitions, sizeof(*p->tasks));
     p->inboxes = calloc((size_t)p->npartitions, sizeof(*p->inboxes));
     p->blocked_since = calloc((size_t)p->npartitions, sizeof(*p->blocked_since));
-    if (!p->tasks || !p->inboxes || !p->blocked_since) goto fail;
+    p->pending = calloc((size_t)p->npartitions, sizeof(*p->pending));
+    if (!p->tasks || !p->inboxes || !p->blocked_since || !p->pending) goto fail;
     for (int32_t i = 0; i < p->npartitions; i++)
         for (int k = 0; k < PQL_NTOPICS; k++)
             p->inboxes[i][k].eof_at = -1;
 
-    rd_kafka_topic_partition_list_t *sub = rd_kafka_topic_partition_list_new(2);
+    /* the usage topic only: account-update partitions follow (with_followers) */
+    rd_kafka_topic_partition_list_t *sub = rd_kafka_topic_partition_list_new(1);
     rd_kafka_topic_partition_list_add(sub, cfg->topic_usage, RD_KAFKA_PARTITION_UA);
-    rd_kafka_topic_partition_list_add(sub, cfg->topic_accounts, RD_KAFKA_PARTITION_UA);
     rd_kafka_resp_err_t err = rd_kafka_subscribe(p->consumer, sub);
     rd_kafka_topic_partition_list_destroy(sub);
     if (err) {
@@ -916,8 +1094,9 @@ void pql_pipeline_destroy(pql_pipeline *p)
             inbox_free(&p->inboxes[i][k]);
     free(p->inboxes);
     free(p->blocked_since);
+    free(p->pending);
     free(p->tasks);
-    pql_sink_destroy(p->sink, 5000);
+    pql_sink_destroy(p->sink, 1000); /* pql_pipeline_run flushed already */
     if (p->consumer) rd_kafka_destroy(p->consumer);
     pql_store_close(p->store);
     for (int i = 0; i < PQL_NTOPICS; i++)

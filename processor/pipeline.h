@@ -20,11 +20,18 @@
  * uninterrupted one does.  A side that has no message waits for one, or for
  * its end-of-partition event, up to processing.max_task_idle.
  *
- * Redis unavailable at step 4: the consumer is paused and the very same
- * batches are retried with back-off (safe: writes are idempotent by seq),
- * serving producer callbacks meanwhile; then resumed.  The consumer is not
- * polled during the retry, so an outage longer than max.poll.interval.ms
- * costs the group membership (a rebalance; nothing is lost). */
+ * Group: the group assigns usage partitions (cooperative-sticky by default);
+ * account-update partition p follows usage partition p.  Assignment claims
+ * the partition in Redis (epoch bump: older owners are fenced) and seeks to
+ * the offsets stored with the state; revocation finishes the batch (or
+ * abandons it when Redis is down) and drops the partition's cache.
+ *
+ * Redis unavailable (any step): every partition is paused and processing
+ * stops; the loop keeps calling rd_kafka_consumer_poll (so the membership
+ * survives an outage of any length) and retries with back-off — unclaimed
+ * partitions are claimed, the pending batches written as built (safe: writes
+ * are idempotent by seq), a batch whose accounts could not be loaded is
+ * re-read — then resumes. */
 #ifndef PQL_PIPELINE_H
 #define PQL_PIPELINE_H
 

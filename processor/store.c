@@ -167,6 +167,8 @@ static redisReply *get_reply(pql_store *s)
     return redisGetReply(s->ctx, &r) == REDIS_OK ? r : NULL;
 }
 
+static pql_err load_script(pql_store *s, char *errstr, size_t size);
+
 static pql_err store_connect(pql_store *s, char *errstr, size_t size)
 {
     if (s->ctx) return PQL_OK;
@@ -194,7 +196,7 @@ static pql_err store_connect(pql_store *s, char *errstr, size_t size)
         if (!r) return io_fail(s, errstr, size, what[i]);
         pql_err err = r->type != REDIS_REPLY_ERROR
                           ? PQL_OK
-                          : fail(s, errstr, size, PQL_ERR_IO, "redis %s: %s refused: %s", s->where,
+                          : fail(s, errstr, size, PQL_ERR_ARG, "redis %s: %s refused: %s", s->where,
                                  what[i], r->str);
         freeReplyObject(r);
         if (err) {
@@ -202,7 +204,8 @@ static pql_err store_connect(pql_store *s, char *errstr, size_t size)
             return err;
         }
     }
-    return PQL_OK;
+    /* first connection of a lazily opened store (pql_store_new) */
+    return s->sha[0] ? PQL_OK : load_script(s, errstr, size);
 }
 
 /* One command, one round trip.  @returns the reply (never an error reply) or NULL. */
@@ -345,7 +348,7 @@ static pql_err parse_url(pql_store *s, const char *url, char *errstr, size_t siz
 
 /* ---- open, close, simple commands ------------------------------------------ */
 
-pql_store *pql_store_open(const char *url, int timeout_ms, char *errstr, size_t errstr_size)
+pql_store *pql_store_new(const char *url, int timeout_ms, char *errstr, size_t errstr_size)
 {
     pql_store *s = calloc(1, sizeof *s);
     pql_err err = PQL_ERR_NOMEM;
@@ -360,14 +363,22 @@ pql_store *pql_store_open(const char *url, int timeout_ms, char *errstr, size_t 
         err = fail(NULL, errstr, errstr_size, PQL_ERR_ARG, "Redis URL missing");
     else
         err = parse_url(s, url, errstr, errstr_size);
-    if (err || (err = store_connect(s, errstr, errstr_size)) ||
-        (err = load_script(s, errstr, errstr_size)))
-        goto fail;
+    if (err) goto fail;
     return s;
 fail:
     if (err == PQL_ERR_NOMEM) fail(NULL, errstr, errstr_size, err, "redis: out of memory");
     pql_store_close(s);
     return NULL;
+}
+
+pql_store *pql_store_open(const char *url, int timeout_ms, char *errstr, size_t errstr_size)
+{
+    pql_store *s = pql_store_new(url, timeout_ms, errstr, errstr_size);
+    if (s && store_connect(s, errstr, errstr_size) != PQL_OK) {
+        pql_store_close(s);
+        return NULL;
+    }
+    return s;
 }
 
 void pql_store_close(pql_store *s)

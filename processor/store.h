@@ -50,9 +50,15 @@ typedef struct pql_store pql_store;
  *  accepted as unix://user:password@/path).  A password alone is `:password@`.
  *  @returns NULL on error with a reason (never containing the password). */
 pql_store *pql_store_open(const char *url, int timeout_ms, char *errstr, size_t errstr_size);
+
+/** Same, without connecting: the first call connects (a server that is down
+ *  or restarting at start-up is then a PQL_ERR_IO like any later outage; a
+ *  refused AUTH or SELECT is PQL_ERR_ARG).  @returns NULL only for a URL
+ *  that cannot be parsed, with a reason. */
+pql_store *pql_store_new(const char *url, int timeout_ms, char *errstr, size_t errstr_size);
 void pql_store_close(pql_store *s);
 
-/** PING.  @returns PQL_OK or PQL_ERR_IO. */
+/** PING.  @returns PQL_OK, PQL_ERR_IO, or PQL_ERR_ARG (AUTH/SELECT refused). */
 pql_err pql_store_ping(pql_store *s, char *errstr, size_t errstr_size);
 
 /** The key of an account's state hash (for tests and tools). Appends to out. */

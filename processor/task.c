@@ -342,6 +342,7 @@ void pql_task_abandon(pql_task *t)
     if (t->metrics) pql_metrics_clear(t->metrics); /* the accounts reload: so do their counts */
     t->delivered_in_batch = 0;
     t->dlq_failed = 0;
+    t->redis_failed = 0;
     t->dirty = 0;
 }
 

@@ -61,6 +61,7 @@ typedef struct pql_task {
     size_t delivered_in_batch; /* how many of `delivered` the current batch removes */
     int dlq_outstanding;       /* dead-letter produces not yet acknowledged */
     int dlq_failed;            /* a dead-letter produce failed: the batch must not commit */
+    int redis_failed;          /* an account could not be loaded: the same */
     pql_task_stats stats, batch_stats;
     pql_account **touched;        /* accounts adopted or applied to since the last build: */
     size_t ntouched, touched_cap; /* the only ones a batch can have changed */

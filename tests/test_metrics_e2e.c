@@ -720,7 +720,9 @@ Test(metrics_e2e, a_scripted_cohort_across_a_partition_move_gives_exact_figures)
         char key[64];
         snprintf(key, sizeof key, "pql:{%s:%d}:meta", GROUP, p);
         char *epoch = h_redis_hget(h_redis_url(redis), key, "epoch");
-        cr_assert(epoch && atoll(epoch) >= 3, "partition %d was claimed %s times, want >= 3", p,
+        /* claimed by p1, then by p2 (when it joined — cooperative-sticky moves
+           half — or when p1 left) */
+        cr_assert(epoch && atoll(epoch) >= 2, "partition %d was claimed %s times, want >= 2", p,
                   epoch ? epoch : "0");
         free(epoch);
     }

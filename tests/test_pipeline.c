@@ -65,6 +65,8 @@ static void teardown(void)
 
 /* rules.watch for the next start(): off unless a test watches the files */
 static const char *rules_watch = "0";
+/* max.poll.interval.ms for the next start() */
+static const char *max_poll_ms = "300000";
 
 static h_proc *start(const char *group, const char *alerts, const char *batch)
 {
@@ -72,7 +74,8 @@ static h_proc *start(const char *group, const char *alerts, const char *batch)
         "PQLSTREAM_BROKERS", h_kafka_bootstraps(kafka), "PQLSTREAM_REDIS", h_redis_url(redis),
         "PQLSTREAM_RULES", rules_path, "PQLSTREAM_GROUP", group, "PQLSTREAM_TOPIC_ALERTS", alerts,
         "PQLSTREAM_BATCH_MAX_MESSAGES", batch, "PQLSTREAM_KAFKA_SESSION_TIMEOUT_MS", "6000",
-        "PQLSTREAM_KAFKA_HEARTBEAT_INTERVAL_MS", "500", "PQLSTREAM_RULES_WATCH", rules_watch, NULL);
+        "PQLSTREAM_KAFKA_HEARTBEAT_INTERVAL_MS", "500", "PQLSTREAM_KAFKA_MAX_POLL_INTERVAL_MS",
+        max_poll_ms, "PQLSTREAM_RULES_WATCH", rules_watch, NULL);
 }
 
 /* Waits until Redis holds every input offset of `group`, failing at once
@@ -499,7 +502,7 @@ static char *account_field(const char *group, const char *account, const char *f
     return NULL;
 }
 
-Test(pipeline, a_batch_written_while_redis_is_down_is_retried_whole)
+Test(pipeline, a_batch_written_while_redis_is_down_is_retried_whole, .timeout = 240)
 {
     /* this test needs a Redis whose data survives a kill: swap in an AOF one */
     h_redis_stop(redis);
@@ -508,6 +511,7 @@ Test(pipeline, a_batch_written_while_redis_is_down_is_retried_whole)
     h_produce_usage(kafka, USAGE, -1, "acme", "login", "u1", t, H_NO_PROPS);
     h_produce_usage(kafka, USAGE, -1, "acme", "teammate_invited", "u1", t + 1, H_NO_PROPS);
     h_flush(kafka);
+    max_poll_ms = "7000"; /* the outage below outlasts it: the consumer must keep polling */
     h_proc *p = start("g4", "pql-alerts", "1000");
     wait_done(p, "g4", 60000);
     h_sleep_ms(1500); /* appendfsync everysec: let the AOF catch up before the kill */
@@ -517,8 +521,8 @@ Test(pipeline, a_batch_written_while_redis_is_down_is_retried_whole)
     h_produce_usage(kafka, USAGE, -1, "acme", "login", "u1", t + 2, H_NO_PROPS);
     h_produce_usage(kafka, USAGE, -1, "acme", "login", "u1", t + 3, H_NO_PROPS);
     h_flush(kafka);
-    H_ASSERT_PROC(p, h_proc_wait_log(p, "redis write failed, retrying", 30000) == 0);
-    h_sleep_ms(300); /* at least one more failed attempt */
+    H_ASSERT_PROC(p, h_proc_wait_log(p, "op=write", 30000) == 0);
+    h_sleep_ms(10000); /* several failed attempts, longer than max.poll.interval.ms */
     char err[256];
     cr_assert_eq(pql_redis_child_restart(h_redis_child(redis), err, sizeof(err)), 0, "%s", err);
     wait_done(p, "g4", 60000);
@@ -532,5 +536,102 @@ Test(pipeline, a_batch_written_while_redis_is_down_is_retried_whole)
     free(team);
     cr_assert_eq(sum_counter("g4", "consumed"), 4);
     cr_assert_eq(sum_counter("g4", "alerts_pql"), 1);
+    /* paused, not starved: still a member, never revoked, resumed */
+    char *log = h_proc_log(p);
+    H_ASSERT_PROC(p, log && strstr(log, "redis reachable again; resuming"));
+    H_ASSERT_PROC(p, !strstr(log, "maximum poll interval"), "max.poll.interval.ms was exceeded");
+    H_ASSERT_PROC(p, !strstr(log, "partitions revoked"), "the outage cost the membership");
+    free(log);
     cr_assert_eq(h_proc_stop(p), 0);
+}
+
+/* Partitions "partition claimed … partition=N" in a log, as a bit set. */
+static unsigned claimed_in(const char *log)
+{
+    unsigned set = 0;
+    for (const char *s = log; s && (s = strstr(s, "msg=\"partition claimed\" partition=")); s++)
+        set |= 1u << atoi(s + strlen("msg=\"partition claimed\" partition="));
+    return set;
+}
+
+static int64_t produce_logins(int round, int64_t t)
+{
+    int64_t n = 0;
+    for (int a = 0; a < 40; a++) {
+        char acct[32];
+        snprintf(acct, sizeof acct, "acct-%d", a);
+        for (int i = 0; i < 5; i++, n++)
+            h_produce_usage(kafka, USAGE, -1, acct, "login", "u1", t + round * 100 + i, H_NO_PROPS);
+    }
+    h_flush(kafka);
+    return n;
+}
+
+Test(pipeline, a_joining_member_takes_half_and_a_leaving_one_hands_over, .timeout = 240)
+{
+    int64_t t = pql_now_ms() - PQL_MS_HOUR, total = 0;
+    total += produce_logins(0, t);
+    h_proc *a = start("g5", "alerts-g5", "100");
+    wait_done(a, "g5", 60000);
+
+    /* cooperative-sticky: B takes half, A keeps the other half throughout */
+    h_proc *b = start("g5", "alerts-g5", "100");
+    H_ASSERT_PROC(b, h_proc_wait_log(b, "partition claimed", 60000) == 0);
+    H_ASSERT_PROC(a, h_proc_wait_log(a, "partitions revoked\" count=2 lost=0", 60000) == 0);
+    total += produce_logins(1, t);
+    wait_done(b, "g5", 60000);
+    char *la = h_proc_log(a), *lb = h_proc_log(b);
+    unsigned first = claimed_in(la), joined = claimed_in(lb);
+    H_ASSERT_PROC(a, first == 0xf, "A claimed every partition first (0x%x)", first);
+    H_ASSERT_PROC(b, __builtin_popcount(joined) == 2, "B claimed two partitions (0x%x)", joined);
+    H_ASSERT_PROC(a, !strstr(la, "count=4"), "A never gave up all of its partitions");
+    free(la);
+    free(lb);
+
+    /* B leaves on SIGTERM: exit 0 within seconds; A takes its partitions back */
+    int64_t t0 = pql_now_ms();
+    h_proc_kill(b, SIGTERM);
+    int rc = h_proc_wait(b, 10000);
+    H_ASSERT_PROC(b, rc == 0, "exit status %d", rc);
+    H_ASSERT_PROC(b, pql_now_ms() - t0 < 5000, "stopped in %lld ms",
+                  (long long)(pql_now_ms() - t0));
+    H_ASSERT_PROC(b, h_proc_wait_log(b, "leaving the group", 1000) == 0);
+    h_proc_stop(b);
+    total += produce_logins(2, t);
+    wait_done(a, "g5", 60000);
+    la = h_proc_log(a);
+    char *second = strstr(la, "partitions revoked\" count=2");
+    H_ASSERT_PROC(a, second && claimed_in(second) == joined, "A claimed B's partitions again");
+    free(la);
+    cr_assert_eq(sum_counter("g5", "consumed"), total, "nothing lost, nothing counted twice");
+    cr_assert_eq(h_proc_stop(a), 0);
+}
+
+Test(pipeline, partitions_assigned_while_redis_is_down_are_claimed_when_it_returns, .timeout = 240)
+{
+    h_redis_stop(redis);
+    redis = h_redis_start_aof(); /* its data survives the kill below */
+    int64_t t = pql_now_ms() - PQL_MS_HOUR, total = 0;
+    total += produce_logins(0, t);
+    h_proc *a = start("g6", "alerts-g6", "100");
+    wait_done(a, "g6", 60000);
+    h_sleep_ms(1500); /* appendfsync everysec */
+
+    /* Redis dies, then B starts and joins: it waits for Redis (paused,
+       polling); its claims are retried */
+    kill(pql_redis_child_pid(h_redis_child(redis)), SIGKILL);
+    total += produce_logins(1, t);
+    h_proc *b = start("g6", "alerts-g6", "100");
+    H_ASSERT_PROC(b, h_proc_wait_log(b, "redis unavailable", 60000) == 0);
+    H_ASSERT_PROC(a, h_proc_wait_log(a, "partitions revoked", 60000) == 0);
+    h_sleep_ms(2000); /* B's claims fail meanwhile */
+    char err[256];
+    cr_assert_eq(pql_redis_child_restart(h_redis_child(redis), err, sizeof(err)), 0, "%s", err);
+
+    /* B claims, seeks to the stored offsets and processes its half */
+    H_ASSERT_PROC(b, h_proc_wait_log(b, "partition claimed", 60000) == 0);
+    wait_done(b, "g6", 60000);
+    cr_assert_eq(sum_counter("g6", "consumed"), total, "nothing lost, nothing counted twice");
+    cr_assert_eq(h_proc_stop(b), 0);
+    cr_assert_eq(h_proc_stop(a), 0);
 }
