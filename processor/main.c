@@ -314,6 +314,7 @@ static int cmd_run(int argc, char **argv)
         goto out;
     }
     rules = NULL; /* the pipeline owns it now */
+    pql_pipeline_set_telemetry(p, tel);
     if (embedded) {
         pql_pipeline_print_alerts(p, 1);
         if (cfg.sample) {

@@ -89,6 +89,8 @@ static double seconds_since(uint64_t start)
     return now > start ? (double)(now - start) / 1e9 : 0.0;
 }
 
+static void add(family *f, const char *l0, const char *l1, int64_t n); /* below */
+
 pql_telemetry *pql_telemetry_new(void)
 {
     pql_telemetry *t = calloc(1, sizeof(*t));
@@ -99,6 +101,8 @@ pql_telemetry *pql_telemetry_new(void)
     }
     t->redis_up = -1;
     t->started_s = pql_now_ms() / 1000;
+    add(&t->reloads, "ok", NULL, 0); /* both results show from zero */
+    add(&t->reloads, "refused", NULL, 0);
     return t;
 }
 
