@@ -544,3 +544,269 @@ Test(http, rule_reload_races_account_queries_safely, .timeout = 60)
     pql_telemetry_destroy(t);
     h_redis_stop(redis);
 }
+
+/* ---- end to end: the real binary on the mock cluster and a real Redis ---- */
+
+#define PARTS 4
+#define USAGE "usage-events"
+#define ACCTS "account-updates"
+
+static const char *e2e_rules =
+    "version: 9\n"
+    "lifecycle: { signup: signed_up, conversion: subscription_started }\n"
+    "traits: { seats: number }\n"
+    "signals:\n"
+    "  logins:  { count: login, window: 7d }\n"
+    "  invites: { count: teammate_invited, window: 14d }\n"
+    "  users:   { distinct: user_id, of: '*', window: 30d }\n"
+    "pql:\n"
+    "  - name: team\n"
+    "    when: logins >= 3 and invites >= 1\n"
+    "expansion:\n"
+    "  - name: seats\n"
+    "    when: account.seats > 0 and users / account.seats >= 0.8\n";
+
+static h_redis *redis;
+static h_kafka *kafka;
+static char *dir;
+static char rules_path[512];
+
+static void e2e_setup(void)
+{
+    kafka = h_kafka_start(PARTS, USAGE, ACCTS, "pql-alerts", "pql-dlq", "pql-metrics", NULL);
+    dir = h_mkdtemp();
+    snprintf(rules_path, sizeof(rules_path), "%s/rules.yaml", dir);
+    h_write_file(rules_path, e2e_rules);
+}
+
+static void e2e_teardown(void)
+{
+    h_kafka_stop(kafka);
+    h_redis_stop(redis);
+    redis = NULL;
+    h_rmtree(dir);
+    free(dir);
+}
+
+static h_proc *start(const char *group)
+{
+    return h_proc_start(
+        "PQLSTREAM_BROKERS", h_kafka_bootstraps(kafka), "PQLSTREAM_REDIS", h_redis_url(redis),
+        "PQLSTREAM_RULES", rules_path, "PQLSTREAM_GROUP", group,
+        "PQLSTREAM_KAFKA_SESSION_TIMEOUT_MS", "6000", "PQLSTREAM_KAFKA_HEARTBEAT_INTERVAL_MS",
+        "500", "PQLSTREAM_KAFKA_STATISTICS_INTERVAL_MS", "500", "PQLSTREAM_RULES_WATCH", "0", NULL);
+}
+
+/* The scripted stream: one PQL alert (acme), one expansion alert (hooli),
+ * a dead letter and a late event: 11 usage events, 1 account update. */
+static void produce_stream(void)
+{
+    int64_t t = pql_now_ms() - PQL_MS_HOUR;
+    h_produce_usage(kafka, USAGE, -1, "acme", "signed_up", "u1", t, H_NO_PROPS);
+    h_produce_usage(kafka, USAGE, -1, "acme", "login", "u1", t + 1000, H_NO_PROPS);
+    h_produce_usage(kafka, USAGE, -1, "acme", "login", "u2", t + 2000, H_NO_PROPS);
+    h_produce_usage(kafka, USAGE, -1, "acme", "login", "u1", t + 3000, H_NO_PROPS);
+    h_produce_usage(kafka, USAGE, -1, "acme", "teammate_invited", "u1", t + 4000, H_NO_PROPS);
+    h_produce_usage(kafka, USAGE, -1, "acme", "login", "u2", t + 5000, H_NO_PROPS);
+    h_produce_usage(kafka, USAGE, -1, "acme", "login", "u2", t - 60 * PQL_MS_DAY, H_NO_PROPS);
+    h_produce_account(kafka, ACCTS, -1, "hooli", t, H_PROPS(H_NUM("seats", 2)));
+    h_produce_usage(kafka, USAGE, -1, "hooli", "subscription_started", "u1", t, H_NO_PROPS);
+    h_produce_usage(kafka, USAGE, -1, "hooli", "login", "u1", t + 10, H_NO_PROPS);
+    h_produce_usage(kafka, USAGE, -1, "hooli", "login", "u2", t + 20, H_NO_PROPS);
+    h_produce_raw(kafka, USAGE, 0, "acme", "\x02garbage!", 9);
+    h_flush(kafka);
+}
+
+/* Polls GET path until the body contains every one of `want` (NULL
+ * terminated) with status `status`.  @returns the last body (caller frees). */
+static char *wait_http(h_proc *p, const char *path, int status, const char *const *want,
+                       int timeout_ms)
+{
+    char *body = NULL;
+    int got = 0;
+    for (int waited = 0; waited <= timeout_ms; waited += 100) {
+        free(body);
+        body = h_http_get(p, path, &got);
+        int all = body && got == status;
+        for (size_t i = 0; all && want && want[i]; i++)
+            all = strstr(body, want[i]) != NULL;
+        if (all) return body;
+        h_sleep_ms(100);
+    }
+    h_proc_dump_log(p, 40);
+    cr_assert_fail("GET %s: wanted %d with every expected line; last answer %d:\n%s", path, status,
+                   got, body ? body : "(none)");
+    return NULL;
+}
+
+TestSuite(e2e, .init = e2e_setup, .fini = e2e_teardown, .timeout = 240);
+
+Test(e2e, metrics_count_the_stream_exactly_and_accounts_match_rules_explain)
+{
+    redis = h_redis_start();
+    produce_stream();
+    h_proc *p = start("gh");
+    const char *counts[] = {"pqlstream_events_consumed_total{topic=\"usage-events\"} 11\n"
+                            "pqlstream_events_consumed_total{topic=\"account-updates\"} 1\n",
+                            "pqlstream_events_dead_lettered_total{topic=\"usage-events\"} 1\n"
+                            "pqlstream_events_dead_lettered_total{topic=\"account-updates\"} 0\n",
+                            "pqlstream_events_late_total{topic=\"usage-events\"} 1\n"
+                            "pqlstream_events_late_total{topic=\"account-updates\"} 0\n",
+                            "pqlstream_assigned_partitions 4\n",
+                            "pqlstream_outbox_alerts 0\n",
+                            NULL};
+    char *m = wait_http(p, "/metrics", 200, counts, 60000);
+    /* alerts by rule and kind, exactly these two series */
+    char *a = strstr(m, "# TYPE pqlstream_alerts_total counter\n");
+    cr_assert_not_null(a, "%s", m);
+    ASSERT_HAS(a, "# TYPE pqlstream_alerts_total counter\n"
+                  "pqlstream_alerts_total{rule=\"team\",kind=\"PQL\"} 1\n"
+                  "pqlstream_alerts_total{rule=\"seats\",kind=\"EXPANSION\"} 1\n"
+                  "# HELP pqlstream_batch_duration_seconds ");
+    ASSERT_HAS(m, "pqlstream_rebalances_total{kind=\"assign\"} 1\n");
+    ASSERT_HAS(m, "pqlstream_redis_up 1\n");
+    ASSERT_HAS(m, "pqlstream_ruleset_info{version=\"9\"} 1\n");
+    ASSERT_HAS(m, "pqlstream_redis_duration_seconds_count{operation=\"claim\"} 4\n");
+    cr_assert(strstr(m, "pqlstream_redis_duration_seconds_count{operation=\"commit\"} "), "%s", m);
+    cr_assert_not(strstr(m, "pqlstream_batch_duration_seconds_count 0\n"), "%s", m);
+    free(m);
+
+    /* consumer lag from librdkafka's statistics: caught up on every partition
+       that has messages (an empty one has no known lag: no sample) */
+    const char *lag[2 * PARTS + 1];
+    char lines[2 * PARTS][96];
+    size_t nlag = 0;
+    for (int i = 0; i < 2 * PARTS; i++) {
+        const char *topic = i < PARTS ? USAGE : ACCTS;
+        if (h_high_watermark(kafka, topic, i % PARTS) <= 0) continue;
+        snprintf(lines[nlag], sizeof(lines[nlag]),
+                 "pqlstream_consumer_lag{topic=\"%s\",partition=\"%d\"} 0\n", topic, i % PARTS);
+        lag[nlag] = lines[nlag];
+        nlag++;
+    }
+    cr_assert(nlag >= 2);
+    lag[nlag] = NULL;
+    free(wait_http(p, "/metrics", 200, lag, 30000));
+
+    const char *ready[] = {"\"status\": \"ready\"", NULL};
+    free(wait_http(p, "/readyz", 200, ready, 30000));
+    int status;
+    char *body = h_http_get(p, "/healthz", &status);
+    cr_assert_eq(status, 200, "%s", body);
+    free(body);
+
+    /* the account endpoint answers exactly what `rules explain --json` prints */
+    body = h_http_get(p, "/v1/accounts/acme", &status);
+    cr_assert_eq(status, 200, "%s", body);
+    char redis_env[512], rules_env[600];
+    snprintf(redis_env, sizeof(redis_env), "PQLSTREAM_REDIS=%s", h_redis_url(redis));
+    snprintf(rules_env, sizeof(rules_env), "PQLSTREAM_RULES=%s", rules_path);
+    const char *env[] = {redis_env, rules_env, NULL};
+    const char *argv[] = {"pqlstream", "rules",  "explain",    "--account",
+                          "acme",      "--json", "--group=gh", NULL};
+    h_proc *cli = h_proc_start_argv(argv, env);
+    cr_assert_eq(h_proc_wait(cli, 60000), 0);
+    char *explained = h_proc_log(cli);
+    h_proc_stop(cli);
+    cr_assert_str_eq(body, explained);
+    json_t *j = parse(body);
+    cr_assert_str_eq(json_string_value(json_object_get(j, "account_id")), "acme");
+    json_t *team = json_array_get(json_object_get(j, "rules"), 0);
+    cr_assert_str_eq(json_string_value(json_object_get(team, "name")), "team");
+    cr_assert_str_eq(json_string_value(json_object_get(team, "state")), "FIRED");
+    json_decref(j);
+    free(explained);
+    free(body);
+
+    body = h_http_get(p, "/v1/accounts/nobody", &status);
+    cr_assert_eq(status, 404, "%s", body);
+    ASSERT_HAS(body, "\"error\": \"unknown account\"");
+    free(body);
+    cr_assert_eq(h_proc_stop(p), 0);
+}
+
+Test(e2e, real_metrics_pass_promtool)
+{
+    if (!have_promtool())
+        cr_skip_test("promtool is not installed (apt-get install prometheus; scripts/setup does): "
+                     "the exposition format is not checked");
+    redis = h_redis_start();
+    produce_stream();
+    h_proc *p = start("gp");
+    const char *want[] = {"pqlstream_events_consumed_total{topic=\"usage-events\"} 11\n",
+                          "pqlstream_consumer_lag{", NULL};
+    char *m = wait_http(p, "/metrics", 200, want, 60000);
+    char *complaints;
+    cr_assert_eq(promtool_check(m, &complaints), 0, "promtool check metrics:\n%s\non:\n%s",
+                 complaints, m);
+    free(complaints);
+    free(m);
+    cr_assert_eq(h_proc_stop(p), 0);
+}
+
+Test(e2e, readyz_names_redis_while_it_is_stopped_or_killed)
+{
+    redis = h_redis_start_aof(); /* survives the kill below */
+    produce_stream();
+    h_proc *p = start("gr");
+    const char *ready[] = {"\"status\": \"ready\"", NULL};
+    const char *redis_down[] = {"\"failing\": [\n    \"redis\"", "unreachable: ping failed", NULL};
+    free(wait_http(p, "/readyz", 200, ready, 60000));
+    pid_t rpid = pql_redis_child_pid(h_redis_child(redis));
+
+    kill(rpid, SIGSTOP);
+    char *body = wait_http(p, "/readyz", 503, redis_down, 30000);
+    json_t *j = parse(body);
+    cr_assert_str_eq(json_string_value(json_object_get(j, "status")), "unready");
+    json_decref(j);
+    free(body);
+    body = wait_http(p, "/metrics", 200, (const char *[]){"pqlstream_redis_up 0\n", NULL}, 10000);
+    free(body);
+    kill(rpid, SIGCONT);
+    free(wait_http(p, "/readyz", 200, ready, 30000));
+
+    kill(rpid, SIGKILL);
+    free(wait_http(p, "/readyz", 503, redis_down, 30000));
+    char err[256];
+    cr_assert_eq(pql_redis_child_restart(h_redis_child(redis), err, sizeof(err)), 0, "%s", err);
+    free(wait_http(p, "/readyz", 200, ready, 30000));
+    int status;
+    body = h_http_get(p, "/healthz", &status);
+    cr_assert_eq(status, 200, "%s", body);
+    free(body);
+    cr_assert_eq(h_proc_stop(p), 0);
+}
+
+Test(e2e, an_address_in_use_refuses_to_start_and_says_what_to_do)
+{
+    redis = h_redis_start();
+    pql_telemetry *t = pql_telemetry_new();
+    char err[512];
+    pql_http_opts o = {.addr = "127.0.0.1:0", .telemetry = t, .redis_url = h_redis_url(redis)};
+    pql_http *taken = pql_http_start(&o, err, sizeof(err));
+    cr_assert_not_null(taken, "%s", err);
+    h_proc *p = h_proc_start("PQLSTREAM_BROKERS", h_kafka_bootstraps(kafka), "PQLSTREAM_REDIS",
+                             h_redis_url(redis), "PQLSTREAM_RULES", rules_path, "PQLSTREAM_HTTP",
+                             pql_http_addr(taken), NULL);
+    cr_assert_eq(h_proc_wait(p, 30000), 1);
+    char *log = h_proc_log(p), want[256];
+    snprintf(want, sizeof(want),
+             "pqlstream: cannot listen for HTTP on %s: Address already in use — set "
+             "PQLSTREAM_HTTP to another address or off\n",
+             pql_http_addr(taken));
+    cr_assert(strstr(log, want), "missing:\n%s\nin:\n%s", want, log);
+    free(log);
+    h_proc_stop(p);
+
+    /* off: no server at all */
+    p = h_proc_start("PQLSTREAM_BROKERS", h_kafka_bootstraps(kafka), "PQLSTREAM_REDIS",
+                     h_redis_url(redis), "PQLSTREAM_RULES", rules_path, "PQLSTREAM_HTTP", "off",
+                     "PQLSTREAM_KAFKA_SESSION_TIMEOUT_MS", "6000", NULL);
+    H_ASSERT_PROC(p, h_proc_wait_log(p, "partition assigned", 60000) == 0);
+    log = h_proc_log(p);
+    cr_assert_null(strstr(log, "http listening"), "%s", log);
+    free(log);
+    cr_assert_eq(h_proc_stop(p), 0);
+    pql_http_stop(taken);
+    pql_telemetry_destroy(t);
+}
