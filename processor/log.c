@@ -1,6 +1,7 @@
 /* log.c — see log.h. */
 #include "log.h"
 
+#include <librdkafka/rdkafka.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
@@ -38,4 +39,20 @@ void pql_log(pql_log_level level, const char *msg, const char *fmt, ...)
         va_end(ap);
     }
     fprintf(stderr, "%s\n", line);
+}
+
+void pql_log_kafka(const rd_kafka_t *rk, int level, const char *facility, const char *buf)
+{
+    pql_log_level l = level <= 3   ? PQL_LOG_ERROR
+                      : level == 4 ? PQL_LOG_WARN
+                      : level <= 6 ? PQL_LOG_INFO
+                                   : PQL_LOG_DEBUG;
+    if (l < threshold) return;
+    char detail[1024];
+    size_t n = 0;
+    for (const char *c = buf; *c && n < sizeof(detail) - 1; c++) /* keep it one quoted value */
+        detail[n++] = *c == '"' ? '\'' : (*c == '\n' || *c == '\r') ? ' ' : *c;
+    detail[n] = '\0';
+    pql_log(l, "kafka", "facility=%s client=%s detail=\"%s\"", facility,
+            rk ? rd_kafka_name(rk) : "-", detail);
 }

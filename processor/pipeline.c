@@ -134,6 +134,7 @@ static void inbox_free(inbox *q)
  *   - Redis is unavailable (every partition: nothing can be loaded or
  *     written until a retry succeeds);
  *   - its task is not claimed yet (the claim decides where to read from);
+ *   - its task waits for dead letters to be acknowledged (flush_batches);
  *   - its inbox is long (back-pressure: paused past 4 batches, resumed below
  *     one). */
 
@@ -142,7 +143,7 @@ static int want_paused(const pql_pipeline *p, int32_t part, int ti)
     const pql_task *t = p->tasks[part];
     const inbox *q = &p->inboxes[part][ti];
     size_t max = (size_t)p->cfg->batch_max_messages;
-    if (p->redis_down || t->state != PQL_TASK_RUNNING) return 1;
+    if (p->redis_down || t->state != PQL_TASK_RUNNING || t->dlq_outstanding) return 1;
     return q->paused ? inbox_len(q) >= max : inbox_len(q) > max * 4;
 }
 
@@ -673,15 +674,19 @@ static int write_pending(pql_pipeline *p)
  * stopping: finish now or abandon). */
 static void flush_batches(pql_pipeline *p, int force)
 {
-    /* dead letters must be acknowledged before the offset moves past them */
-    for (int32_t i = 0; i < p->npartitions; i++)
+    /* Dead letters must be acknowledged before the offset moves past them:
+       a task waiting for acknowledgements keeps its batch open (and its
+       partitions paused, see want_paused) while the loop goes on polling;
+       when it must finish now, it waits a little, then abandons. */
+    for (int32_t i = 0; force && i < p->npartitions; i++)
         if (p->tasks[i] && p->tasks[i]->dlq_outstanding) {
-            pql_sink_flush(p->sink, 10000);
+            pql_sink_flush(p->sink, 2000);
             break;
         }
     for (int32_t i = 0; i < p->npartitions; i++) {
         pql_task *t = p->tasks[i];
         if (!t || t->state != PQL_TASK_RUNNING || p->pending[i]) continue;
+        if (t->dlq_outstanding && !t->dlq_failed && !force) continue;
         if (t->dlq_failed || t->dlq_outstanding || t->redis_failed)
             abandon_batch(p, t);
         else if (pql_task_build_batch(t, p->cfg->group, p->topics, p->ttl_ms))
@@ -1099,6 +1104,7 @@ pql_pipeline *pql_pipeline_new(const pql_config *cfg, const char *brokers, const
     rd_kafka_conf_set_rebalance_cb(conf, rebalance_cb);
     rd_kafka_conf_set_stats_cb(conf, stats_cb);
     rd_kafka_conf_set_opaque(conf, p);
+    rd_kafka_conf_set_log_cb(conf, pql_log_kafka);
     p->consumer = rd_kafka_new(RD_KAFKA_CONSUMER, conf, errstr, errstr_size);
     if (!p->consumer) goto fail;
     conf = NULL;

@@ -30,6 +30,7 @@
 
 #include "common.h"
 #include "decode.h"
+#include "log.h"
 
 #include <librdkafka/rdkafka.h>
 
@@ -463,6 +464,7 @@ pql_sample *pql_sample_start(const pql_sample_opts *opts, char *errstr, size_t e
 
     conf = rd_kafka_conf_new();
     rd_kafka_conf_set_opaque(conf, s);
+    rd_kafka_conf_set_log_cb(conf, pql_log_kafka);
     rd_kafka_conf_set_dr_msg_cb(conf, on_delivery);
     rd_kafka_conf_set_log_cb(conf, quiet_log);
     const char *props[][2] = {{"bootstrap.servers", opts->bootstraps},

@@ -106,6 +106,7 @@ pql_sink *pql_sink_new(const pql_config *cfg, const char *brokers, const pql_sin
     }
     rd_kafka_conf_set_dr_msg_cb(conf, on_delivery);
     rd_kafka_conf_set_opaque(conf, s);
+    rd_kafka_conf_set_log_cb(conf, pql_log_kafka);
     s->rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, errstr, errstr_size);
     if (!s->rk) goto fail;
     conf = NULL; /* owned by rk now */

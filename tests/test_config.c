@@ -255,6 +255,7 @@ Test(config, env_aliases_and_passthrough)
                     "PQLSTREAM_REDIS=redis://r:6379",
                     "PQLSTREAM_RULES=/etc/pql/rules",
                     "PQLSTREAM_GROUP=grp",
+                    "PQLSTREAM_INSTANCE_ID=pqlstream-2",
                     "PQLSTREAM_TOPIC_USAGE=tu",
                     "PQLSTREAM_TOPIC_ACCOUNTS=ta",
                     "PQLSTREAM_TOPIC_ALERTS=tal",
@@ -273,6 +274,7 @@ Test(config, env_aliases_and_passthrough)
     cr_expect_str_eq(c.redis_url, "redis://r:6379");
     cr_expect_str_eq(c.rules_path, "/etc/pql/rules");
     cr_expect_str_eq(c.group, "grp");
+    cr_expect_str_eq(c.instance_id, "pqlstream-2");
     cr_expect_str_eq(c.topic_usage, "tu");
     cr_expect_str_eq(c.topic_accounts, "ta");
     cr_expect_str_eq(c.topic_alerts, "tal");
