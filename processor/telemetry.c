@@ -640,7 +640,8 @@ static int render_locked(const pql_telemetry *t, int64_t now_ms, pql_buf *out)
                       "1 when the latest Redis call succeeded, 0 when it failed.",
                       t->redis_up == 1) ||
         render_scalar(out, "pqlstream_assigned_partitions", "gauge",
-                      "Input partitions (of each co-partitioned input topic) this member owns.",
+                      "Input partitions (of each co-partitioned input topic) this member owns and "
+                      "has claimed.",
                       t->loop.assigned) ||
         pql_prom_family(out, "pqlstream_consumer_lag", "gauge",
                         "Messages between the consumed position and the end of the partition, "
