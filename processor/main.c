@@ -18,6 +18,7 @@
 #include "redis_child.h"
 #include "rules.h"
 #include "sample.h"
+#include "store.h"
 #include "telemetry.h"
 
 #include <errno.h>
@@ -57,6 +58,8 @@ static void usage(FILE *out)
         "                                     what each rule makes of an account, from Redis\n"
         "  pqlstream metrics [--granularity day] [--segment channel] [--since 30d]\n"
         "                                     PQL rate, time to PQL, PQL vs non-PQL conversion\n"
+        "  pqlstream config [--option=value …]\n"
+        "                                     the effective configuration, secrets redacted\n"
         "  pqlstream version                  print the version\n\n"
         "With no brokers configured (PQLSTREAM_BROKERS) `run` starts an embedded Kafka "
         "(librdkafka's\n"
@@ -194,6 +197,37 @@ out:
     pql_rules_destroy(rules);
     pql_config_term(&cfg);
     free(rest);
+    return rc;
+}
+
+/* pqlstream config: the effective configuration from every source (file,
+ * environment, flags), as `key=value` lines with passwords, SASL secrets
+ * and Redis credentials replaced by ***; exit 2 when it does not load or
+ * the Redis URL cannot be parsed. */
+static int cmd_config(int argc, char **argv)
+{
+    pql_config cfg;
+    char err[1024];
+    int argi = 0, rc = 0;
+    if (pql_config_load_all(&cfg, argc, argv, environ, &argi, err, sizeof(err)) < 0) {
+        fprintf(stderr, "pqlstream: %s\n", err);
+        rc = 2;
+    } else if (argi < argc) {
+        fprintf(stderr, "pqlstream: unexpected argument '%s' (see pqlstream run --help)\n",
+                argv[argi]);
+        rc = 2;
+    } else {
+        pql_config_dump(&cfg, stdout);
+        /* the Redis URL is parsed when used; check it now (no connection) */
+        pql_store *st =
+            cfg.redis_url[0] ? pql_store_new(cfg.redis_url, 1000, err, sizeof(err)) : NULL;
+        if (cfg.redis_url[0] && !st) {
+            fprintf(stderr, "pqlstream: redis.url: %s\n", err);
+            rc = 2;
+        }
+        pql_store_close(st);
+    }
+    pql_config_term(&cfg);
     return rc;
 }
 
@@ -364,6 +398,7 @@ int main(int argc, char **argv)
         return 0;
     }
     if (!strcmp(argv[1], "run")) return cmd_run(argc - 1, argv + 1);
+    if (!strcmp(argv[1], "config")) return cmd_config(argc - 1, argv + 1);
     if (!strcmp(argv[1], "metrics"))
         return pql_metrics_command(argc - 1, argv + 1, environ, stdout, stderr);
     if (!strcmp(argv[1], "rules") && argc >= 3 && !strcmp(argv[2], "check"))
