@@ -11,6 +11,7 @@
 #include "config.h"
 #include "embedded_kafka.h"
 #include "explain.h"
+#include "http.h"
 #include "log.h"
 #include "metrics_report.h"
 #include "pipeline.h"
@@ -18,6 +19,7 @@
 #include "rules.h"
 #include "sample.h"
 #include "store.h"
+#include "telemetry.h"
 
 #include <errno.h>
 #include <signal.h>
@@ -246,6 +248,8 @@ static int cmd_run(int argc, char **argv)
     pql_sample *sample = NULL;
     pql_rules *rules = NULL;
     pql_pipeline *p = NULL;
+    pql_telemetry *tel = NULL;
+    pql_http *http = NULL;
 
     if (pql_config_load_all(&cfg, argc, argv, environ, &argi, err, sizeof(err)) < 0) {
         fprintf(stderr, "pqlstream: %s\n", err);
@@ -284,6 +288,12 @@ static int cmd_run(int argc, char **argv)
     pql_buf_free(&errors);
     pql_info("rules loaded", "path=%s version=%s signals=%zu rules=%zu", cfg.rules_path,
              pql_rules_version(rules), pql_rules_nsignals(rules), pql_rules_nrules(rules));
+    tel = pql_telemetry_new();
+    if (!tel) {
+        fprintf(stderr, "pqlstream: out of memory\n");
+        goto out;
+    }
+    pql_telemetry_set_rules(tel, rules);
 
     const char *redis_url = cfg.redis_url;
     if (!redis_url[0]) {
@@ -319,12 +329,26 @@ static int cmd_run(int argc, char **argv)
         fflush(stdout);
     }
 
+    if (strcmp(cfg.http, "off")) {
+        pql_http_opts ho = {.addr = cfg.http,
+                            .telemetry = tel,
+                            .redis_url = redis_url,
+                            .redis_timeout_ms = cfg.redis_timeout_ms,
+                            .group = cfg.group};
+        http = pql_http_start(&ho, err, sizeof(err));
+        if (!http) {
+            fprintf(stderr, "pqlstream: %s\n", err);
+            goto out;
+        }
+    }
+
     p = pql_pipeline_new(&cfg, brokers, redis_url, rules, err, sizeof(err));
     if (!p) {
         fprintf(stderr, "pqlstream: %s\n", err);
         goto out;
     }
     rules = NULL; /* the pipeline owns it now */
+    pql_pipeline_set_telemetry(p, tel);
     if (embedded) {
         pql_pipeline_print_alerts(p, 1);
         if (cfg.sample) {
@@ -350,10 +374,12 @@ static int cmd_run(int argc, char **argv)
         pql_info("sample workload stopped", "events=%lld", (long long)pql_sample_produced(sample));
 out:
     pql_sample_stop(sample);
+    pql_http_stop(http); /* before the pipeline: the server reads what it feeds */
     pql_pipeline_destroy(p);
     pql_embedded_kafka_stop(kafka);
     pql_redis_child_stop(redis);
     pql_rules_destroy(rules);
+    pql_telemetry_destroy(tel);
     pql_config_term(&cfg);
     if (rc == 0) pql_info("stopped", "%s", "");
     return rc;
