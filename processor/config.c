@@ -127,6 +127,9 @@ static const opt options[] = {
      "drive the embedded cluster with the sample workload"},
     {"Embedded", "embedded.sample_rate", NULL, T_INT, OFF(sample_rate), "200", NULL, 0,
      "sample workload events per second"},
+    {"Operations", "http", NULL, T_STR, OFF(http), "127.0.0.1:9464", NULL, 0,
+     "address of /metrics, /healthz, /readyz and /v1/accounts/{id}: host:port (port 0: any "
+     "free port) or off"},
     {"Logging", "log.level", NULL, T_STR, OFF(log_level), "info", level_names, 0,
      "debug, info, warn or error"},
 };

@@ -87,6 +87,10 @@ typedef struct pql_config {
     int sample;              /* embedded.sample: bool, default true (drive the sample workload) */
     int sample_rate;         /* embedded.sample_rate: events/s, default 200 */
 
+    /* Operations */
+    char *http; /* http / PQLSTREAM_HTTP: host:port of the HTTP endpoints, "off" = none,
+                 * default "127.0.0.1:9464"; port 0 binds any free port */
+
     /* Logging */
     char
         *log_level; /* log.level / PQLSTREAM_LOG_LEVEL: debug | info | warn | error, default info */

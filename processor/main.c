@@ -11,12 +11,15 @@
 #include "config.h"
 #include "embedded_kafka.h"
 #include "explain.h"
+#include "http.h"
 #include "log.h"
 #include "metrics_report.h"
 #include "pipeline.h"
 #include "redis_child.h"
 #include "rules.h"
 #include "sample.h"
+#include "store.h"
+#include "telemetry.h"
 
 #include <errno.h>
 #include <signal.h>
@@ -55,6 +58,8 @@ static void usage(FILE *out)
         "                                     what each rule makes of an account, from Redis\n"
         "  pqlstream metrics [--granularity day] [--segment channel] [--since 30d]\n"
         "                                     PQL rate, time to PQL, PQL vs non-PQL conversion\n"
+        "  pqlstream config [--option=value …]\n"
+        "                                     the effective configuration, secrets redacted\n"
         "  pqlstream version                  print the version\n\n"
         "With no brokers configured (PQLSTREAM_BROKERS) `run` starts an embedded Kafka "
         "(librdkafka's\n"
@@ -195,6 +200,37 @@ out:
     return rc;
 }
 
+/* pqlstream config: the effective configuration from every source (file,
+ * environment, flags), as `key=value` lines with passwords, SASL secrets
+ * and Redis credentials replaced by ***; exit 2 when it does not load or
+ * the Redis URL cannot be parsed. */
+static int cmd_config(int argc, char **argv)
+{
+    pql_config cfg;
+    char err[1024];
+    int argi = 0, rc = 0;
+    if (pql_config_load_all(&cfg, argc, argv, environ, &argi, err, sizeof(err)) < 0) {
+        fprintf(stderr, "pqlstream: %s\n", err);
+        rc = 2;
+    } else if (argi < argc) {
+        fprintf(stderr, "pqlstream: unexpected argument '%s' (see pqlstream run --help)\n",
+                argv[argi]);
+        rc = 2;
+    } else {
+        pql_config_dump(&cfg, stdout);
+        /* the Redis URL is parsed when used; check it now (no connection) */
+        pql_store *st =
+            cfg.redis_url[0] ? pql_store_new(cfg.redis_url, 1000, err, sizeof(err)) : NULL;
+        if (cfg.redis_url[0] && !st) {
+            fprintf(stderr, "pqlstream: redis.url: %s\n", err);
+            rc = 2;
+        }
+        pql_store_close(st);
+    }
+    pql_config_term(&cfg);
+    return rc;
+}
+
 static int cmd_run(int argc, char **argv)
 {
     for (int i = 1; i < argc; i++)
@@ -212,6 +248,8 @@ static int cmd_run(int argc, char **argv)
     pql_sample *sample = NULL;
     pql_rules *rules = NULL;
     pql_pipeline *p = NULL;
+    pql_telemetry *tel = NULL;
+    pql_http *http = NULL;
 
     if (pql_config_load_all(&cfg, argc, argv, environ, &argi, err, sizeof(err)) < 0) {
         fprintf(stderr, "pqlstream: %s\n", err);
@@ -250,6 +288,12 @@ static int cmd_run(int argc, char **argv)
     pql_buf_free(&errors);
     pql_info("rules loaded", "path=%s version=%s signals=%zu rules=%zu", cfg.rules_path,
              pql_rules_version(rules), pql_rules_nsignals(rules), pql_rules_nrules(rules));
+    tel = pql_telemetry_new();
+    if (!tel) {
+        fprintf(stderr, "pqlstream: out of memory\n");
+        goto out;
+    }
+    pql_telemetry_set_rules(tel, rules);
 
     const char *redis_url = cfg.redis_url;
     if (!redis_url[0]) {
@@ -285,12 +329,26 @@ static int cmd_run(int argc, char **argv)
         fflush(stdout);
     }
 
+    if (strcmp(cfg.http, "off")) {
+        pql_http_opts ho = {.addr = cfg.http,
+                            .telemetry = tel,
+                            .redis_url = redis_url,
+                            .redis_timeout_ms = cfg.redis_timeout_ms,
+                            .group = cfg.group};
+        http = pql_http_start(&ho, err, sizeof(err));
+        if (!http) {
+            fprintf(stderr, "pqlstream: %s\n", err);
+            goto out;
+        }
+    }
+
     p = pql_pipeline_new(&cfg, brokers, redis_url, rules, err, sizeof(err));
     if (!p) {
         fprintf(stderr, "pqlstream: %s\n", err);
         goto out;
     }
     rules = NULL; /* the pipeline owns it now */
+    pql_pipeline_set_telemetry(p, tel);
     if (embedded) {
         pql_pipeline_print_alerts(p, 1);
         if (cfg.sample) {
@@ -316,10 +374,12 @@ static int cmd_run(int argc, char **argv)
         pql_info("sample workload stopped", "events=%lld", (long long)pql_sample_produced(sample));
 out:
     pql_sample_stop(sample);
+    pql_http_stop(http); /* before the pipeline: the server reads what it feeds */
     pql_pipeline_destroy(p);
     pql_embedded_kafka_stop(kafka);
     pql_redis_child_stop(redis);
     pql_rules_destroy(rules);
+    pql_telemetry_destroy(tel);
     pql_config_term(&cfg);
     if (rc == 0) pql_info("stopped", "%s", "");
     return rc;
@@ -338,6 +398,7 @@ int main(int argc, char **argv)
         return 0;
     }
     if (!strcmp(argv[1], "run")) return cmd_run(argc - 1, argv + 1);
+    if (!strcmp(argv[1], "config")) return cmd_config(argc - 1, argv + 1);
     if (!strcmp(argv[1], "metrics"))
         return pql_metrics_command(argc - 1, argv + 1, environ, stdout, stderr);
     if (!strcmp(argv[1], "rules") && argc >= 3 && !strcmp(argv[2], "check"))

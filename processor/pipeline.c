@@ -8,6 +8,7 @@
 #include "sink.h"
 #include "store.h"
 #include "task.h"
+#include "telemetry.h"
 
 #include <librdkafka/rdkafka.h>
 #include <stdio.h>
@@ -53,6 +54,7 @@ struct pql_pipeline {
     int redis_down;                /* a Redis call failed: all paused, retrying */
     int64_t redis_retry_at;        /* when to try again (wall clock, ms) */
     int redis_backoff;             /* the back-off after the next failure (ms) */
+    pql_telemetry *tel;            /* what /metrics and /readyz show; NULL: none */
 };
 
 static void sleep_ms(int ms)
@@ -266,6 +268,7 @@ static void on_dlq_done(void *opaque, int32_t partition, uint64_t generation, in
     if (!t) return;
     t->dlq_outstanding--;
     if (!ok) t->dlq_failed = 1;
+    pql_telemetry_dlq_outcome(p->tel, ok, pql_now_ms());
 }
 
 /* ---- assignment -------------------------------------------------------- */
@@ -285,6 +288,7 @@ static void resend_outbox_item(void *opaque, const char *id, size_t id_len, cons
     pql_sink_alert(p->sink, t->partition, t->generation, aid, acct ? acct : "",
                    acct ? strlen(acct) : 0, payload, payload_len);
     json_decref(j);
+    t->outbox++;
 }
 
 /* Seeks topic `ti` of partition `part` to `offset` (a stored next offset, or
@@ -313,14 +317,21 @@ static int try_claim(pql_pipeline *p, pql_task *t)
     pql_claim claim;
     char err[512];
     int32_t part = t->partition;
-    if (pql_store_claim(p->store, p->cfg->group, part, p->topics, PQL_NTOPICS, &claim, err,
-                        sizeof(err)) != PQL_OK) {
+    uint64_t start = pql_telemetry_ticks();
+    int ok = pql_store_claim(p->store, p->cfg->group, part, p->topics, PQL_NTOPICS, &claim, err,
+                             sizeof(err)) == PQL_OK;
+    pql_telemetry_redis(p->tel, "claim", start, ok, err);
+    if (!ok) {
         redis_failed(p, "claim", err);
         return -1;
     }
     void *ctx[2] = {t, p};
-    if (pql_store_outbox_scan(p->store, p->cfg->group, part, resend_outbox_item, ctx, err,
-                              sizeof(err)) != PQL_OK) {
+    t->outbox = 0; /* counted by the scan */
+    start = pql_telemetry_ticks();
+    ok = pql_store_outbox_scan(p->store, p->cfg->group, part, resend_outbox_item, ctx, err,
+                               sizeof(err)) == PQL_OK;
+    pql_telemetry_redis(p->tel, "outbox_scan", start, ok, err);
+    if (!ok) {
         /* claimed but the outbox was not read: claim again (a second epoch
            bump is harmless; re-sent alerts carry the same ids) */
         redis_failed(p, "outbox", err);
@@ -434,6 +445,8 @@ static void rebalance_cb(rd_kafka_t *rk, rd_kafka_resp_err_t err,
     pql_pipeline *p = opaque;
     p->cooperative = !strcmp(rd_kafka_rebalance_protocol(rk), "COOPERATIVE");
     rd_kafka_topic_partition_list_t *l = with_followers(p, parts);
+    pql_telemetry_rebalance(p->tel,
+                            err == RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS ? "assign" : "revoke");
     if (err == RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS) {
         on_assign(p, l);
         if (p->cooperative)
@@ -485,10 +498,12 @@ static int load_accounts(pql_pipeline *p, pql_task *t, pql_account **accts, size
         ids[i] = pql_account_id(accts[i], &lens[i]);
     char err[512];
     load_ctx c = {p, accts};
+    uint64_t start = pql_telemetry_ticks();
     int rc = pql_store_load_accounts(p->store, p->cfg->group, t->partition, ids, lens, n,
                                      load_field, &c, err, sizeof(err)) == PQL_OK
                  ? 0
                  : -1;
+    pql_telemetry_redis(p->tel, "load", start, rc == 0, err);
     if (rc < 0) redis_failed(p, "load", err);
     free(ids);
     free(lens);
@@ -544,6 +559,7 @@ static void dead_letter(pql_pipeline *p, pql_task *t, rd_kafka_message_t *m, int
              p->topics[ti], m->partition, (long long)m->offset, pql_err_str(code), reason);
     if (pql_sink_dlq(p->sink, t->generation, m, code, reason) != PQL_OK) {
         t->dlq_failed = 1;
+        pql_telemetry_dlq_outcome(p->tel, 0, pql_now_ms());
         return;
     }
     t->dlq_outstanding++;
@@ -596,6 +612,7 @@ static void abandon_batch(pql_pipeline *p, pql_task *t)
  * commit its offsets to Kafka for lag tools. */
 static void publish(pql_pipeline *p, pql_task *t)
 {
+    pql_telemetry_batch(p->tel, p->topics, t); /* before committed() resets the batch */
     pql_task_committed(t);
     for (size_t k = 0; k < t->nalerts; k++)
         pql_sink_alert(p->sink, t->partition, t->generation, t->alerts[k].id, t->alerts[k].key,
@@ -629,7 +646,11 @@ static int write_pending(pql_pipeline *p)
         }
     int rc = 0;
     char err[512] = "";
-    if (n) pql_store_commit(p->store, batches, n, results, err, sizeof(err));
+    if (n) {
+        uint64_t start = pql_telemetry_ticks();
+        pql_err io = pql_store_commit(p->store, batches, n, results, err, sizeof(err));
+        pql_telemetry_redis(p->tel, "commit", start, io == PQL_OK, err);
+    }
     for (size_t i = 0; i < n; i++) {
         pql_task *t = owners[i];
         if (results[i] == PQL_OK) {
@@ -639,6 +660,7 @@ static int write_pending(pql_pipeline *p)
             pql_error("fenced: another member owns this partition now; dropping it",
                       "partition=%d epoch=%lld", t->partition, (long long)t->claim.epoch);
             p->pending[t->partition] = 0;
+            pql_telemetry_fenced(p->tel);
             pql_task_abandon(t);
             drop_task(p, t->partition, "fenced");
         } else {
@@ -693,7 +715,10 @@ static void retry_redis(pql_pipeline *p)
 {
     char err[512];
     if (pql_now_ms() < p->redis_retry_at) return;
-    if (pql_store_ping(p->store, err, sizeof(err)) != PQL_OK) {
+    uint64_t start = pql_telemetry_ticks();
+    int ok = pql_store_ping(p->store, err, sizeof(err)) == PQL_OK;
+    pql_telemetry_redis(p->tel, "ping", start, ok, err);
+    if (!ok) {
         redis_failed(p, "ping", err);
         return;
     }
@@ -793,6 +818,7 @@ static void reload_rules(pql_pipeline *p)
                   p->cfg->rules_path, errors.data ? errors.data : "");
         fprintf(stderr, "%s", errors.data ? errors.data : "");
         pql_buf_free(&errors);
+        pql_telemetry_rules_reload(p->tel, 0);
         return;
     }
     pql_buf_free(&errors);
@@ -813,6 +839,8 @@ static void reload_rules(pql_pipeline *p)
     }
     pql_rules_destroy(p->rules);
     p->rules = fresh;
+    pql_telemetry_set_rules(p->tel, fresh);
+    pql_telemetry_rules_reload(p->tel, 1);
 }
 
 /* rules.watch: at most every rules_watch_ms, stat the rule files; a change
@@ -863,6 +891,24 @@ static void stop_cleanly(pql_pipeline *p)
     rd_kafka_consumer_close(p->consumer);    /* revokes (rebalance_cb), leaves the group */
 }
 
+/* Once per loop pass: liveness and the gauges of /metrics and /readyz. */
+static void report(pql_pipeline *p)
+{
+    if (!p->tel) return;
+    pql_telemetry_loop l = {.partitions = p->npartitions,
+                            .alerts_retrying = (int64_t)pql_sink_retrying(p->sink)};
+    for (int32_t i = 0; i < p->npartitions; i++) {
+        const pql_task *t = p->tasks[i];
+        if (!t || t->state != PQL_TASK_RUNNING) continue;
+        l.assigned++;
+        l.cached_accounts += (int64_t)pql_cache_count(t->cache);
+        l.outbox += t->outbox;
+    }
+    int64_t now = pql_now_ms();
+    pql_telemetry_write_retrying(p->tel, p->redis_down && any_pending(p), now);
+    pql_telemetry_loop_done(p->tel, &l, now);
+}
+
 int pql_pipeline_run(pql_pipeline *p, volatile sig_atomic_t *stop, volatile sig_atomic_t *reload)
 {
     p->stop = stop;
@@ -874,13 +920,16 @@ int pql_pipeline_run(pql_pipeline *p, volatile sig_atomic_t *stop, volatile sig_
         /* Every pass polls the consumer (at most batch.max_ms) and makes at
            most one bounded Redis attempt, so rd_kafka_consumer_poll is never
            starved past max.poll.interval.ms, whatever Redis does. */
-        poll_batch(p);
+        size_t polled = poll_batch(p);
+        uint64_t start = pql_telemetry_ticks();
         pql_sink_poll(p->sink, 0);
         if (p->redis_down)
             retry_redis(p);
         else
             process_inboxes(p); /* also writes outbox removals of delivered alerts */
+        if (polled && !p->redis_down) pql_telemetry_batch_done(p->tel, start);
         update_pauses(p);
+        report(p);
         if (p->redis_down) continue; /* reloads wait for a clean, written state */
         if (reload && *reload) {
             *reload = 0;
@@ -892,6 +941,17 @@ int pql_pipeline_run(pql_pipeline *p, volatile sig_atomic_t *stop, volatile sig_
         }
     }
     stop_cleanly(p);
+    return 0;
+}
+
+/* librdkafka statistics (every statistics.interval.ms, on the polling
+ * thread): consumer lag per partition.  @returns 0: librdkafka frees json. */
+static int stats_cb(rd_kafka_t *rk, char *json, size_t len, void *opaque)
+{
+    (void)rk;
+    pql_pipeline *p = opaque;
+    if (pql_telemetry_kafka_stats(p->tel, json, len) < 0)
+        pql_debug("unreadable librdkafka statistics", "bytes=%zu", len);
     return 0;
 }
 
@@ -1036,6 +1096,8 @@ pql_pipeline *pql_pipeline_new(const pql_config *cfg, const char *brokers, const
          rd_kafka_conf_set(conf, "group.instance.id", cfg->instance_id, errstr, errstr_size)) ||
         rd_kafka_conf_set(conf, "auto.offset.reset", "earliest", errstr, errstr_size) ||
         rd_kafka_conf_set(conf, "fetch.wait.max.ms", "10", errstr, errstr_size) ||
+        /* consumer lag for /metrics (kafka.statistics.interval.ms overrides) */
+        rd_kafka_conf_set(conf, "statistics.interval.ms", "5000", errstr, errstr_size) ||
         /* end-of-partition events tell the merge that one side has nothing more */
         rd_kafka_conf_set(conf, "enable.partition.eof", "true", errstr, errstr_size))
         goto fail;
@@ -1049,6 +1111,7 @@ pql_pipeline *pql_pipeline_new(const pql_config *cfg, const char *brokers, const
                 !strcmp(cfg->kafka[i].value, "latest") || !strcmp(cfg->kafka[i].value, "end");
     }
     rd_kafka_conf_set_rebalance_cb(conf, rebalance_cb);
+    rd_kafka_conf_set_stats_cb(conf, stats_cb);
     rd_kafka_conf_set_opaque(conf, p);
     rd_kafka_conf_set_log_cb(conf, pql_log_kafka);
     p->consumer = rd_kafka_new(RD_KAFKA_CONSUMER, conf, errstr, errstr_size);
@@ -1089,6 +1152,13 @@ fail:
     if (p) p->rules = NULL; /* not ours until success: the caller still owns it */
     pql_pipeline_destroy(p);
     return NULL;
+}
+
+void pql_pipeline_set_telemetry(pql_pipeline *p, pql_telemetry *tel)
+{
+    p->tel = tel;
+    for (int i = 0; i < PQL_NTOPICS; i++) /* every input topic shows, from zero */
+        pql_telemetry_events(tel, p->topics[i], 0, 0, 0);
 }
 
 void pql_pipeline_print_alerts(pql_pipeline *p, int on)

@@ -37,6 +37,7 @@
 
 #include "config.h"
 #include "rules.h"
+#include "telemetry.h"
 
 #include <signal.h>
 
@@ -48,6 +49,11 @@ typedef struct pql_pipeline pql_pipeline;
  *  @returns NULL with a reason a person can act on (rules not taken). */
 pql_pipeline *pql_pipeline_new(const pql_config *cfg, const char *brokers, const char *redis_url,
                                pql_rules *rules, char *errstr, size_t errstr_size);
+
+/** Feeds `tel` (not owned; it must outlive the pipeline) from now on: counts
+ *  per batch, Redis latencies, rebalances, consumer lag, liveness and the
+ *  facts of readiness (telemetry.h).  Publishes each reloaded rule set. */
+void pql_pipeline_set_telemetry(pql_pipeline *p, pql_telemetry *tel);
 
 /** Prints each delivered alert, and a summary of each metric emission, to
  *  stdout for a person (embedded default). */

@@ -17,12 +17,14 @@
 #include <math.h>
 #include <libfyaml.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 
 struct pql_rules {
+    atomic_int extra_refs; /* holders besides the first (pql_rules_retain); 0 from calloc */
     char *version;
     char *signup_event;
     char *conversion_event;
@@ -1160,9 +1162,16 @@ pql_rules *pql_rules_load_string(const char *yaml, const char *name, pql_buf *er
     return r;
 }
 
+pql_rules *pql_rules_retain(pql_rules *r)
+{
+    if (r) atomic_fetch_add(&r->extra_refs, 1);
+    return r;
+}
+
 void pql_rules_destroy(pql_rules *r)
 {
     if (!r) return;
+    if (atomic_fetch_sub(&r->extra_refs, 1) > 0) return; /* another holder remains */
     for (size_t i = 0; i < r->nsignals; i++) {
         free(r->signals[i].name);
         free(r->signals[i].key);

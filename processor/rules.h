@@ -147,7 +147,12 @@ pql_rules *pql_rules_load(const char *path, pql_buf *errors);
 /** Same, from YAML text (tests); `name` stands for the file name in messages. */
 pql_rules *pql_rules_load_string(const char *yaml, const char *name, pql_buf *errors);
 
+/** Releases one reference to `r`; the last one frees it.  NULL is fine. */
 void pql_rules_destroy(pql_rules *r);
+/** Takes one more reference to `r` (a set is immutable, so holders on other
+ *  threads may read it while the pipeline swaps in a new one): the holder
+ *  releases it with pql_rules_destroy.  Thread-safe.  @returns r. */
+pql_rules *pql_rules_retain(pql_rules *r);
 /** A fingerprint of the rule files at `path` (names, sizes, modification
  *  times): it changes when a file is edited, added or removed.  0 when the
  *  path does not exist.  Cheap (stat only): the pipeline polls it to reload

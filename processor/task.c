@@ -76,6 +76,7 @@ void pql_task_alerts_clear(pql_task *t)
     for (size_t i = 0; i < t->nalerts; i++) {
         free(t->alerts[i].key);
         free(t->alerts[i].payload);
+        free(t->alerts[i].rule);
     }
     t->nalerts = 0;
 }
@@ -168,6 +169,9 @@ static void on_alert(void *opaque, const pql_alert *al)
     ta->key_len = al->account_id_len;
     ta->payload = b.data; /* ownership moves from the buffer */
     ta->payload_len = b.len;
+    ta->rule = strdup(al->rule);
+    if (!ta->rule) abort();
+    ta->kind = al->kind;
     if (al->kind == PQL_ALERT_PQL) {
         t->batch_stats.alerts_pql++;
         return;
@@ -206,7 +210,11 @@ pql_apply pql_task_apply(pql_task *t, const pql_event *ev, int topic, int64_t of
     }
     touch(t, a);
     t->batch_stats.consumed++;
-    if (res == PQL_APPLY_LATE) t->batch_stats.late++;
+    t->batch_stats.topic_consumed[topic]++;
+    if (res == PQL_APPLY_LATE) {
+        t->batch_stats.late++;
+        t->batch_stats.topic_late[topic]++;
+    }
     advance(t, topic, offset);
     return res;
 }
@@ -214,7 +222,11 @@ pql_apply pql_task_apply(pql_task *t, const pql_event *ev, int topic, int64_t of
 void pql_task_skip(pql_task *t, int topic, int64_t offset, int dead_lettered)
 {
     t->batch_stats.consumed++;
-    if (dead_lettered) t->batch_stats.dead_lettered++;
+    t->batch_stats.topic_consumed[topic]++;
+    if (dead_lettered) {
+        t->batch_stats.dead_lettered++;
+        t->batch_stats.topic_dead_lettered[topic]++;
+    }
     advance(t, topic, offset);
 }
 
@@ -303,12 +315,19 @@ void pql_task_committed(pql_task *t)
         memmove(t->delivered, t->delivered + t->delivered_in_batch,
                 (t->ndelivered - t->delivered_in_batch) * sizeof(*t->delivered));
     t->ndelivered -= t->delivered_in_batch;
+    t->outbox += (int64_t)t->nalerts - (int64_t)t->delivered_in_batch;
+    if (t->outbox < 0) t->outbox = 0; /* an alert delivered twice (re-sent) is deleted twice */
     t->delivered_in_batch = 0;
     t->stats.consumed += t->batch_stats.consumed;
     t->stats.dead_lettered += t->batch_stats.dead_lettered;
     t->stats.late += t->batch_stats.late;
     t->stats.alerts_pql += t->batch_stats.alerts_pql;
     t->stats.alerts_expansion += t->batch_stats.alerts_expansion;
+    for (int i = 0; i < PQL_NTOPICS; i++) {
+        t->stats.topic_consumed[i] += t->batch_stats.topic_consumed[i];
+        t->stats.topic_dead_lettered[i] += t->batch_stats.topic_dead_lettered[i];
+        t->stats.topic_late[i] += t->batch_stats.topic_late[i];
+    }
     memset(&t->batch_stats, 0, sizeof(t->batch_stats));
     t->dirty = 0;
 }

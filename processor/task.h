@@ -35,11 +35,15 @@ typedef struct pql_task_alert {
     size_t key_len;
     char *payload;
     size_t payload_len;
+    char *rule;          /* the rule that fired (owned copy: outlives a rule reload) */
+    pql_alert_kind kind; /* PQL or EXPANSION */
 } pql_task_alert;
 
-/* Per-partition counters, written with the batch (exactly once). */
+/* Per-partition counters, written with the batch (exactly once); the
+ * by-topic split (index PQL_TOPIC_*) is for /metrics only. */
 typedef struct pql_task_stats {
     int64_t consumed, dead_lettered, late, alerts_pql, alerts_expansion;
+    int64_t topic_consumed[PQL_NTOPICS], topic_dead_lettered[PQL_NTOPICS], topic_late[PQL_NTOPICS];
 } pql_task_stats;
 
 typedef struct pql_task {
@@ -64,6 +68,8 @@ typedef struct pql_task {
     unsigned batch_no;            /* their pql_account_mark; never 0 */
     pql_store_batch *batch;
     int dirty;            /* something to write */
+    int64_t outbox;       /* alerts in the partition's Redis outbox not yet known delivered:
+                             the claim's scan plus committed puts minus committed deletes */
     pql_metrics *metrics; /* metric counter deltas of the batch (metrics.h); NULL: off */
     struct pql_task_expansion {
         const char *rule; /* the rule set's name: valid during the apply */
@@ -108,8 +114,9 @@ void pql_task_skip(pql_task *t, int topic, int64_t offset, int dead_lettered);
 int pql_task_build_batch(pql_task *t, const char *group, const char *const *topics, int64_t ttl_ms);
 
 /** After Redis applied t->batch: seq advances, committed offsets catch up,
- *  the outbox deletes are done.  The batch's alerts stay in t->alerts for the
- *  caller to produce, then pql_task_alerts_clear(). */
+ *  the outbox deletes are done (t->outbox follows), t->stats adds
+ *  t->batch_stats (read the batch's figures before calling this).  The batch's alerts stay in
+ * t->alerts for the caller to produce, then pql_task_alerts_clear(). */
 void pql_task_committed(pql_task *t);
 
 void pql_task_alerts_clear(pql_task *t);

@@ -214,3 +214,89 @@ Test(cli, rules_explain_without_redis_or_data_says_what_to_do)
     h_rmtree(dir);
     free(dir);
 }
+
+Test(cli, config_prints_the_effective_configuration_with_secrets_redacted)
+{
+    char *out;
+    const char *env[] = {"PQLSTREAM_REDIS=redis://ops:hunter2@redis.internal:6380/2",
+                         "PQLSTREAM_KAFKA_SASL_PASSWORD=s3cr3t-sasl",
+                         "PQLSTREAM_KAFKA_SASL_USERNAME=svc-pql", "PQLSTREAM_INSTANCE_ID=pod-3",
+                         NULL};
+    const char *argv[] = {"pqlstream", "config", "--batch.max_ms=250", NULL};
+    cr_assert_eq(run(&out, argv, env), 0, "%s", out);
+    cr_assert(strstr(out, "redis.url=redis://ops:***@redis.internal:6380/2\n"), "%s", out);
+    cr_assert(strstr(out, "kafka.sasl.password=***\n"), "%s", out);
+    cr_assert(strstr(out, "kafka.sasl.username=svc-pql\n"), "%s", out);
+    cr_assert(strstr(out, "instance_id=pod-3\n"), "%s", out);
+    cr_assert(strstr(out, "batch.max_ms=250\n"), "%s", out);
+    cr_assert(!strstr(out, "hunter2") && !strstr(out, "s3cr3t"), "a secret leaked:\n%s", out);
+    free(out);
+}
+
+Test(cli, redis_credentials_never_reach_the_log, .timeout = 120)
+{
+    /* a refused password stops start-up with a message that names the
+       server and the fix, not the password */
+    h_redis *r = h_redis_start();
+    char url[600], *dir = h_mkdtemp(), data[600], env_url[700], env_data[700];
+    snprintf(url, sizeof url, "unix://:hunter2@%s", h_redis_url(r) + strlen("unix://"));
+    snprintf(env_url, sizeof env_url, "PQLSTREAM_REDIS=%s", url);
+    snprintf(data, sizeof data, "%s/data", dir);
+    snprintf(env_data, sizeof env_data, "PQLSTREAM_DATA_DIR=%s", data);
+    const char *env[] = {env_url, env_data, "PQLSTREAM_EMBEDDED_SAMPLE=false",
+                         "PQLSTREAM_RULES=" PQL_SOURCE_DIR "/rules", NULL};
+    const char *argv[] = {"pqlstream", "run", NULL};
+    char *out;
+    cr_assert_eq(run(&out, argv, env), 1, "%s", out);
+    cr_assert(strstr(out, "AUTH refused"), "%s", out);
+    cr_assert(strstr(out, "check the user and password in PQLSTREAM_REDIS"), "%s", out);
+    cr_assert(!strstr(out, "hunter2"), "the password leaked:\n%s", out);
+    free(out);
+
+    /* an unreachable server: it waits (paused), logging each retry, and
+       never the password */
+    snprintf(env_url, sizeof env_url, "PQLSTREAM_REDIS=redis://:hunter2@127.0.0.1:1");
+    h_proc *p = h_proc_start_argv(argv, env);
+    H_ASSERT_PROC(p, h_proc_wait_log(p, "retry_ms=400", 30000) == 0);
+    char *log = h_proc_log(p);
+    H_ASSERT_PROC(p, strstr(log, "127.0.0.1:1"), "the log names the server");
+    H_ASSERT_PROC(p, !strstr(log, "hunter2"), "the password leaked");
+    free(log);
+    cr_assert_eq(h_proc_stop(p), 0, "SIGTERM while waiting for Redis exits 0");
+    h_redis_stop(r);
+    h_rmtree(dir);
+    free(dir);
+}
+
+Test(cli, the_shipped_example_configuration_loads)
+{
+    char *out;
+    const char *argv[] = {"pqlstream", "config", "--config",
+                          PQL_SOURCE_DIR "/deploy/pqlstream.yaml", NULL};
+    cr_assert_eq(run(&out, argv, no_env), 0, "%s", out);
+    cr_assert(strstr(out, "kafka.brokers=kafka-1:9092,kafka-2:9092,kafka-3:9092\n"), "%s", out);
+    cr_assert(strstr(out, "kafka.session.timeout.ms=10000\n"), "%s", out);
+    cr_assert(strstr(out, "redis.url=redis://redis.internal:6379/0\n"), "%s", out);
+    free(out);
+
+    /* a URL the processor would refuse is refused here too */
+    const char *env[] = {"PQLSTREAM_REDIS=redis://pqlstream@redis.internal:6379/0", NULL};
+    cr_assert_eq(run(&out, argv, env), 2, "%s", out);
+    cr_assert(strstr(out, "redis.url: Redis URL: credentials need a password"), "%s", out);
+    free(out);
+}
+
+Test(cli, the_shipped_prometheus_alerting_rules_pass_promtool)
+{
+    if (system("command -v promtool >/dev/null 2>&1") != 0)
+        cr_skip_test("promtool is not installed (Debian package prometheus; scripts/setup installs "
+                     "it)");
+    FILE *f =
+        popen("promtool check rules " PQL_SOURCE_DIR "/deploy/prometheus/alerts.yaml 2>&1", "r");
+    cr_assert_not_null(f);
+    char out[4096];
+    size_t n = fread(out, 1, sizeof(out) - 1, f);
+    out[n] = '\0';
+    cr_assert_eq(pclose(f), 0, "%s", out);
+    cr_assert(strstr(out, "SUCCESS: 8 rules found"), "%s", out);
+}

@@ -113,6 +113,7 @@ Test(config, defaults)
     cr_expect_eq(c.sample, 1);
     cr_expect_eq(c.sample_rate, 200);
     cr_expect_str_eq(c.log_level, "info");
+    cr_expect_str_eq(c.http, "127.0.0.1:9464");
     pql_config_term(&c);
 }
 

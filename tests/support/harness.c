@@ -14,11 +14,13 @@
 #include <fcntl.h>
 #include <ftw.h>
 #include <inttypes.h>
+#include <netdb.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/prctl.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -575,13 +577,18 @@ h_proc *h_proc_start_argv(const char *const *argv, const char *const *env)
         nextra++;
     while (argv && argv[nargs])
         nargs++;
-    char **envp = xcalloc(nenv + nextra + 1, sizeof *envp);
+    char **envp = xcalloc(nenv + nextra + 2, sizeof *envp);
     char **args = xcalloc(nargs + 2, sizeof *args);
     size_t n = 0;
     for (size_t i = 0; i < nenv; i++)
         if (strncmp(environ[i], "PQLSTREAM_", 10)) envp[n++] = environ[i];
-    for (size_t i = 0; i < nextra; i++)
+    int http_set = 0;
+    for (size_t i = 0; i < nextra; i++) {
         envp[n++] = (char *)env[i];
+        http_set |= !strncmp(env[i], "PQLSTREAM_HTTP=", 15);
+    }
+    /* processes of concurrent tests must not collide on the default port */
+    if (!http_set) envp[n++] = (char *)"PQLSTREAM_HTTP=127.0.0.1:0";
     args[0] = (char *)"pqlstream";
     for (size_t i = 1; i < nargs; i++)
         args[i] = (char *)argv[i];
@@ -925,4 +932,59 @@ void h_lines_free(h_lines *l)
         free(l->lines[i]);
     free(l->lines);
     free(l);
+}
+
+/* ---- HTTP ------------------------------------------------------------------- */
+
+char *h_http_get(h_proc *p, const char *path, int *status)
+{
+    static const char needle[] = "msg=\"http listening\" addr=";
+    *status = 0;
+    if (h_proc_wait_log(p, needle, 30000) < 0) {
+        h_proc_dump_log(p, 40);
+        cr_assert_fail("h_http_get: pqlstream did not log its HTTP address");
+    }
+    char *log = h_proc_log(p), host[128] = "", port[16] = "";
+    const char *a = strstr(log, needle) + strlen(needle);
+    size_t alen = strcspn(a, " \n");
+    const char *colon = a + alen;
+    while (colon > a && *colon != ':')
+        colon--;
+    int hl = (int)(colon - a), bracket = hl > 1 && a[0] == '[';
+    snprintf(host, sizeof host, "%.*s", hl - 2 * bracket, a + bracket);
+    snprintf(port, sizeof port, "%.*s", (int)(a + alen - colon - 1), colon + 1);
+    free(log);
+
+    struct addrinfo hints = {.ai_socktype = SOCK_STREAM}, *res = NULL;
+    if (getaddrinfo(host, port, &hints, &res)) cr_assert_fail("h_http_get: bad address %s", host);
+    int fd = socket(res->ai_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    struct timeval tv = {10, 0};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+    int connected = fd >= 0 && connect(fd, res->ai_addr, res->ai_addrlen) == 0;
+    freeaddrinfo(res);
+    if (!connected) {
+        fprintf(stderr, "h_http_get: cannot connect to %s:%s: %s\n", host, port, strerror(errno));
+        if (fd >= 0) close(fd);
+        return NULL;
+    }
+    pql_buf req = {0}, resp = {0};
+    pql_buf_printf(&req, "GET %s HTTP/1.0\r\nHost: %s:%s\r\n\r\n", path, host, port);
+    ssize_t got = write(fd, req.data, req.len);
+    char chunk[4096];
+    while (got >= 0 && (got = read(fd, chunk, sizeof chunk)) > 0)
+        pql_buf_append(&resp, chunk, (size_t)got);
+    close(fd);
+    pql_buf_free(&req);
+    const char *body = resp.data ? strstr(resp.data, "\r\n\r\n") : NULL;
+    if (got < 0 || !body || sscanf(resp.data, "HTTP/1.%*c %d", status) != 1) {
+        fprintf(stderr, "h_http_get: GET %s: no complete answer from %s:%s (%s)\n", path, host,
+                port, got < 0 ? strerror(errno) : "malformed");
+        *status = 0;
+        pql_buf_free(&resp);
+        return NULL;
+    }
+    char *out = strdup(body + 4);
+    pql_buf_free(&resp);
+    return out;
 }

@@ -160,7 +160,9 @@ typedef struct h_proc h_proc;
 /** Runs `PQL_BINARY run` with the environment of the test minus every
  *  inherited PQLSTREAM_* variable, plus the given NAME, VALUE pairs (NULL
  *  terminated), e.g. ("PQLSTREAM_BROKERS", bootstraps, …, NULL).  stdout and
- *  stderr go to a log file in a fresh temp directory. */
+ *  stderr go to a log file in a fresh temp directory.  Unless the caller
+ *  passes PQLSTREAM_HTTP, the HTTP endpoints bind an ephemeral port
+ *  (127.0.0.1:0), so concurrent processes never collide on 9464. */
 h_proc *h_proc_start(const char *name, ...) __attribute__((sentinel));
 /** Same with any arguments: argv (NULL-terminated, argv[0] is ignored: the
  *  binary is PQL_BINARY) and env ("NAME=VALUE" strings, NULL-terminated). */
@@ -191,6 +193,12 @@ int h_proc_stop(h_proc *p);
             cr_assert_fail("assertion failed: " #cond " " __VA_ARGS__);                            \
         }                                                                                          \
     } while (0)
+
+/** GET `path` from the process's HTTP endpoints over HTTP/1.0: the address
+ *  comes from its log line `msg="http listening" addr=…` (waited for up to
+ *  30 s; log.level must be info or debug).  @returns the body (caller frees)
+ *  with *status set, or NULL with *status 0 when nothing answered. */
+char *h_http_get(h_proc *p, const char *path, int *status);
 
 /* ---- Redis state ---------------------------------------------------------- */
 
