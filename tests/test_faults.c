@@ -172,6 +172,8 @@ typedef struct trial {
 static trial trials[MAX_TRIALS];
 static int ntrials;
 
+static int64_t epoch_of(const char *group, int partition); /* below */
+
 /* Records a failed check of trial t (the suite goes on with the next trial). */
 static void trial_fail(trial *t, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 static void trial_fail(trial *t, const char *fmt, ...)
@@ -542,9 +544,20 @@ static void compare_with_reference(trial *t)
     }
     h_msgs_free(m);
     for (size_t i = 0; i < nref_alerts; i++)
-        if (!ref_alerts[i].seen && t->missing++ < 5)
-            trial_fail(t, "alert %s (%s, %s) was never delivered", ref_alerts[i].id,
-                       ref_alerts[i].account, ref_alerts[i].rule);
+        if (!ref_alerts[i].seen && t->missing++ < 5) {
+            /* where it should have come from: its account's task */
+            int part = -1;
+            for (int q = 0; q < PARTS && part < 0; q++) {
+                char key[256];
+                snprintf(key, sizeof key, "pql:{%s:%d}:a:%s", t->group, q, ref_alerts[i].account);
+                char *v = h_redis_hget(h_redis_url(redis), key, "c");
+                if (v) part = q;
+                free(v);
+            }
+            trial_fail(t, "alert %s (%s, %s) was never delivered (partition %d, epoch %lld)",
+                       ref_alerts[i].id, ref_alerts[i].account, ref_alerts[i].rule, part,
+                       part >= 0 ? (long long)epoch_of(t->group, part) : -1LL);
+        }
     if (t->extra > 5 || t->wrong > 5 || t->missing > 5)
         trial_fail(t, "in all: %lld unknown, %lld wrong, %lld missing alert ids", t->extra,
                    t->wrong, t->missing);
