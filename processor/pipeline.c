@@ -50,6 +50,7 @@ struct pql_pipeline {
     volatile sig_atomic_t *reload; /* set by SIGHUP */
     pql_metrics_emitter *emitter;  /* emits while we own partition 0; NULL: off */
     int cooperative;               /* incremental (cooperative) rebalance protocol */
+    int assigned_once;             /* a first assignment arrived (librdkafka#4312) */
     unsigned char *pending;        /* by partition: a built batch waits for Redis */
     int redis_down;                /* a Redis call failed: all paused, retrying */
     int64_t redis_retry_at;        /* when to try again (wall clock, ms) */
@@ -178,8 +179,12 @@ static void update_pauses(pql_pipeline *p)
  * doubles from 100 ms up to MAX_BACKOFF_MS. */
 static void redis_failed(pql_pipeline *p, const char *op, const char *err)
 {
-    pql_warn("redis unavailable; partitions paused, retrying", "op=%s error=\"%s\" retry_ms=%d", op,
-             err, p->redis_backoff);
+    int pending = 0; /* built batches waiting for Redis (written as built on recovery) */
+    for (int32_t i = 0; i < p->npartitions; i++)
+        pending += p->pending[i];
+    pql_warn("redis unavailable; partitions paused, retrying",
+             "op=%s error=\"%s\" retry_ms=%d pending_batches=%d", op, err, p->redis_backoff,
+             pending);
     p->redis_down = 1;
     p->redis_retry_at = pql_now_ms() + p->redis_backoff;
     p->redis_backoff =
@@ -444,6 +449,7 @@ static void rebalance_cb(rd_kafka_t *rk, rd_kafka_resp_err_t err,
 {
     pql_pipeline *p = opaque;
     p->cooperative = !strcmp(rd_kafka_rebalance_protocol(rk), "COOPERATIVE");
+    if (err == RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS) p->assigned_once = 1;
     rd_kafka_topic_partition_list_t *l = with_followers(p, parts);
     pql_telemetry_rebalance(p->tel,
                             err == RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS ? "assign" : "revoke");
@@ -861,6 +867,21 @@ static int any_pending(const pql_pipeline *p)
     return 0;
 }
 
+/* librdkafka before 2.3.0 aborts (assertion `assignor_state`) when a
+ * cooperative-sticky consumer is destroyed after its JoinGroup response (an
+ * assignor chosen) but before its first assignment: librdkafka#4312, fixed
+ * by librdkafka PR #4381.  The response may arrive while closing, so every
+ * consumer that never had an assignment counts as in that window.
+ * @returns whether p's consumer must not be destroyed. */
+static int in_first_join(const pql_pipeline *p)
+{
+    return rd_kafka_version() < 0x020300ff && !p->assigned_once;
+}
+
+/* A consumer handle kept, not destroyed, at exit (in_first_join): reachable
+ * here, so it is not reported as a leak. */
+static rd_kafka_t *kept_consumer;
+
 /* SIGTERM/SIGINT: finish the batch, flush the alerts, commit, leave the
  * group — within STOP_GRACE_MS when Redis or the alert topic is down.  What
  * cannot be finished is not lost: an unwritten batch is re-read by the next
@@ -889,6 +910,13 @@ static void stop_cleanly(pql_pipeline *p)
                  "in_flight=%d", in_flight);
     if (!p->redis_down) flush_batches(p, 1); /* record the last deliveries */
     rd_kafka_consumer_close(p->consumer);    /* revokes (rebalance_cb), leaves the group */
+    if (in_first_join(p)) {
+        pql_warn("stopped before the first assignment: the consumer handle is left to the exit "
+                 "(librdkafka < 2.3.0 aborts destroying it: librdkafka#4312)",
+                 "librdkafka=%s", rd_kafka_version_str());
+        kept_consumer = p->consumer;
+        p->consumer = NULL;
+    }
 }
 
 /* Once per loop pass: liveness and the gauges of /metrics and /readyz. */

@@ -635,3 +635,26 @@ Test(pipeline, partitions_assigned_while_redis_is_down_are_claimed_when_it_retur
     cr_assert_eq(h_proc_stop(b), 0);
     cr_assert_eq(h_proc_stop(a), 0);
 }
+
+Test(pipeline, a_member_stopped_while_joining_exits_cleanly, .timeout = 240)
+{
+    /* librdkafka 2.0.2 aborts when a cooperative-sticky consumer is
+       destroyed between joining and its first assignment (librdkafka#4312);
+       SIGTERM in that window must still end in exit 0 */
+    int64_t t = pql_now_ms() - PQL_MS_HOUR;
+    produce_logins(0, t);
+    h_proc *a = start("g7", "alerts-g7", "100");
+    wait_done(a, "g7", 60000);
+    for (int round = 0; round < 5; round++) {
+        h_proc *b = start("g7", "alerts-g7", "100");
+        /* the mock answers a JoinGroup after about session.timeout.ms - 1 s
+           (5 s here): stop B around then, before its first assignment */
+        H_ASSERT_PROC(b, h_proc_wait_log(b, "running", 30000) == 0);
+        h_sleep_ms(3800 + round * 400);
+        h_proc_kill(b, SIGTERM);
+        int rc = h_proc_wait(b, 15000);
+        H_ASSERT_PROC(b, rc == 0, "round %d: exit status %d", round, rc);
+        h_proc_stop(b);
+    }
+    cr_assert_eq(h_proc_stop(a), 0);
+}
