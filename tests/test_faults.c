@@ -1165,18 +1165,11 @@ static void write_rules(void)
     static const char *const shipped[] = {"pql.yaml", "expansion.yaml"};
     for (size_t i = 0; i < 2; i++) {
         snprintf(path, sizeof path, "%s/rules/%s", PQL_SOURCE_DIR, shipped[i]);
-        FILE *f = fopen(path, "rb");
-        cr_assert_not_null(f, "%s", path);
-        pql_buf b = {0};
-        char chunk[4096];
-        size_t got;
-        while ((got = fread(chunk, 1, sizeof chunk, f)) > 0)
-            pql_buf_append(&b, chunk, got);
-        fclose(f);
-        pql_buf_append(&b, "", 1);
+        char *text = h_read_file(path);
+        cr_assert_not_null(text, "cannot read %s", path);
         snprintf(path, sizeof path, "%s/%s", rules_dir, shipped[i]);
-        h_write_file(path, b.data);
-        pql_buf_free(&b);
+        h_write_file(path, text);
+        free(text);
     }
     snprintf(path, sizeof path, "%s/heavy.yaml", rules_dir);
     pql_buf_append(&y, "", 1);

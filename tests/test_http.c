@@ -90,14 +90,8 @@ static int promtool_check(const char *text, char **out)
     h_write_file(in, text);
     snprintf(cmd, sizeof(cmd), "promtool check metrics < %s > %s 2>&1", in, log);
     int rc = system(cmd);
-    FILE *f = fopen(log, "r");
-    pql_buf b = {0};
-    char chunk[1024];
-    size_t got;
-    while (f && (got = fread(chunk, 1, sizeof(chunk), f)) > 0)
-        pql_buf_append(&b, chunk, got);
-    if (f) fclose(f);
-    *out = b.data ? b.data : strdup("");
+    *out = h_read_file(log);
+    if (!*out) *out = strdup("");
     h_rmtree(dir);
     free(dir);
     return WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;

@@ -649,9 +649,9 @@ const char *h_proc_log_path(const h_proc *p)
     return p->log;
 }
 
-char *h_proc_log(const h_proc *p)
+char *h_read_file(const char *path)
 {
-    FILE *f = fopen(p->log, "rb");
+    FILE *f = fopen(path, "rb");
     if (!f) return NULL;
     pql_buf b = {0};
     char chunk[4096];
@@ -660,6 +660,11 @@ char *h_proc_log(const h_proc *p)
         pql_buf_append(&b, chunk, got);
     fclose(f);
     return b.data ? b.data : xcalloc(1, 1);
+}
+
+char *h_proc_log(const h_proc *p)
+{
+    return h_read_file(p->log);
 }
 
 void h_proc_dump_log(const h_proc *p, int lines)

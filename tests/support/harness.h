@@ -240,6 +240,9 @@ void h_lines_free(h_lines *l);
 
 /** Writes `text` to `path` (created or truncated); fails the test on error. */
 void h_write_file(const char *path, const char *text);
+/** The whole file as a NUL-terminated string (caller frees), or NULL when it
+ *  cannot be opened. */
+char *h_read_file(const char *path);
 /** A fresh temp directory (/tmp/pqlh-XXXXXX), caller frees the string. */
 char *h_mkdtemp(void);
 /** Removes a directory tree; NULL is fine. */
