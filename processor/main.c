@@ -68,6 +68,25 @@ static void usage(FILE *out)
         PQL_VERSION);
 }
 
+/* Loads a command's configuration from every source (file, environment,
+ * the arguments); every argument must be an option.  `see` names where the
+ * usage is.  @returns 0, or 2 (the exit code) after saying why on stderr;
+ * either way cfg is to be released with pql_config_term. */
+static int load_config(pql_config *cfg, int argc, char **argv, const char *see)
+{
+    char err[1024];
+    int argi = 0;
+    if (pql_config_load_all(cfg, argc, argv, environ, &argi, err, sizeof(err)) < 0) {
+        fprintf(stderr, "pqlstream: %s\n", err);
+        return 2;
+    }
+    if (argi < argc) {
+        fprintf(stderr, "pqlstream: unexpected argument '%s' (see %s)\n", argv[argi], see);
+        return 2;
+    }
+    return 0;
+}
+
 static int cmd_rules_check(int argc, char **argv)
 {
     if (argc < 1) {
@@ -127,22 +146,13 @@ static int cmd_rules_explain(int argc, char **argv)
     }
     pql_config cfg;
     char err[1024];
-    int argi = 0, rc = 1;
+    int rc = 1;
     pql_rules *rules = NULL;
     pql_store *store = NULL;
     pql_redis_child *child = NULL;
     pql_account *a = NULL;
-    if (pql_config_load_all(&cfg, nrest, rest, environ, &argi, err, sizeof(err)) < 0) {
-        fprintf(stderr, "pqlstream: %s\n", err);
-        rc = 2;
-        goto out;
-    }
-    if (argi < nrest) {
-        fprintf(stderr, "pqlstream: unexpected argument '%s' (see pqlstream rules explain)\n",
-                rest[argi]);
-        rc = 2;
-        goto out;
-    }
+    if ((rc = load_config(&cfg, nrest, rest, "pqlstream rules explain")) != 0) goto out;
+    rc = 1;
     pql_log_set_level("warn");
     pql_buf errors = {0};
     rules = pql_rules_load(cfg.rules_path, &errors);
@@ -208,15 +218,8 @@ static int cmd_config(int argc, char **argv)
 {
     pql_config cfg;
     char err[1024];
-    int argi = 0, rc = 0;
-    if (pql_config_load_all(&cfg, argc, argv, environ, &argi, err, sizeof(err)) < 0) {
-        fprintf(stderr, "pqlstream: %s\n", err);
-        rc = 2;
-    } else if (argi < argc) {
-        fprintf(stderr, "pqlstream: unexpected argument '%s' (see pqlstream run --help)\n",
-                argv[argi]);
-        rc = 2;
-    } else {
+    int rc = load_config(&cfg, argc, argv, "pqlstream run --help");
+    if (rc == 0) {
         pql_config_dump(&cfg, stdout);
         /* the Redis URL is parsed when used; check it now (no connection) */
         pql_store *st =
@@ -242,7 +245,7 @@ static int cmd_run(int argc, char **argv)
         }
     pql_config cfg;
     char err[1024];
-    int argi = 0, rc = 1;
+    int rc = 1;
     pql_embedded_kafka *kafka = NULL;
     pql_redis_child *redis = NULL;
     pql_sample *sample = NULL;
@@ -251,14 +254,7 @@ static int cmd_run(int argc, char **argv)
     pql_telemetry *tel = NULL;
     pql_http *http = NULL;
 
-    if (pql_config_load_all(&cfg, argc, argv, environ, &argi, err, sizeof(err)) < 0) {
-        fprintf(stderr, "pqlstream: %s\n", err);
-        pql_config_term(&cfg);
-        return 2;
-    }
-    if (argi < argc) {
-        fprintf(stderr, "pqlstream: unexpected argument '%s' (see pqlstream run --help)\n",
-                argv[argi]);
+    if (load_config(&cfg, argc, argv, "pqlstream run --help") != 0) {
         pql_config_term(&cfg);
         return 2;
     }
