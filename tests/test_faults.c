@@ -40,7 +40,8 @@
  *                 refused by the epoch fence (its log says "fenced"); once
  *                 wherever the freeze lands; it rejoins each time;
  *   brokers       a broker down then up, partition leader changes, injected
- *                 Fetch/Produce/OffsetCommit/Heartbeat/JoinGroup errors, a
+ *                 Fetch/Produce/OffsetCommit errors (no coordinator errors:
+ *                 they crash the 2.0.2 mock, see trial_brokers), a
  *                 broker down while a leader moves away from it (the group
  *                 coordinator stays up: see trial_brokers);
  *   redis         Redis (AOF) killed and restarted at once, frozen (SIGSTOP)
@@ -101,13 +102,7 @@
 #define STALL_MS 90000
 
 /* Kafka protocol ApiKeys (rdkafka_mock.h takes them as plain numbers). */
-enum {
-    API_PRODUCE = 0,
-    API_FETCH = 1,
-    API_OFFSET_COMMIT = 8,
-    API_JOIN_GROUP = 11,
-    API_HEARTBEAT = 12
-};
+enum { API_PRODUCE = 0, API_FETCH = 1, API_OFFSET_COMMIT = 8 };
 
 static h_redis *redis;
 static h_kafka *kafka;
@@ -944,21 +939,18 @@ static void trial_brokers(uint64_t base_seed)
             mock, API_PRODUCE, 4, RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION,
             RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT, RD_KAFKA_RESP_ERR__TRANSPORT,
             RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS);
-        rd_kafka_mock_push_request_errors(
-            mock, API_OFFSET_COMMIT, 4, RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT,
-            RD_KAFKA_RESP_ERR_NOT_COORDINATOR, RD_KAFKA_RESP_ERR_COORDINATOR_NOT_AVAILABLE,
-            RD_KAFKA_RESP_ERR__TRANSPORT);
-        rd_kafka_mock_push_request_errors(mock, API_HEARTBEAT, 3, RD_KAFKA_RESP_ERR_NOT_COORDINATOR,
-                                          RD_KAFKA_RESP_ERR_COORDINATOR_LOAD_IN_PROGRESS,
-                                          RD_KAFKA_RESP_ERR_REBALANCE_IN_PROGRESS);
-        rd_kafka_mock_push_request_errors(mock, API_JOIN_GROUP, 1,
-                                          RD_KAFKA_RESP_ERR_COORDINATOR_LOAD_IN_PROGRESS);
-        fprintf(stderr,
-                "faults: [%s] request errors pushed: Fetch, Produce, OffsetCommit, "
-                "Heartbeat, JoinGroup\n",
+        /* No coordinator errors (NOT_COORDINATOR, COORDINATOR_*, transport
+           errors on group requests, forced rejoins): they make the client
+           re-send a JoinGroup or SyncGroup the mock's coordinator still
+           holds, and 2.0.2's mock aborts the whole test on that
+           (rdkafka_mock_cgrp.c: Assertion `!member->resp'); seen in a CI run
+           with Heartbeat and OffsetCommit coordinator errors pushed. */
+        rd_kafka_mock_push_request_errors(mock, API_OFFSET_COMMIT, 2,
+                                          RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT,
+                                          RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT);
+        fprintf(stderr, "faults: [%s] request errors pushed: Fetch, Produce, OffsetCommit\n",
                 t->name);
-        t->faults += 5;
-        t->rebalances++;
+        t->faults += 3;
     }
     if (!wait_progress(t, 0.7)) {
         int32_t b = 2 + (int32_t)(next_rand(&t->rng) % (BROKERS - 1));
