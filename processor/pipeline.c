@@ -296,17 +296,23 @@ static void resend_outbox_item(void *opaque, const char *id, size_t id_len, cons
     t->outbox++;
 }
 
-/* Seeks topic `ti` of partition `part` to `offset` (a stored next offset, or
- * -1: where auto.offset.reset says). */
-static void seek_to(pql_pipeline *p, int32_t part, int ti, int64_t offset)
+/* Drops what task t's inboxes hold and seeks both its partitions back to the
+ * offsets stored in Redis (-1: where auto.offset.reset says), so reading
+ * resumes right after the last written batch. */
+static void rewind_task(pql_pipeline *p, pql_task *t)
 {
-    rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(1);
-    rd_kafka_topic_partition_list_add(l, p->topics[ti], part)->offset =
-        offset >= 0 ? offset : (p->reset_latest ? RD_KAFKA_OFFSET_END : RD_KAFKA_OFFSET_BEGINNING);
+    rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(PQL_NTOPICS);
+    for (int k = 0; k < PQL_NTOPICS; k++) {
+        inbox_clear(&p->inboxes[t->partition][k]);
+        int64_t off = t->committed[k];
+        rd_kafka_topic_partition_list_add(l, p->topics[k], t->partition)->offset =
+            off >= 0 ? off : (p->reset_latest ? RD_KAFKA_OFFSET_END : RD_KAFKA_OFFSET_BEGINNING);
+    }
     rd_kafka_error_t *e = rd_kafka_seek_partitions(p->consumer, l, 5000);
     if (e) {
-        pql_warn("seek failed", "topic=%s partition=%d offset=%lld error=\"%s\"", p->topics[ti],
-                 part, (long long)offset, rd_kafka_error_string(e));
+        pql_warn("seek failed", "partition=%d usage_offset=%lld accounts_offset=%lld error=\"%s\"",
+                 t->partition, (long long)t->committed[0], (long long)t->committed[1],
+                 rd_kafka_error_string(e));
         rd_kafka_error_destroy(e);
     }
     rd_kafka_topic_partition_list_destroy(l);
@@ -608,10 +614,7 @@ static void abandon_batch(pql_pipeline *p, pql_task *t)
              t->redis_failed ? "redis" : "dead letter not delivered");
     pql_task_abandon(t);
     t->redis_failed = 0;
-    for (int k = 0; k < PQL_NTOPICS; k++) {
-        inbox_clear(&p->inboxes[t->partition][k]);
-        seek_to(p, t->partition, k, t->committed[k]);
-    }
+    rewind_task(p, t);
 }
 
 /* Redis applied t's batch: produce its alerts (already in the outbox) and
@@ -732,10 +735,7 @@ static void retry_redis(pql_pipeline *p)
         pql_task *t = p->tasks[i];
         if (!t || t->state != PQL_TASK_ASSIGNED) continue;
         if (try_claim(p, t) < 0) return; /* Redis, not the task: one try per round */
-        for (int k = 0; k < PQL_NTOPICS; k++) {
-            inbox_clear(&p->inboxes[i][k]);
-            seek_to(p, i, k, t->committed[k]);
-        }
+        rewind_task(p, t);
     }
     if (write_pending(p) < 0) return;
     redis_recovered(p);

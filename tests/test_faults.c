@@ -815,8 +815,8 @@ static int zombie_episode(trial *t, int slot)
 }
 
 /* A zombie episode where member `slot` surely holds applied, unwritten
- * events when it freezes: Redis is frozen first, until the member logs a
- * failed write (its batch stays pending, to be retried); then the member is
+ * events when it freezes: Redis is frozen first, until the member logs
+ * pending_batches > 0 (built batches wait to be written as built); then the member is
  * frozen, Redis thawed, the member's partitions claimed by the others, and
  * the member thawed.  Its pending write carries the old epoch: the fence
  * must refuse it.  @returns 1 when its log gained a "fenced" line. */
