@@ -58,7 +58,7 @@ typedef struct bench_opts {
     const char *pqlstream, *rules, *workdir, *perf;
     const char *pql_args[16];
     int npql_args;
-    int skip_raw, skip_redis;
+    int skip_raw, skip_redis, skip_latency, skip_scaling, skip_accounts;
 } bench_opts;
 
 static void usage(FILE *out)
@@ -81,7 +81,8 @@ static void usage(FILE *out)
             "  --scale-events N    messages of each Redis-cost workload (1000000)\n"
             "  --perf FILE         perf record -g the first 1-process pqlstream run into FILE\n"
             "  --pql-arg ARG       extra argument for every pqlstream run (repeatable)\n"
-            "  --skip-raw, --skip-redis-benchmark\n"
+            "  --phases LIST       which figures besides pqlstream's own (always run), comma\n"
+            "                      list of raw,redis,latency,scaling,accounts (all)\n"
             "  --seed N            workload seed (1)\n"
             "  --workdir DIR       logs and the Redis data (bench-data)\n"
             "  --pqlstream PATH    the binary (build/pqlstream)\n"
@@ -142,10 +143,13 @@ static int parse_args(bench_opts *o, int argc, char **argv)
             exit(0);
         } else if (!strcmp(a, "--smoke")) {
             o->smoke = 1;
-        } else if (!strcmp(a, "--skip-raw")) {
-            o->skip_raw = 1;
-        } else if (!strcmp(a, "--skip-redis-benchmark")) {
-            o->skip_redis = 1;
+        } else if (!strcmp(a, "--phases") && v) {
+            const char *l = argv[++i];
+            o->skip_raw = !strstr(l, "raw");
+            o->skip_redis = !strstr(l, "redis");
+            o->skip_latency = !strstr(l, "latency");
+            o->skip_scaling = !strstr(l, "scaling");
+            o->skip_accounts = !strstr(l, "accounts");
         } else if (ARG("--events")) {
             o->events = atoll(v);
         } else if (ARG("--accounts")) {
@@ -905,7 +909,10 @@ int main(int argc, char **argv)
     printf("[5/7] event→alert latency: %.0f events/s offered for %.0f s, %d probe accounts/s "
            "crossing premium-attempts\n",
            rate, o->latency_s, o->probes_per_s);
-    if (measure_latency(&b, w, &main_in, last_group, rate, &lat) < 0) goto out;
+    if (o->skip_latency)
+        printf("  skipped (--phases)\n");
+    else if (measure_latency(&b, w, &main_in, last_group, rate, &lat) < 0)
+        goto out;
     printf("  offered %.0f events/s; %zu alerts measured (%ld of %ld probes); p50 %.1f ms, p99 "
            "%.1f ms, max %.1f ms\n",
            lat.offered, lat.samples, lat.probe_alerts, lat.probes, lat.p50, lat.p99, lat.max);
@@ -917,7 +924,7 @@ int main(int argc, char **argv)
     /* -- E: scaling -- */
     printf("[6/7] scaling: 2..%d pqlstream processes in one group\n", o->max_procs);
     int revoked_scaling = 0;
-    for (int n = 2; n <= o->max_procs; n++)
+    for (int n = 2; n <= (o->skip_scaling ? 1 : o->max_procs); n++)
         for (int i = 0; i < o->reps; i++) {
             pql_run r;
             if (measure_pqlstream(&b, &main_in, n, NULL, &r, NULL, 0) < 0) goto out;
@@ -934,7 +941,7 @@ int main(int argc, char **argv)
            (long long)o->scale_events);
     static figure s_eps[MAX_SCALES], s_rt[MAX_SCALES], s_cmds[MAX_SCALES], s_in[MAX_SCALES],
         s_rcpu[MAX_SCALES], s_rss[MAX_SCALES], s_mem[MAX_SCALES];
-    for (int s = 0; s < o->nscales; s++) {
+    for (int s = 0; s < (o->skip_accounts ? 0 : o->nscales); s++) {
         char *u = NULL, *a = NULL;
         if (asprintf(&u, "bench-usage-a%d", o->scales[s]) < 0 ||
             asprintf(&a, "bench-accounts-a%d", o->scales[s]) < 0)
@@ -998,14 +1005,15 @@ int main(int argc, char **argv)
     row("  redis-server CPU per event", &rcpu, "µs", NULL);
     row("  pqlstream peak RSS (VmHWM)", &rss, "MB", NULL);
     row("  pqlstream CPU per million events", &cpu, "s", NULL);
-    figure f50 = {.v = {lat.p50}, .n = 1}, f99 = {.v = {lat.p99}, .n = 1},
-           fmax = {.v = {lat.max}, .n = 1};
+    figure f50 = {.v = {lat.p50}, .n = !o->skip_latency},
+           f99 = {.v = {lat.p99}, .n = !o->skip_latency},
+           fmax = {.v = {lat.max}, .n = !o->skip_latency};
     snprintf(note, sizeof note, "at %.0f events/s offered; %zu alerts", lat.offered, lat.samples);
     row("event→alert latency p50", &f50, "ms", note);
     snprintf(note, sizeof note, "target < 50 ms: %s", lat.p99 < 50 ? "met" : "NOT met");
     row("event→alert latency p99", &f99, "ms", note);
     row("event→alert latency max", &fmax, "ms", NULL);
-    for (int n = 2; n <= o->max_procs; n++) {
+    for (int n = 2; n <= (o->skip_scaling ? 1 : o->max_procs); n++) {
         char name[96];
         snprintf(name, sizeof name, "pqlstream, %d processes: events/s", n);
         snprintf(note, sizeof note, "×%.2f of 1 process%s",
@@ -1013,7 +1021,7 @@ int main(int argc, char **argv)
                  revoked_scaling ? "; a rebalance happened during a run" : "");
         row(name, &eps[n], "/s", note);
     }
-    for (int s = 0; s < o->nscales; s++) {
+    for (int s = 0; s < (o->skip_accounts ? 0 : o->nscales); s++) {
         char name[96];
         snprintf(note, sizeof note, "%lld accounts appeared",
                  (long long)scale_in[s].produced.accounts);
@@ -1032,7 +1040,7 @@ int main(int argc, char **argv)
         snprintf(name, sizeof name, "%d accounts: pqlstream peak RSS", o->scales[s]);
         row(name, &s_rss[s], "MB", NULL);
     }
-    if (o->nscales >= 2 && s_rss[0].n && s_rss[1].n) {
+    if (!o->skip_accounts && o->nscales >= 2 && s_rss[0].n && s_rss[1].n) {
         /* the same number of messages, so Kafka's buffers cancel out: the RSS
            difference is the cache of the extra accounts (all cached while
            below cache.max_accounts) */
