@@ -303,6 +303,7 @@ typedef struct pql_run {
     double rt_per_event, cmds_per_event, client_cmds_per_event, evalsha_per_event;
     double in_bytes_per_event, redis_cpu_us_per_event;
     double cpu_s_per_m, peak_rss, used_mem;
+    double cores_pql, cores_redis, cores_bench; /* CPU busy / wall time during the run */
     int64_t stats[BENCH_NSTATS];
     int64_t keys;
     int revocations;
@@ -358,8 +359,8 @@ static int produce_input(bench *b, bench_workload *w, input *in, int64_t events)
 }
 
 /* Starts `n` pqlstream processes of `group` on `in`. */
-static int start_procs(bench *b, const input *in, const char *group, int n, bench_proc *procs,
-                       const char *extra)
+static int start_procs(bench *b, const input *in, const char *group, const char *tag, int n,
+                       bench_proc *procs, const char *extra)
 {
     char err[512];
     for (int i = 0; i < n; i++) {
@@ -385,7 +386,7 @@ static int start_procs(bench *b, const input *in, const char *group, int n, benc
         for (int j = 0; j < b->o.npql_args; j++)
             argv[k++] = b->o.pql_args[j];
         argv[k] = NULL;
-        snprintf(log, sizeof log, "%s/%s-%d.log", b->o.workdir, group, i);
+        snprintf(log, sizeof log, "%s/%s%s-%d.log", b->o.workdir, group, tag, i);
         if (bench_proc_start(&procs[i], (char *const *)argv, log, err, sizeof err) < 0) {
             fprintf(stderr, "pqlbench: cannot start pqlstream: %s\n", err);
             return -1;
@@ -456,11 +457,11 @@ static int measure_pqlstream(bench *b, const input *in, int n, const char *perf,
                          .end = {in->end[0], in->end[1]}};
     pg.done = calloc((size_t)pg.partitions, 1);
     if (bench_redis_flush(&b->r) < 0) goto out;
-    if (start_procs(b, in, group, n, procs, NULL) < 0) goto out;
+    if (start_procs(b, in, group, "", n, procs, NULL) < 0) goto out;
     if (wait_progress(b, &pg, procs, n, 0, 120) < 0) goto stop;
 
     bench_redis_info i0, i1;
-    double cpu0[MAX_PROCS], t0 = bench_mono_s();
+    double cpu0[MAX_PROCS], t0 = bench_mono_s(), bench_cpu0 = bench_proc_cpu(getpid());
     bench_redis_info_read(&b->r, &i0);
     for (int i = 0; i < n; i++)
         cpu0[i] = bench_proc_cpu(procs[i].pid);
@@ -474,7 +475,7 @@ static int measure_pqlstream(bench *b, const input *in, int n, const char *perf,
             fprintf(stderr, "pqlbench: perf: %s\n", err);
     }
     if (wait_progress(b, &pg, procs, n, 1, TIMEOUT_S) < 0) goto stop;
-    double t1 = bench_mono_s();
+    double t1 = bench_mono_s(), bench_cpu1 = bench_proc_cpu(getpid());
     bench_redis_info_read(&b->r, &i1);
     double cpu = 0;
     for (int i = 0; i < n; i++) {
@@ -502,6 +503,9 @@ static int measure_pqlstream(bench *b, const input *in, int n, const char *perf,
     out->in_bytes_per_event = (double)(i1.net_in - i0.net_in - (i1.own_in - i0.own_in)) / ev;
     out->redis_cpu_us_per_event = (i1.cpu - i0.cpu) * 1e6 / ev;
     out->cpu_s_per_m = cpu / (ev / 1e6);
+    out->cores_pql = cpu / out->seconds;
+    out->cores_redis = (i1.cpu - i0.cpu) / out->seconds;
+    out->cores_bench = (bench_cpu1 - bench_cpu0) / out->seconds;
     out->used_mem = (double)i1.used_mem;
     out->keys = i1.keys;
     rc = 0;
@@ -558,13 +562,11 @@ static void *alert_reader(void *opaque)
         rd_kafka_topic_partition_list_add(l, "bench-alerts", p)->offset = c->start[p];
     rd_kafka_assign(rk, l);
     rd_kafka_topic_partition_list_destroy(l);
-    rd_kafka_queue_t *q = rd_kafka_queue_get_consumer(rk);
-    rd_kafka_message_t *msgs[256];
+    /* one message at a time: consume_batch_queue would wait for a full batch */
     while (!atomic_load(&c->stop)) {
-        ssize_t n = rd_kafka_consume_batch_queue(q, 100, msgs, 256);
+        rd_kafka_message_t *m = rd_kafka_consumer_poll(rk, 100);
         int64_t now = pql_now_ms();
-        for (ssize_t i = 0; i < n; i++) {
-            rd_kafka_message_t *m = msgs[i];
+        if (m) {
             json_t *j = m->err ? NULL : pql_alert_avro_to_json(m->payload, m->len, err, sizeof err);
             rd_kafka_message_destroy(m);
             if (!j) continue;
@@ -583,7 +585,6 @@ static void *alert_reader(void *opaque)
             json_decref(j);
         }
     }
-    rd_kafka_queue_destroy(q);
     rd_kafka_consumer_close(rk);
     rd_kafka_destroy(rk);
     return NULL;
@@ -599,6 +600,7 @@ static double percentile(double *s, size_t n, double p)
 
 typedef struct latency_result {
     double offered, p50, p99, max;
+    double cpu_pql, cpu_redis, cpu_bench; /* cores busy during the phase */
     size_t samples;
     long probes, probe_alerts;
 } latency_result;
@@ -630,20 +632,26 @@ static int measure_latency(bench *b, bench_workload *w, const input *in, const c
         fprintf(stderr, "pqlbench: latency: %s\n", err);
         goto out;
     }
-    if (start_procs(b, in, group, 1, &proc, NULL) < 0) goto out;
+    if (start_procs(b, in, group, "-latency", 1, &proc, NULL) < 0) goto out;
     if (wait_progress(b, &pg, &proc, 1, 0, 120) < 0) goto stop;
     if (!(rk = bench_live_producer(b->bootstraps, err, sizeof err))) {
         fprintf(stderr, "pqlbench: latency producer: %s\n", err);
         goto stop;
     }
-    c.since = pql_now_ms();
+    /* a warm-up first: the consumer's first fetches after the claim, the
+       cold cache; alerts triggered before `since` are not measured */
+    double warmup = b->o.latency_s / 4 < 3 ? b->o.latency_s / 4 : 3;
+    c.since = pql_now_ms() + (int64_t)(warmup * 1000);
     if (pthread_create(&reader, NULL, alert_reader, &c) != 0) goto stop;
     reading = 1;
     double t0 = bench_mono_s(), next_probe = t0, tokens = 0, last = t0;
+    double cpu_pql0 = bench_proc_cpu(proc.pid), cpu_redis0 = bench_proc_cpu(b->r.pid),
+           cpu_bench0 = bench_proc_cpu(getpid());
     long sent = 0;
+    int next_probe_id = 0;
     for (;;) {
         double now = bench_mono_s();
-        if (now - t0 >= b->o.latency_s) break;
+        if (now - t0 >= warmup + b->o.latency_s) break;
         tokens += (now - last) * rate;
         last = now;
         if (tokens > rate / 100 + 4) tokens = rate / 100 + 4; /* 10 ms bursts at most */
@@ -655,7 +663,8 @@ static int measure_latency(bench *b, bench_workload *w, const input *in, const c
         }
         int probe = -1;
         if (b->o.probes_per_s > 0 && now >= next_probe) {
-            probe = (int)out->probes++;
+            probe = (int)next_probe_id++;
+            if (now - t0 >= warmup + 0.001) out->probes++; /* measured ones */
             next_probe += 1.0 / b->o.probes_per_s;
         }
         int k = bench_live_step(w, rk, in->usage, in->accounts, pql_now_ms(), probe);
@@ -663,7 +672,13 @@ static int measure_latency(bench *b, bench_workload *w, const input *in, const c
         tokens -= k;
         sent += k;
     }
-    out->offered = (double)sent / (bench_mono_s() - t0);
+    double span = bench_mono_s() - t0;
+    out->offered = (double)sent / span;
+    /* who was busy: pqlstream, redis-server, and this process (the load
+       generator and the in-process mock cluster, which serves every fetch) */
+    out->cpu_pql = (bench_proc_cpu(proc.pid) - cpu_pql0) / span;
+    out->cpu_redis = (bench_proc_cpu(b->r.pid) - cpu_redis0) / span;
+    out->cpu_bench = (bench_proc_cpu(getpid()) - cpu_bench0) / span;
     rd_kafka_flush(rk, 10000);
     /* wait for the last probes' alerts (at most 10 s) */
     for (int i = 0; i < 1000 && atomic_load(&c.probe_alerts) < out->probes; i++) {
@@ -871,11 +886,12 @@ int main(int argc, char **argv)
             goto out;
         printf("  run %d: %.0f events/s in %.1f s; %.4f round trips, %.4f commands, %.4f "
                "EVALSHA per event; peak RSS %.0f MB; %.2f CPU s per M events; alerts %lld PQL + "
-               "%lld expansion; revocations %d\n",
+               "%lld expansion; revocations %d; cores busy: pqlstream %.2f, redis-server %.2f, "
+               "pqlbench (mock cluster) %.2f\n",
                i + 1, last.events_per_s, last.seconds, last.rt_per_event, last.cmds_per_event,
                last.evalsha_per_event, last.peak_rss / 1048576, last.cpu_s_per_m,
                (long long)last.stats[BENCH_ALERTS_PQL], (long long)last.stats[BENCH_ALERTS_EXP],
-               last.revocations);
+               last.revocations, last.cores_pql, last.cores_redis, last.cores_bench);
         fig_add(&eps[1], last.events_per_s);
         if (raw.n) fig_add(&ratio, last.events_per_s / raw.v[i < raw.n ? i : raw.n - 1]);
         fig_add(&rt, last.rt_per_event);
@@ -914,8 +930,10 @@ int main(int argc, char **argv)
     else if (measure_latency(&b, w, &main_in, last_group, rate, &lat) < 0)
         goto out;
     printf("  offered %.0f events/s; %zu alerts measured (%ld of %ld probes); p50 %.1f ms, p99 "
-           "%.1f ms, max %.1f ms\n",
-           lat.offered, lat.samples, lat.probe_alerts, lat.probes, lat.p50, lat.p99, lat.max);
+           "%.1f ms, max %.1f ms; cores busy: pqlstream %.2f, redis-server %.2f, pqlbench (load "
+           "generator + mock cluster) %.2f\n",
+           lat.offered, lat.samples, lat.probe_alerts, lat.probes, lat.p50, lat.p99, lat.max,
+           lat.cpu_pql, lat.cpu_redis, lat.cpu_bench);
     if (o->smoke) {
         check(&failures, "latency samples", (double)lat.samples);
         check(&failures, "latency p50", lat.p50 + 0.5);
@@ -929,8 +947,9 @@ int main(int argc, char **argv)
             pql_run r;
             if (measure_pqlstream(&b, &main_in, n, NULL, &r, NULL, 0) < 0) goto out;
             printf("  %d processes, run %d: %.0f events/s in %.1f s (revocations during the run: "
-                   "%d)\n",
-                   n, i + 1, r.events_per_s, r.seconds, r.revocations);
+                   "%d); cores busy: pqlstream %.2f, redis-server %.2f, pqlbench %.2f\n",
+                   n, i + 1, r.events_per_s, r.seconds, r.revocations, r.cores_pql, r.cores_redis,
+                   r.cores_bench);
             revoked_scaling += r.revocations;
             fig_add(&eps[n], r.events_per_s);
             if (o->smoke) check(&failures, "scaling events/s", r.events_per_s);
