@@ -83,6 +83,11 @@ typedef struct bench_redis_info {
     double cpu;       /* redis-server process CPU seconds */
     int64_t own_cmds; /* commands the bench sent so far (subtract) */
     int64_t own_in;   /* bytes the bench sent so far, approximately */
+    struct {
+        char name[32];
+        int64_t calls;
+    } cmd[48]; /* INFO commandstats per command, those run inside Lua included */
+    int ncmd;
 } bench_redis_info;
 
 typedef struct bench_redis {

@@ -507,6 +507,17 @@ static int measure_pqlstream(bench *b, const input *in, int n, const char *perf,
     out->cores_redis = (i1.cpu - i0.cpu) / out->seconds;
     out->cores_bench = (bench_cpu1 - bench_cpu0) / out->seconds;
     out->used_mem = (double)i1.used_mem;
+    if (perf || b->runs == 1) { /* once: which commands make up the server's count */
+        printf("  server commands per event, by command (first run):");
+        for (int k = 0; k < i1.ncmd; k++) {
+            int64_t before = 0;
+            for (int m = 0; m < i0.ncmd; m++)
+                if (!strcmp(i0.cmd[m].name, i1.cmd[k].name)) before = i0.cmd[m].calls;
+            double per = (double)(i1.cmd[k].calls - before) / ev;
+            if (per >= 0.0005) printf(" %s %.4f", i1.cmd[k].name, per);
+        }
+        printf(" (hget/hmget/info: the bench's own polling)\n");
+    }
     out->keys = i1.keys;
     rc = 0;
 stop:
@@ -664,10 +675,11 @@ static int measure_latency(bench *b, bench_workload *w, const input *in, const c
         int probe = -1;
         if (b->o.probes_per_s > 0 && now >= next_probe) {
             probe = (int)next_probe_id++;
-            if (now - t0 >= warmup + 0.001) out->probes++; /* measured ones */
             next_probe += 1.0 / b->o.probes_per_s;
         }
-        int k = bench_live_step(w, rk, in->usage, in->accounts, pql_now_ms(), probe);
+        int64_t stamp = pql_now_ms();
+        if (probe >= 0 && stamp >= c.since) out->probes++; /* measured ones */
+        int k = bench_live_step(w, rk, in->usage, in->accounts, stamp, probe);
         if (k < 0) goto stop;
         tokens -= k;
         sent += k;
@@ -886,11 +898,13 @@ int main(int argc, char **argv)
             goto out;
         printf("  run %d: %.0f events/s in %.1f s; %.4f round trips, %.4f commands, %.4f "
                "EVALSHA per event; peak RSS %.0f MB; %.2f CPU s per M events; alerts %lld PQL + "
-               "%lld expansion; revocations %d; cores busy: pqlstream %.2f, redis-server %.2f, "
+               "%lld expansion; late %lld; dead letters %lld; revocations %d; cores busy: "
+               "pqlstream %.2f, redis-server %.2f, "
                "pqlbench (mock cluster) %.2f\n",
                i + 1, last.events_per_s, last.seconds, last.rt_per_event, last.cmds_per_event,
                last.evalsha_per_event, last.peak_rss / 1048576, last.cpu_s_per_m,
                (long long)last.stats[BENCH_ALERTS_PQL], (long long)last.stats[BENCH_ALERTS_EXP],
+               (long long)last.stats[BENCH_LATE], (long long)last.stats[BENCH_DEAD],
                last.revocations, last.cores_pql, last.cores_redis, last.cores_bench);
         fig_add(&eps[1], last.events_per_s);
         if (raw.n) fig_add(&ratio, last.events_per_s / raw.v[i < raw.n ? i : raw.n - 1]);

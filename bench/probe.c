@@ -133,6 +133,14 @@ int bench_redis_info_read(bench_redis *r, bench_redis_info *out)
     out->net_out = info_field(s, "\ntotal_net_output_bytes:");
     out->used_mem = info_field(s, "\nused_memory:");
     out->keys = info_field(s, "\ndb0:keys=");
+    for (const char *c = strstr(s, "\ncmdstat_"); c && out->ncmd < 48;
+         c = strstr(c + 1, "\ncmdstat_")) {
+        const char *colon = strchr(c, ':'), *calls = strstr(c, ":calls=");
+        if (!colon || calls != colon || colon - c - 9 >= 32) continue;
+        snprintf(out->cmd[out->ncmd].name, sizeof out->cmd[0].name, "%.*s", (int)(colon - c - 9),
+                 c + 9);
+        out->cmd[out->ncmd++].calls = strtoll(calls + 7, NULL, 10);
+    }
     freeReplyObject(rep);
     out->cpu = bench_proc_cpu(r->pid);
     out->own_cmds = r->own_cmds;
