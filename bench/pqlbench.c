@@ -391,7 +391,8 @@ static int start_procs(bench *b, const input *in, const char *group, const char 
             fprintf(stderr, "pqlbench: cannot start pqlstream: %s\n", err);
             return -1;
         }
-        if (b->runs == 1 && i == 0) {
+        static int printed;
+        if (!printed++) {
             printf("  pqlstream command:");
             for (int j = 0; argv[j]; j++)
                 printf(" %s", argv[j]);
