@@ -969,6 +969,11 @@ int pql_pipeline_run(pql_pipeline *p, volatile sig_atomic_t *stop, volatile sig_
         }
     }
     stop_cleanly(p);
+    /* Totals for benchmarks and capacity planning (bench/, docs/performance.md). */
+    uint64_t round_trips = 0, commands = 0;
+    pql_store_stats(p->store, &round_trips, &commands);
+    pql_info("redis client totals", "round_trips=%llu commands=%llu",
+             (unsigned long long)round_trips, (unsigned long long)commands);
     return 0;
 }
 
