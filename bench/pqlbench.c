@@ -382,6 +382,9 @@ static int start_procs(bench *b, const input *in, const char *group, const char 
         argv[k++] = "--topics.dlq=bench-dlq";
         argv[k++] = "--kafka.session.timeout.ms=6000";
         argv[k++] = "--rules.watch=0";
+        /* an ephemeral port: several processes per run, and any pqlstream
+           already serving the default port on this host */
+        argv[k++] = "--http=127.0.0.1:0";
         if (extra) argv[k++] = extra;
         for (int j = 0; j < b->o.npql_args; j++)
             argv[k++] = b->o.pql_args[j];
