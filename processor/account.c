@@ -70,6 +70,7 @@ struct pql_account {
     pql_value *sigval;
     unsigned char *sigval_ok;
     unsigned batch_mark; /* see pql_account_mark */
+    int64_t ttl_set_at;  /* see pql_account_ttl_set_at */
 };
 
 /* What expression lookups see while an event is applied. */
@@ -735,6 +736,21 @@ unsigned pql_account_mark(pql_account *a, unsigned mark)
     unsigned old = a->batch_mark;
     a->batch_mark = mark;
     return old;
+}
+
+unsigned pql_account_batch_mark(const pql_account *a)
+{
+    return a->batch_mark;
+}
+
+int64_t pql_account_ttl_set_at(const pql_account *a)
+{
+    return a->ttl_set_at;
+}
+
+void pql_account_set_ttl_set_at(pql_account *a, int64_t at)
+{
+    a->ttl_set_at = at;
 }
 
 int pql_account_dirty(const pql_account *a)

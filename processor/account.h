@@ -77,6 +77,14 @@ void pql_account_flush(pql_account *a, pql_field_set_fn set, pql_field_del_fn de
 /** Sets the account's batch mark to `mark` and returns the previous one: how
  *  a task lists each account it touched in a batch once (marks start at 0). */
 unsigned pql_account_mark(pql_account *a, unsigned mark);
+unsigned pql_account_batch_mark(const pql_account *a);
+
+/** When (wall clock, ms) this process last set the expiry of the account's
+ *  Redis hash; 0 if it never did (a new or a loaded account).  Not stored:
+ *  the task refreshes the expiry once per state.ttl/64 (task.c), not at
+ *  every write. */
+int64_t pql_account_ttl_set_at(const pql_account *a);
+void pql_account_set_ttl_set_at(pql_account *a, int64_t at);
 
 /** @returns non-zero if the account has unflushed changes. */
 int pql_account_dirty(const pql_account *a);

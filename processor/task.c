@@ -71,20 +71,28 @@ pql_task *pql_task_new(int32_t partition, uint64_t generation)
     return t;
 }
 
-void pql_task_alerts_clear(pql_task *t)
+/* Frees alerts [0, n) and moves the rest to the front. */
+static void alerts_drop(pql_task *t, size_t n)
 {
-    for (size_t i = 0; i < t->nalerts; i++) {
+    for (size_t i = 0; i < n; i++) {
         free(t->alerts[i].key);
         free(t->alerts[i].payload);
         free(t->alerts[i].rule);
     }
-    t->nalerts = 0;
+    memmove(t->alerts, t->alerts + n, (t->nalerts - n) * sizeof(*t->alerts));
+    t->nalerts -= n;
+}
+
+void pql_task_alerts_published(pql_task *t)
+{
+    alerts_drop(t, t->built_alerts);
+    t->built_alerts = 0;
 }
 
 void pql_task_destroy(pql_task *t)
 {
     if (!t) return;
-    pql_task_alerts_clear(t);
+    alerts_drop(t, t->nalerts);
     free(t->alerts);
     free(t->delivered);
     free(t->touched);
@@ -233,7 +241,7 @@ void pql_task_skip(pql_task *t, int topic, int64_t offset, int dead_lettered)
 typedef struct build_ctx {
     pql_task *t;
     const char *group;
-    int64_t ttl_ms;
+    int64_t ttl_ms, now_ms;
     int any;
 } build_ctx;
 
@@ -254,7 +262,13 @@ static void build_account(build_ctx *c, pql_account *a)
     if (!pql_account_dirty(a)) return;
     size_t len;
     const char *id = pql_account_id(a, &len);
-    if (pql_store_batch_account(c->t->batch, id, len, c->ttl_ms) != PQL_OK) abort();
+    int64_t ttl = 0; /* 0: the script leaves the expiry as it is */
+    int64_t set_at = pql_account_ttl_set_at(a);
+    if (c->ttl_ms > 0 && (set_at == 0 || c->now_ms - set_at >= c->ttl_ms / 64)) {
+        ttl = c->ttl_ms;
+        pql_account_set_ttl_set_at(a, c->now_ms);
+    }
+    if (pql_store_batch_account(c->t->batch, id, len, ttl) != PQL_OK) abort();
     pql_account_flush(a, field_set, field_del, c);
     c->any = 1;
 }
@@ -271,14 +285,16 @@ static void add_metric(void *opaque, const char *hash, const char *field, int64_
     c->any = 1;
 }
 
-int pql_task_build_batch(pql_task *t, const char *group, const char *const *topics, int64_t ttl_ms)
+int pql_task_build_batch(pql_task *t, const char *group, const char *const *topics, int64_t ttl_ms,
+                         int64_t now_ms)
 {
     CHECK(t);
     if (t->state != PQL_TASK_RUNNING) return 0;
     pql_store_batch_begin(t->batch, group, t->partition, t->claim.epoch, t->claim.seq);
-    build_ctx c = {t, group, ttl_ms, 0};
+    build_ctx c = {t, group, ttl_ms, now_ms > 0 ? now_ms : 1, 0};
     for (size_t i = 0; i < t->ntouched; i++)
         build_account(&c, t->touched[i]);
+    t->built_no = t->batch_no;
     untouch_all(t);
     for (int i = 0; i < PQL_NTOPICS; i++)
         if (t->next[i] >= 0 && t->next[i] != t->committed[i]) {
@@ -301,6 +317,12 @@ int pql_task_build_batch(pql_task *t, const char *group, const char *const *topi
     add_counter(t, "alerts_pql", t->batch_stats.alerts_pql);
     add_counter(t, "alerts_expansion", t->batch_stats.alerts_expansion);
     if (t->metrics) pql_metrics_drain(t->metrics, add_metric, &c);
+    /* What this batch writes; what is applied from now on is the next one's. */
+    t->built_alerts = t->nalerts;
+    memcpy(t->built_next, t->next, sizeof(t->next));
+    t->built_stats = t->batch_stats;
+    memset(&t->batch_stats, 0, sizeof(t->batch_stats));
+    t->dirty = 0;
     return c.any;
 }
 
@@ -309,36 +331,37 @@ void pql_task_committed(pql_task *t)
     CHECK(t);
     t->claim.seq++;
     for (int i = 0; i < PQL_NTOPICS; i++)
-        t->committed[i] = t->next[i];
+        t->committed[i] = t->built_next[i];
     /* deliveries reported while the batch was in flight stay for the next one */
     if (t->delivered_in_batch)
         memmove(t->delivered, t->delivered + t->delivered_in_batch,
                 (t->ndelivered - t->delivered_in_batch) * sizeof(*t->delivered));
     t->ndelivered -= t->delivered_in_batch;
-    t->outbox += (int64_t)t->nalerts - (int64_t)t->delivered_in_batch;
+    t->outbox += (int64_t)t->built_alerts - (int64_t)t->delivered_in_batch;
     if (t->outbox < 0) t->outbox = 0; /* an alert delivered twice (re-sent) is deleted twice */
     t->delivered_in_batch = 0;
-    t->stats.consumed += t->batch_stats.consumed;
-    t->stats.dead_lettered += t->batch_stats.dead_lettered;
-    t->stats.late += t->batch_stats.late;
-    t->stats.alerts_pql += t->batch_stats.alerts_pql;
-    t->stats.alerts_expansion += t->batch_stats.alerts_expansion;
+    t->stats.consumed += t->built_stats.consumed;
+    t->stats.dead_lettered += t->built_stats.dead_lettered;
+    t->stats.late += t->built_stats.late;
+    t->stats.alerts_pql += t->built_stats.alerts_pql;
+    t->stats.alerts_expansion += t->built_stats.alerts_expansion;
     for (int i = 0; i < PQL_NTOPICS; i++) {
-        t->stats.topic_consumed[i] += t->batch_stats.topic_consumed[i];
-        t->stats.topic_dead_lettered[i] += t->batch_stats.topic_dead_lettered[i];
-        t->stats.topic_late[i] += t->batch_stats.topic_late[i];
+        t->stats.topic_consumed[i] += t->built_stats.topic_consumed[i];
+        t->stats.topic_dead_lettered[i] += t->built_stats.topic_dead_lettered[i];
+        t->stats.topic_late[i] += t->built_stats.topic_late[i];
     }
-    memset(&t->batch_stats, 0, sizeof(t->batch_stats));
-    t->dirty = 0;
+    memset(&t->built_stats, 0, sizeof(t->built_stats));
 }
 
 void pql_task_abandon(pql_task *t)
 {
     pql_task_drop_cache(t);
-    pql_task_alerts_clear(t);
+    alerts_drop(t, t->nalerts);
+    t->built_alerts = 0;
     for (int i = 0; i < PQL_NTOPICS; i++)
         t->next[i] = t->committed[i];
     memset(&t->batch_stats, 0, sizeof(t->batch_stats));
+    memset(&t->built_stats, 0, sizeof(t->built_stats));
     if (t->metrics) pql_metrics_clear(t->metrics); /* the accounts reload: so do their counts */
     t->delivered_in_batch = 0;
     t->dlq_failed = 0;
@@ -364,8 +387,14 @@ void pql_task_drop_cache(pql_task *t)
     if (!t->cache) abort();
 }
 
+static int in_built_batch(void *opaque, const pql_account *a)
+{
+    const pql_task *t = opaque;
+    return t->built_no && pql_account_batch_mark(a) == t->built_no;
+}
+
 void pql_task_trim(pql_task *t, size_t max)
 {
     assert(t->ntouched == 0 && "trim only between a build and the next apply");
-    pql_cache_evict(t->cache, max);
+    pql_cache_evict(t->cache, max, in_built_batch, t);
 }

@@ -54,8 +54,14 @@ typedef struct pql_task {
     int64_t next[PQL_NTOPICS];      /* next offset to process per topic (-1 unknown) */
     int64_t committed[PQL_NTOPICS]; /* next offset as stored in Redis */
     pql_cache *cache;
-    pql_task_alert *alerts; /* fired in the batch in progress */
-    size_t nalerts, alerts_cap;
+    pql_task_alert *alerts;     /* fired and not yet produced: the built batch's */
+    size_t nalerts, alerts_cap; /* first (built_alerts), then those applied since */
+    /* The batch built and not yet committed (it may be in flight to Redis
+       while the task applies further messages): what it writes of the
+       task's progress, so that committing it accounts for exactly that. */
+    size_t built_alerts;
+    int64_t built_next[PQL_NTOPICS];
+    pql_task_stats built_stats;
     char (*delivered)[PQL_ALERT_ID_LEN + 1]; /* delivered: to remove from the outbox */
     size_t ndelivered, delivered_cap;
     size_t delivered_in_batch; /* how many of `delivered` the current batch removes */
@@ -66,6 +72,7 @@ typedef struct pql_task {
     pql_account **touched;        /* accounts adopted or applied to since the last build: */
     size_t ntouched, touched_cap; /* the only ones a batch can have changed */
     unsigned batch_no;            /* their pql_account_mark; never 0 */
+    unsigned built_no;            /* the batch_no of the built batch (0: none yet) */
     pql_store_batch *batch;
     int dirty;            /* something to write */
     int64_t outbox;       /* alerts in the partition's Redis outbox not yet known delivered:
@@ -109,17 +116,25 @@ void pql_task_skip(pql_task *t, int topic, int64_t offset, int dead_lettered);
 
 /** Builds this batch's atomic write into t->batch: every dirty account's
  *  fields, the next offsets, outbox puts (new alerts) and deletes (delivered
- *  alerts), counters (and metric counters, when tracked).  `topics` names the two input topics;
- * `ttl_ms` is the account key TTL.  @returns 1 if there is anything to write, 0 if not. */
-int pql_task_build_batch(pql_task *t, const char *group, const char *const *topics, int64_t ttl_ms);
+ *  alerts), counters (and metric counters, when tracked).  `topics` names the
+ *  two input topics.  `ttl_ms` is the account key TTL: an account's expiry is
+ *  set when this process first writes it, then again only once `ttl_ms`/64
+ *  has passed (wall clock `now_ms`), so a key expires between 63/64 and all
+ *  of `ttl_ms` after its last write, and Redis runs a PEXPIRE per account per
+ *  ttl/64 instead of per batch.  @returns 1 if there is anything to write. */
+int pql_task_build_batch(pql_task *t, const char *group, const char *const *topics, int64_t ttl_ms,
+                         int64_t now_ms);
 
-/** After Redis applied t->batch: seq advances, committed offsets catch up,
- *  the outbox deletes are done (t->outbox follows), t->stats adds
- *  t->batch_stats (read the batch's figures before calling this).  The batch's alerts stay in
- * t->alerts for the caller to produce, then pql_task_alerts_clear(). */
+/** After Redis applied t->batch: seq advances, committed offsets catch up
+ *  with the built ones, the outbox deletes are done (t->outbox follows),
+ *  t->stats adds t->built_stats (read the batch's figures before calling
+ *  this).  The batch's alerts stay first in t->alerts (t->built_alerts of
+ *  them) for the caller to produce, then pql_task_alerts_published().
+ *  Messages applied after the build stay for the next batch. */
 void pql_task_committed(pql_task *t);
 
-void pql_task_alerts_clear(pql_task *t);
+/** Forgets the built batch's alerts (produced): the first t->built_alerts. */
+void pql_task_alerts_published(pql_task *t);
 
 /** Abandons the batch in progress: drops the cache (accounts reload from
  *  Redis), pending alerts and counters; processing resumes at the committed
@@ -134,8 +149,10 @@ void pql_task_delivered(pql_task *t, const char *alert_id);
  *  reload from Redis on next touch (a rule-set reload). */
 void pql_task_drop_cache(pql_task *t);
 
-/** Evicts clean accounts beyond `max` from the cache.  Only between a batch
- *  build and the next apply (nothing touched and unbuilt). */
+/** Evicts clean accounts beyond `max` from the cache, except those of the
+ *  batch just built (until it is committed, a reload from Redis could miss
+ *  it).  Only between a batch build and the next apply (nothing touched and
+ *  unbuilt). */
 void pql_task_trim(pql_task *t, size_t max);
 
 #endif

@@ -1,0 +1,82 @@
+/* test_task.c — the task's batch building (pure: no Kafka, no Redis). */
+#include "task.h"
+
+#include <criterion/criterion.h>
+#include <string.h>
+
+#define TTL_MS (64LL * 1000 * 1000) /* ttl/64 = 1,000,000 ms */
+
+static pql_rules *rules_of(const char *yaml)
+{
+    pql_buf e = {0};
+    pql_rules *r = pql_rules_load_string(yaml, "t.yaml", &e);
+    cr_assert_not_null(r, "%s", e.data ? e.data : "");
+    pql_buf_free(&e);
+    return r;
+}
+
+static pql_task *running_task(void)
+{
+    pql_task *t = pql_task_new(3, 1);
+    cr_assert_not_null(t);
+    pql_claim claim = {.epoch = 1, .seq = 0, .offsets = {-1, -1}};
+    pql_task_claimed(t, &claim);
+    return t;
+}
+
+static void login(pql_task *t, pql_account *a, int64_t offset)
+{
+    pql_event ev = {0};
+    size_t len;
+    ev.kind = PQL_INPUT_USAGE;
+    ev.account_id = pql_account_id(a, &len);
+    ev.account_id_len = len;
+    ev.event = "login";
+    ev.event_len = 5;
+    ev.event_id = "e";
+    ev.event_id_len = 1;
+    ev.timestamp = 1700000000000LL + offset;
+    pql_task_apply(t, &ev, PQL_TOPIC_USAGE, offset, 1700000000000LL, 1);
+}
+
+/* The expiry of an account's hash is set at its first write by this process,
+ * then only once ttl/64 has passed: Redis does not run a PEXPIRE per account
+ * per batch. */
+Test(task, account_expiry_is_refreshed_once_per_ttl_64th)
+{
+    pql_rules *rules = rules_of("version: 1\n"
+                                "signals:\n"
+                                "  logins: { count: login, window: 7d }\n"
+                                "pql:\n"
+                                "  - name: busy\n"
+                                "    when: logins >= 1000\n");
+    pql_task *t = running_task();
+    pql_account *a = pql_account_new(rules, "acme", 4);
+    cr_assert_not_null(a);
+    pql_task_adopt(t, a);
+    cr_assert_eq(pql_account_ttl_set_at(a), 0, "a new account's expiry was never set");
+    const char *topics[PQL_NTOPICS] = {"usage", "accounts"};
+
+    int64_t t0 = 5000000;
+    login(t, a, 0);
+    cr_assert(pql_task_build_batch(t, "g", topics, TTL_MS, t0));
+    cr_assert_eq(pql_account_ttl_set_at(a), t0, "the first write sets the expiry");
+    pql_task_committed(t);
+
+    login(t, a, 1);
+    cr_assert(pql_task_build_batch(t, "g", topics, TTL_MS, t0 + TTL_MS / 64 - 1));
+    cr_assert_eq(pql_account_ttl_set_at(a), t0, "within ttl/64 the expiry is left alone");
+    pql_task_committed(t);
+
+    login(t, a, 2);
+    cr_assert(pql_task_build_batch(t, "g", topics, TTL_MS, t0 + TTL_MS / 64));
+    cr_assert_eq(pql_account_ttl_set_at(a), t0 + TTL_MS / 64, "after ttl/64 it is set again");
+    pql_task_committed(t);
+
+    login(t, a, 3);
+    cr_assert(pql_task_build_batch(t, "g", topics, 0, t0 + TTL_MS));
+    cr_assert_eq(pql_account_ttl_set_at(a), t0 + TTL_MS / 64, "no TTL configured: never set");
+
+    pql_task_destroy(t);
+    pql_rules_destroy(rules);
+}
