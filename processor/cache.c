@@ -150,13 +150,14 @@ static void remove_slot(pql_cache *c, size_t i)
     }
 }
 
-size_t pql_cache_evict(pql_cache *c, size_t max)
+size_t pql_cache_evict(pql_cache *c, size_t max, int (*keep)(void *opaque, const pql_account *a),
+                       void *opaque)
 {
     size_t evicted = 0;
     node *n = c->tail;
     while (n && c->count > max) {
         node *prev = n->prev;
-        if (!pql_account_dirty(n->a)) {
+        if (!pql_account_dirty(n->a) && !(keep && keep(opaque, n->a))) {
             remove_slot(c, find_slot(c, n->id, n->id_len, n->hash));
             lru_unlink(c, n);
             pql_account_destroy(n->a);

@@ -23,7 +23,9 @@ void pql_cache_put(pql_cache *c, pql_account *a);
 size_t pql_cache_count(const pql_cache *c);
 
 /** Evicts clean least-recently-used accounts until at most `max` remain (or
- *  only dirty ones are left).  @returns how many were evicted. */
-size_t pql_cache_evict(pql_cache *c, size_t max);
+ *  only dirty ones and those `keep` says to keep are left; `keep` may be
+ *  NULL).  @returns how many were evicted. */
+size_t pql_cache_evict(pql_cache *c, size_t max, int (*keep)(void *opaque, const pql_account *a),
+                       void *opaque);
 
 #endif

@@ -11,6 +11,7 @@
 #include "telemetry.h"
 
 #include <librdkafka/rdkafka.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -34,8 +35,23 @@ struct pql_pipeline {
     uint64_t rules_fingerprint; /* of the files `rules` came from (rules.watch) */
     int64_t rules_checked_at;   /* wall clock of the last look at them */
     rd_kafka_t *consumer;
+    rd_kafka_queue_t *queue; /* the consumer queue (poll_batch drains it) */
     pql_sink *sink;
-    pql_store *store;
+    pql_store *store;  /* claims, loads, outbox scans, pings */
+    pql_store *wstore; /* batch writes: used by the writer thread alone */
+    struct {           /* the writer thread and the write in flight (see "writing") */
+        pthread_t thread;
+        int started, quit;
+        pthread_mutex_t mu;
+        pthread_cond_t cv;
+        int job, done; /* a write handed over / its outcome ready (under mu) */
+        pql_store_batch **batches;
+        pql_task **owners;
+        pql_err *results;
+        size_t n; /* batches in flight (main thread only) */
+        pql_err io;
+        char err[512];
+    } flight;
     pql_decoder *decoders[PQL_NTOPICS];
     const char *topics[PQL_NTOPICS];
     int32_t npartitions;
@@ -199,12 +215,37 @@ static void redis_recovered(pql_pipeline *p)
     pql_info("redis reachable again; resuming", "%s", "");
 }
 
+/* Whether topic ti's half of task t is known to hold messages not received
+ * yet: librdkafka's high watermark for it (updated by every fetch response)
+ * is past the next offset the task needs.  Where the task starts is not
+ * known before its first message: from the earliest offset (0 while the low
+ * watermark is unknown; a partition emptied by retention reaches its end at
+ * once) unless auto.offset.reset=latest, where nothing old is awaited. */
+static int known_lag(pql_pipeline *p, const pql_task *t, int ti)
+{
+    int64_t lo = -1, hi = -1;
+    if (rd_kafka_get_watermark_offsets(p->consumer, p->topics[ti], t->partition, &lo, &hi) !=
+            RD_KAFKA_RESP_ERR_NO_ERROR ||
+        hi < 0)
+        return 0;
+    int64_t next = t->next[ti];
+    if (next < 0) {
+        if (p->reset_latest) return 0;
+        next = lo > 0 ? lo : 0;
+    }
+    return hi > next;
+}
+
 /* Chooses the next message of task `part` in the merge order: the smaller
  * record timestamp first, account updates before usage on a tie, each
  * partition in offset order.  The choice is a function of the logs alone —
- * so every run, interrupted or not, applies the same sequence — except when
- * one side has no message yet and is not known to be at its end: then the
- * task waits, up to processing.max_task_idle, before going on without it.
+ * so every run, interrupted or not, fetched fast or slowly, applies the same
+ * sequence — whenever both sides are known: a side with no message waits
+ * while it is known to have more (known_lag: the next fetch brings it, however
+ * long that takes) and is passed over once it is at its end (eof_at).  Only a
+ * side whose state is unknown (no fetch answered yet) is waited for up to
+ * processing.max_task_idle, then gone on without (the one timing-dependent
+ * case, as Kafka Streams' max.task.idle.ms after KIP-695).
  * @returns the topic index to take from, or -1 to wait. */
 static int merge_next(pql_pipeline *p, int32_t part, int64_t now)
 {
@@ -224,6 +265,10 @@ static int merge_next(pql_pipeline *p, int32_t part, int64_t now)
     if (pick >= 0) {
         p->blocked_since[part] = 0;
         return pick;
+    }
+    if (known_lag(p, p->tasks[part], mu ? PQL_TOPIC_ACCOUNTS : PQL_TOPIC_USAGE)) {
+        p->blocked_since[part] = 0; /* not idle: its messages are on the way */
+        return -1;
     }
     if (!p->blocked_since[part]) p->blocked_since[part] = now;
     if (now - p->blocked_since[part] < p->cfg->max_task_idle_ms) return -1;
@@ -623,10 +668,10 @@ static void publish(pql_pipeline *p, pql_task *t)
 {
     pql_telemetry_batch(p->tel, p->topics, t); /* before committed() resets the batch */
     pql_task_committed(t);
-    for (size_t k = 0; k < t->nalerts; k++)
+    for (size_t k = 0; k < t->built_alerts; k++)
         pql_sink_alert(p->sink, t->partition, t->generation, t->alerts[k].id, t->alerts[k].key,
                        t->alerts[k].key_len, t->alerts[k].payload, t->alerts[k].payload_len);
-    pql_task_alerts_clear(t);
+    pql_task_alerts_published(t);
     rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(2);
     for (int k = 0; k < PQL_NTOPICS; k++)
         if (t->committed[k] >= 0)
@@ -636,36 +681,73 @@ static void publish(pql_pipeline *p, pql_task *t)
     rd_kafka_topic_partition_list_destroy(l);
 }
 
-/* Writes every pending batch to Redis in one round trip; produces the
- * alerts of each applied one and commits its offsets to Kafka; drops a
- * fenced task.  A batch that failed on I/O stays pending, unchanged, for
+/* ---- writing -------------------------------------------------------------
+ *
+ * A built batch is pending (p->pending) until Redis has applied it.  Writes
+ * overlap processing: flush_batches() collects the outcome of the write in
+ * flight (write_finish), builds the next batches and hands them to the
+ * writer thread (write_start), which sends them and reads the replies on a
+ * connection of its own (p->wstore) while the loop polls and applies the
+ * next messages: pqlstream and Redis each busy on their core instead of
+ * taking turns.  (A non-blocking send alone would not do: a large pipeline
+ * fills the socket buffer and the sender waits while Redis executes.)
+ *
+ * The main thread owns everything else.  The writer touches only p->wstore,
+ * the batches handed over (not modified until their outcome is collected)
+ * and the flight fields under the mutex.  A task applies on while its batch
+ * is in flight: what it applies goes to its next batch (task.h: built_next,
+ * built_alerts, built_stats), and the accounts of the batch in flight stay
+ * cached (pql_task_trim), so no load on p->store reads Redis from before
+ * that write. */
+
+static void *writer_main(void *opaque)
+{
+    pql_pipeline *p = opaque;
+    pthread_mutex_lock(&p->flight.mu);
+    for (;;) {
+        while (!p->flight.job && !p->flight.quit)
+            pthread_cond_wait(&p->flight.cv, &p->flight.mu);
+        if (p->flight.quit) break;
+        size_t n = p->flight.n;
+        pthread_mutex_unlock(&p->flight.mu);
+        char err[512] = "";
+        uint64_t start = pql_telemetry_ticks();
+        pql_err io =
+            pql_store_commit(p->wstore, p->flight.batches, n, p->flight.results, err, sizeof(err));
+        pql_telemetry_redis(p->tel, "commit", start, io == PQL_OK, err);
+        pthread_mutex_lock(&p->flight.mu);
+        p->flight.io = io;
+        memcpy(p->flight.err, err, sizeof(err));
+        p->flight.job = 0;
+        p->flight.done = 1;
+        pthread_cond_broadcast(&p->flight.cv);
+    }
+    pthread_mutex_unlock(&p->flight.mu);
+    return NULL;
+}
+
+/* Collects the outcome of the write in flight (waiting for it): produces
+ * the alerts of each applied batch and commits its offsets to Kafka; drops
+ * a fenced task.  A batch that failed on I/O stays pending, unchanged, for
  * the next try (safe: the script recognises an applied batch by its seq).
  * @returns 0, or -1 when Redis failed (redis_failed was called). */
-static int write_pending(pql_pipeline *p)
+static int write_finish(pql_pipeline *p)
 {
-    pql_store_batch **batches = malloc((size_t)p->npartitions * sizeof(*batches));
-    pql_task **owners = malloc((size_t)p->npartitions * sizeof(*owners));
-    pql_err *results = malloc((size_t)p->npartitions * sizeof(*results));
-    if (!batches || !owners || !results) abort();
-    size_t n = 0;
-    for (int32_t i = 0; i < p->npartitions; i++)
-        if (p->pending[i]) {
-            batches[n] = p->tasks[i]->batch;
-            owners[n++] = p->tasks[i];
-        }
+    size_t n = p->flight.n;
+    if (!n) return 0;
+    pthread_mutex_lock(&p->flight.mu);
+    while (!p->flight.done)
+        pthread_cond_wait(&p->flight.cv, &p->flight.mu);
+    p->flight.done = 0;
+    pthread_mutex_unlock(&p->flight.mu);
+    p->flight.n = 0;
     int rc = 0;
-    char err[512] = "";
-    if (n) {
-        uint64_t start = pql_telemetry_ticks();
-        pql_err io = pql_store_commit(p->store, batches, n, results, err, sizeof(err));
-        pql_telemetry_redis(p->tel, "commit", start, io == PQL_OK, err);
-    }
     for (size_t i = 0; i < n; i++) {
-        pql_task *t = owners[i];
-        if (results[i] == PQL_OK) {
+        pql_task *t = p->flight.owners[i];
+        if (p->flight.results[i] == PQL_OK) {
             p->pending[t->partition] = 0;
             publish(p, t);
-        } else if (results[i] == PQL_ERR_FENCED) {
+        } else if (p->flight.results[i] == PQL_ERR_FENCED) {
             pql_error("fenced: another member owns this partition now; dropping it",
                       "partition=%d epoch=%lld", t->partition, (long long)t->claim.epoch);
             p->pending[t->partition] = 0;
@@ -676,20 +758,46 @@ static int write_pending(pql_pipeline *p)
             rc = -1;
         }
     }
-    if (rc < 0) redis_failed(p, "write", err);
-    free(batches);
-    free(owners);
-    free(results);
+    if (rc < 0) redis_failed(p, "write", p->flight.err);
     return rc;
 }
 
+/* Hands every pending batch to the writer thread: one pipelined round trip
+ * (pql_store_commit), whose outcome write_finish() collects. */
+static void write_start(pql_pipeline *p)
+{
+    if (p->flight.n) return; /* one write in flight at a time */
+    size_t n = 0;
+    for (int32_t i = 0; i < p->npartitions; i++)
+        if (p->pending[i]) {
+            p->flight.batches[n] = p->tasks[i]->batch;
+            p->flight.owners[n++] = p->tasks[i];
+        }
+    if (!n) return;
+    pthread_mutex_lock(&p->flight.mu);
+    p->flight.n = n;
+    p->flight.job = 1;
+    pthread_cond_broadcast(&p->flight.cv);
+    pthread_mutex_unlock(&p->flight.mu);
+}
+
+/* Writes every pending batch and waits for the outcome.
+ * @returns 0, or -1 when Redis failed (redis_failed was called). */
+static int write_pending(pql_pipeline *p)
+{
+    if (write_finish(p) < 0) return -1;
+    write_start(p);
+    return write_finish(p);
+}
+
 /* Ends the batch of every running task: dead letters acknowledged, then one
- * atomic write per task, all in one round trip (write_pending).  Each batch
- * is built once: building marks its accounts clean, so after an I/O error
- * the very same batch is sent again, and until then its task applies
- * nothing more (process_inboxes waits while Redis is down).  While Redis is
- * down the write waits for the back-off, unless `force` (revocation,
- * stopping: finish now or abandon). */
+ * atomic write per task, all in one round trip, sent while the previous
+ * one's outcome has been read (see "writing" above).  Each batch is built
+ * once: building marks its accounts clean, so after an I/O error the very
+ * same batch is sent again, and until then its task builds nothing more.
+ * While Redis is down the write waits for the back-off, unless `force`
+ * (revocation, stopping, reloading: finish now — written or failed — before
+ * returning). */
 static void flush_batches(pql_pipeline *p, int force)
 {
     /* Dead letters must be acknowledged before the offset moves past them:
@@ -701,20 +809,25 @@ static void flush_batches(pql_pipeline *p, int force)
             pql_sink_flush(p->sink, 2000);
             break;
         }
+    write_finish(p); /* the previous write: its tasks can build again */
+    size_t max = (size_t)p->cfg->cache_max_accounts / (size_t)p->npartitions + 1;
     for (int32_t i = 0; i < p->npartitions; i++) {
         pql_task *t = p->tasks[i];
         if (!t || t->state != PQL_TASK_RUNNING || p->pending[i]) continue;
         if (t->dlq_outstanding && !t->dlq_failed && !force) continue;
-        if (t->dlq_failed || t->dlq_outstanding || t->redis_failed)
+        if (t->dlq_failed || t->dlq_outstanding || t->redis_failed) {
             abandon_batch(p, t);
-        else if (pql_task_build_batch(t, p->cfg->group, p->topics, p->ttl_ms))
-            p->pending[i] = 1;
+        } else {
+            p->pending[i] = (unsigned char)pql_task_build_batch(t, p->cfg->group, p->topics,
+                                                                p->ttl_ms, pql_now_ms());
+            pql_task_trim(t, max);
+        }
     }
-    if (!p->redis_down || force) write_pending(p);
-    for (int32_t i = 0; i < p->npartitions; i++)
-        if (p->tasks[i] && !p->pending[i])
-            pql_task_trim(p->tasks[i],
-                          (size_t)p->cfg->cache_max_accounts / (size_t)p->npartitions + 1);
+    if (p->redis_down && !force) return;
+    if (force)
+        write_pending(p);
+    else
+        write_start(p);
 }
 
 /* While Redis is down: at each back-off, claim the unclaimed tasks (seeking
@@ -765,23 +878,38 @@ static void route(pql_pipeline *p, rd_kafka_message_t *m)
     inbox_push(q, m); /* back-pressure: update_pauses() */
 }
 
-/* Polls up to batch.max_messages messages or batch.max_ms into the inboxes.
- * @returns how many messages were polled. */
+/* Messages taken from the consumer queue per librdkafka call. */
+#define POLL_CHUNK 512
+
+/* Fills the inboxes by natural batching: waits up to batch.max_ms for a
+ * first message, then takes what the consumer queue already holds, up to
+ * batch.max_messages, without waiting again.  Under load the queue is never
+ * empty and batches grow to batch.max_messages (few, large Redis writes);
+ * at low load a message is processed as soon as it arrives instead of
+ * waiting out a timer (latency); with a write in flight it does not wait at
+ * all (the write's alerts are produced when the next pass reads its
+ * outcome).  The queue is drained by
+ * rd_kafka_consume_batch_queue (FACTS.md: several times the message rate of
+ * rd_kafka_consumer_poll); both serve rebalances and reset the
+ * max.poll.interval.ms timer.  @returns how many messages were polled. */
 static size_t poll_batch(pql_pipeline *p)
 {
     size_t n = 0, max = (size_t)p->cfg->batch_max_messages;
-    int64_t deadline = pql_now_ms() + p->cfg->batch_max_ms;
+    /* with a write in flight, its alerts wait for the next pass: no waiting */
+    rd_kafka_message_t *m =
+        rd_kafka_consumer_poll(p->consumer, p->flight.n ? 0 : p->cfg->batch_max_ms);
+    if (!m) return 0;
+    n += !m->err;
+    route(p, m);
+    rd_kafka_message_t *chunk[POLL_CHUNK];
     while (n < max) {
-        int64_t left = deadline - pql_now_ms();
-        if (left < 0) left = 0;
-        rd_kafka_message_t *m = rd_kafka_consumer_poll(p->consumer, (int)left);
-        if (!m) {
-            if (left == 0) break;
-            continue;
+        size_t want = max - n < POLL_CHUNK ? max - n : POLL_CHUNK;
+        ssize_t got = rd_kafka_consume_batch_queue(p->queue, 0, chunk, want);
+        if (got <= 0) break;
+        for (ssize_t i = 0; i < got; i++) {
+            n += !chunk[i]->err;
+            route(p, chunk[i]);
         }
-        n += !m->err;
-        route(p, m);
-        if (left == 0) break;
     }
     return n;
 }
@@ -814,6 +942,8 @@ static void process_inboxes(pql_pipeline *p)
  * the caches are dropped and accounts reload under the new set — firing
  * states of rules that still exist are kept (by name), signals whose
  * definition changed start empty (their storage key changed). */
+static int any_pending(const pql_pipeline *p); /* below */
+
 static void reload_rules(pql_pipeline *p)
 {
     pql_buf errors = {0};
@@ -828,7 +958,16 @@ static void reload_rules(pql_pipeline *p)
         return;
     }
     pql_buf_free(&errors);
-    flush_batches(p, 0);
+    /* accounts reload from Redis: everything applied must be there first */
+    flush_batches(p, 1);
+    if (p->redis_down || any_pending(p)) {
+        pql_warn("rules reload postponed: the last batch is not written yet (redis unavailable)",
+                 "path=%s", p->cfg->rules_path);
+        pql_rules_destroy(fresh);
+        p->rules_fingerprint = 0; /* the file watch tries again */
+        if (p->reload) *p->reload = 1;
+        return;
+    }
     for (int32_t i = 0; i < p->npartitions; i++)
         if (p->tasks[i]) pql_task_drop_cache(p->tasks[i]);
     pql_info("rules reloaded", "path=%s old_version=%s version=%s signals=%zu rules=%zu",
@@ -970,8 +1109,11 @@ int pql_pipeline_run(pql_pipeline *p, volatile sig_atomic_t *stop, volatile sig_
     }
     stop_cleanly(p);
     /* Totals for benchmarks and capacity planning (bench/, docs/performance.md). */
-    uint64_t round_trips = 0, commands = 0;
+    uint64_t round_trips = 0, commands = 0, wround_trips = 0, wcommands = 0;
     pql_store_stats(p->store, &round_trips, &commands);
+    pql_store_stats(p->wstore, &wround_trips, &wcommands);
+    round_trips += wround_trips;
+    commands += wcommands;
     pql_info("redis client totals", "round_trips=%llu commands=%llu",
              (unsigned long long)round_trips, (unsigned long long)commands);
     return 0;
@@ -1108,6 +1250,18 @@ pql_pipeline *pql_pipeline_new(const pql_config *cfg, const char *brokers, const
         snprintf(errstr, errstr_size, "redis: %s (check PQLSTREAM_REDIS)", e);
         goto fail;
     }
+    p->wstore = pql_store_new(redis_url, cfg->redis_timeout_ms, e, sizeof(e));
+    if (!p->wstore) {
+        snprintf(errstr, errstr_size, "redis: %s (check PQLSTREAM_REDIS)", e);
+        goto fail;
+    }
+    pthread_mutex_init(&p->flight.mu, NULL);
+    pthread_cond_init(&p->flight.cv, NULL);
+    if (pthread_create(&p->flight.thread, NULL, writer_main, p) != 0) {
+        snprintf(errstr, errstr_size, "cannot start the writer thread");
+        goto fail;
+    }
+    p->flight.started = 1;
     p->redis_backoff = 100;
     pql_err perr = pql_store_ping(p->store, e, sizeof(e));
     if (perr == PQL_ERR_IO) {
@@ -1151,6 +1305,7 @@ pql_pipeline *pql_pipeline_new(const pql_config *cfg, const char *brokers, const
     if (!p->consumer) goto fail;
     conf = NULL;
     rd_kafka_poll_set_consumer(p->consumer);
+    p->queue = rd_kafka_queue_get_consumer(p->consumer);
 
     pql_sink_callbacks cb = {on_alert_delivered, on_dlq_done, p, NULL};
     p->sink = pql_sink_new(cfg, brokers, &cb, errstr, errstr_size);
@@ -1165,7 +1320,12 @@ pql_pipeline *pql_pipeline_new(const pql_config *cfg, const char *brokers, const
     p->inboxes = calloc((size_t)p->npartitions, sizeof(*p->inboxes));
     p->blocked_since = calloc((size_t)p->npartitions, sizeof(*p->blocked_since));
     p->pending = calloc((size_t)p->npartitions, sizeof(*p->pending));
-    if (!p->tasks || !p->inboxes || !p->blocked_since || !p->pending) goto fail;
+    p->flight.batches = calloc((size_t)p->npartitions, sizeof(*p->flight.batches));
+    p->flight.owners = calloc((size_t)p->npartitions, sizeof(*p->flight.owners));
+    p->flight.results = calloc((size_t)p->npartitions, sizeof(*p->flight.results));
+    if (!p->tasks || !p->inboxes || !p->blocked_since || !p->pending || !p->flight.batches ||
+        !p->flight.owners || !p->flight.results)
+        goto fail;
     for (int32_t i = 0; i < p->npartitions; i++)
         for (int k = 0; k < PQL_NTOPICS; k++)
             p->inboxes[i][k].eof_at = -1;
@@ -1203,6 +1363,17 @@ void pql_pipeline_print_alerts(pql_pipeline *p, int on)
 void pql_pipeline_destroy(pql_pipeline *p)
 {
     if (!p) return;
+    if (p->flight.started) { /* a write in flight (none after a clean stop) ends first */
+        pthread_mutex_lock(&p->flight.mu);
+        while (p->flight.job)
+            pthread_cond_wait(&p->flight.cv, &p->flight.mu);
+        p->flight.quit = 1;
+        pthread_cond_broadcast(&p->flight.cv);
+        pthread_mutex_unlock(&p->flight.mu);
+        pthread_join(p->flight.thread, NULL);
+        pthread_cond_destroy(&p->flight.cv);
+        pthread_mutex_destroy(&p->flight.mu);
+    }
     pql_metrics_emitter_stop(p->emitter);
     p->emitter = NULL; /* a late revoke must not reach it */
     for (int32_t i = 0; p->tasks && i < p->npartitions; i++)
@@ -1215,8 +1386,13 @@ void pql_pipeline_destroy(pql_pipeline *p)
     free(p->pending);
     free(p->tasks);
     pql_sink_destroy(p->sink, 1000); /* pql_pipeline_run flushed already */
+    if (p->queue) rd_kafka_queue_destroy(p->queue);
     if (p->consumer) rd_kafka_destroy(p->consumer);
     pql_store_close(p->store);
+    pql_store_close(p->wstore);
+    free(p->flight.batches);
+    free(p->flight.owners);
+    free(p->flight.results);
     for (int i = 0; i < PQL_NTOPICS; i++)
         pql_decoder_destroy(p->decoders[i]);
     pql_rules_destroy(p->rules);

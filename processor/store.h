@@ -106,7 +106,8 @@ void pql_store_batch_begin(pql_store_batch *b, const char *group, int32_t partit
                            int64_t seq);
 
 /** Starts the changes of one account; following hset/hdel apply to it.  The
- *  account key's TTL is (re)set to ttl_ms when anything is set (0: no TTL). */
+ *  account key's TTL is (re)set to ttl_ms when anything is set (0: the
+ *  expiry is left as it is). */
 pql_err pql_store_batch_account(pql_store_batch *b, const char *id, size_t id_len, int64_t ttl_ms);
 pql_err pql_store_batch_hset(pql_store_batch *b, const char *field, size_t field_len,
                              const char *value, size_t value_len);

@@ -211,13 +211,13 @@ void pql_telemetry_alerts(pql_telemetry *t, const char *rule, const char *kind, 
 void pql_telemetry_batch(pql_telemetry *t, const char *const *topics, const pql_task *task)
 {
     LOCKED(t, {
-        const pql_task_stats *b = &task->batch_stats;
+        const pql_task_stats *b = &task->built_stats;
         for (int i = 0; i < PQL_NTOPICS; i++) {
             add(&t->consumed, topics[i], NULL, b->topic_consumed[i]);
             add(&t->dead_lettered, topics[i], NULL, b->topic_dead_lettered[i]);
             add(&t->late, topics[i], NULL, b->topic_late[i]);
         }
-        for (size_t i = 0; i < task->nalerts; i++)
+        for (size_t i = 0; i < task->built_alerts; i++)
             add(&t->alerts, task->alerts[i].rule,
                 task->alerts[i].kind == PQL_ALERT_PQL ? "PQL" : "EXPANSION", 1);
     });

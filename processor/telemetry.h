@@ -45,8 +45,9 @@ void pql_telemetry_events(pql_telemetry *t, const char *topic, int64_t consumed,
 void pql_telemetry_alerts(pql_telemetry *t, const char *rule, const char *kind, int64_t n);
 
 /** Counts a batch that Redis has just applied: its per-topic events
- *  (task->batch_stats, topic names in `topics`, PQL_NTOPICS of them) and its
- *  alerts (task->alerts).  Call before pql_task_committed() resets them. */
+ *  (task->built_stats, topic names in `topics`, PQL_NTOPICS of them) and its
+ *  alerts (the first task->built_alerts of task->alerts).  Call before
+ *  pql_task_committed() resets them. */
 void pql_telemetry_batch(pql_telemetry *t, const char *const *topics, const pql_task *task);
 
 /** Observes a batch's processing time (apply and write), from `start` ticks. */

@@ -94,7 +94,7 @@ Test(config, defaults)
     cr_expect_str_eq(c.redis_url, "");
     cr_expect_eq(c.redis_timeout_ms, 2000);
     cr_expect_str_eq(c.rules_path, "rules");
-    cr_expect_eq(c.batch_max_messages, 10000);
+    cr_expect_eq(c.batch_max_messages, 50000);
     cr_expect_eq(c.batch_max_ms, 100);
     cr_expect_eq(c.cache_max_accounts, 200000);
     cr_expect_eq(c.lateness_ms, PQL_MS_DAY);
@@ -505,7 +505,7 @@ Test(config, usage_lists_every_option)
         const char *key, *env, *def;
     } rows[] = {
         {"--kafka.brokers ", "PQLSTREAM_BROKERS ", "\"\" "},
-        {"--batch.max_messages ", "PQLSTREAM_BATCH_MAX_MESSAGES ", "10000 "},
+        {"--batch.max_messages ", "PQLSTREAM_BATCH_MAX_MESSAGES ", "50000 "},
         {"--state.ttl ", "PQLSTREAM_STATE_TTL ", "400d "},
         {"--topics.dlq ", "PQLSTREAM_TOPIC_DLQ ", "pql-dlq "},
         {"--log.level ", "PQLSTREAM_LOG_LEVEL ", "info "},

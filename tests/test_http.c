@@ -159,14 +159,14 @@ Test(telemetry, registry_renders_exact_counts_by_label)
     pql_telemetry_rules_reload(t, 0);
     pql_telemetry_fenced(t);
 
-    /* a batch as the pipeline counts it: by topic, alerts by rule and kind */
+    /* a built batch as the pipeline counts it once written: by topic, alerts by rule and kind */
     pql_task *task = pql_task_new(0, 1);
-    task->batch_stats.topic_consumed[PQL_TOPIC_USAGE] = 5;
-    task->batch_stats.topic_dead_lettered[PQL_TOPIC_USAGE] = 1;
-    task->batch_stats.topic_consumed[PQL_TOPIC_ACCOUNTS] = 4;
-    task->batch_stats.topic_late[PQL_TOPIC_ACCOUNTS] = 2;
+    task->built_stats.topic_consumed[PQL_TOPIC_USAGE] = 5;
+    task->built_stats.topic_dead_lettered[PQL_TOPIC_USAGE] = 1;
+    task->built_stats.topic_consumed[PQL_TOPIC_ACCOUNTS] = 4;
+    task->built_stats.topic_late[PQL_TOPIC_ACCOUNTS] = 2;
     task->alerts = calloc(2, sizeof(*task->alerts));
-    task->alerts_cap = task->nalerts = 2;
+    task->alerts_cap = task->nalerts = task->built_alerts = 2;
     task->alerts[0].rule = strdup("team");
     task->alerts[0].kind = PQL_ALERT_PQL;
     task->alerts[1].rule = strdup("seats");
