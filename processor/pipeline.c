@@ -817,7 +817,7 @@ static void flush_batches(pql_pipeline *p, int force)
         if (t->dlq_outstanding && !t->dlq_failed && !force) continue;
         if (t->dlq_failed || t->dlq_outstanding || t->redis_failed) {
             abandon_batch(p, t);
-        } else {
+        } else if (t->dirty || t->ntouched || t->ndelivered) { /* else nothing to write */
             p->pending[i] = (unsigned char)pql_task_build_batch(t, p->cfg->group, p->topics,
                                                                 p->ttl_ms, pql_now_ms());
             pql_task_trim(t, max);

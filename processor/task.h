@@ -74,7 +74,7 @@ typedef struct pql_task {
     unsigned batch_no;            /* their pql_account_mark; never 0 */
     unsigned built_no;            /* the batch_no of the built batch (0: none yet) */
     pql_store_batch *batch;
-    int dirty;            /* something to write */
+    int dirty;            /* applied or skipped messages since the last build */
     int64_t outbox;       /* alerts in the partition's Redis outbox not yet known delivered:
                              the claim's scan plus committed puts minus committed deletes */
     pql_metrics *metrics; /* metric counter deltas of the batch (metrics.h); NULL: off */
