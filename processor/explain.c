@@ -403,7 +403,7 @@ pql_account *pql_explain_fetch(pql_store *s, const pql_rules *r, const char *gro
     }
     load_ctx c = {a};
     const char *ids[1] = {id};
-    if (pql_store_load_accounts(s, group, *partition, ids, &len, 1, load_field, &c, errstr,
+    if (pql_store_load_accounts(s, group, partition, ids, &len, 1, load_field, &c, errstr,
                                 errstr_size)) {
         pql_account_destroy(a);
         return NULL;

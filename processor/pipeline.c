@@ -542,11 +542,12 @@ static void load_field(void *opaque, size_t i, const char *f, size_t flen, const
     pql_account_load_field(c->accts[i], f, flen, v, vlen);
 }
 
-/* Fills n fresh accounts, already adopted by task t, from Redis in one
- * pipelined round trip.  On failure they stay empty in the cache: the caller
- * marks the batch failed, and abandoning it drops the whole cache before any
- * of them is used.  @returns 0 or -1 (Redis). */
-static int load_accounts(pql_pipeline *p, pql_task *t, pql_account **accts, size_t n)
+/* Fills n fresh accounts, already adopted by their tasks (account i by the
+ * task of partition parts[i]), from Redis in one pipelined round trip.  On
+ * failure they stay empty in the caches: the caller marks those batches
+ * failed, and abandoning one drops its whole cache before any of them is
+ * used.  @returns 0 or -1 (Redis). */
+static int load_accounts(pql_pipeline *p, pql_account **accts, const int32_t *parts, size_t n)
 {
     const char **ids = malloc(n * sizeof(*ids));
     size_t *lens = malloc(n * sizeof(*lens));
@@ -556,8 +557,8 @@ static int load_accounts(pql_pipeline *p, pql_task *t, pql_account **accts, size
     char err[512];
     load_ctx c = {p, accts};
     uint64_t start = pql_telemetry_ticks();
-    int rc = pql_store_load_accounts(p->store, p->cfg->group, t->partition, ids, lens, n,
-                                     load_field, &c, err, sizeof(err)) == PQL_OK
+    int rc = pql_store_load_accounts(p->store, p->cfg->group, parts, ids, lens, n, load_field, &c,
+                                     err, sizeof(err)) == PQL_OK
                  ? 0
                  : -1;
     pql_telemetry_redis(p->tel, "load", start, rc == 0, err);
@@ -576,28 +577,42 @@ static pql_account *adopt_new(pql_pipeline *p, pql_task *t, const char *id, size
     return a;
 }
 
-/* Loads the accounts of the task's queued messages that are not in cache,
- * keyed by the message key (= account_id), in one round trip.
+/* Loads the accounts of every running task's queued messages that are not
+ * in its cache, keyed by the message key (= account_id): one round trip for
+ * the whole pass, not one per task.  On failure every task with an account
+ * in it is marked redis_failed (its batch is abandoned, re-read later).
  * @returns 0 or -1 (Redis). */
-static int prefetch(pql_pipeline *p, pql_task *t)
+static int prefetch(pql_pipeline *p)
 {
     size_t n = 0;
-    for (int ti = 0; ti < PQL_NTOPICS; ti++)
-        n += inbox_len(&p->inboxes[t->partition][ti]);
+    for (int32_t part = 0; part < p->npartitions; part++)
+        if (p->tasks[part] && p->tasks[part]->state == PQL_TASK_RUNNING)
+            for (int ti = 0; ti < PQL_NTOPICS; ti++)
+                n += inbox_len(&p->inboxes[part][ti]);
     if (!n) return 0;
     pql_account **accts = malloc(n * sizeof(*accts));
-    if (!accts) abort();
+    int32_t *parts = malloc(n * sizeof(*parts));
+    if (!accts || !parts) abort();
     size_t k = 0;
-    for (int ti = 0; ti < PQL_NTOPICS; ti++) {
-        inbox *q = &p->inboxes[t->partition][ti];
-        for (size_t i = 0; i < q->len; i++) {
-            rd_kafka_message_t *m = q->m[q->head + i];
-            if (m->key && m->key_len && !pql_task_account(t, m->key, m->key_len))
-                accts[k++] = adopt_new(p, t, m->key, m->key_len);
+    for (int32_t part = 0; part < p->npartitions; part++) {
+        pql_task *t = p->tasks[part];
+        if (!t || t->state != PQL_TASK_RUNNING) continue;
+        for (int ti = 0; ti < PQL_NTOPICS; ti++) {
+            inbox *q = &p->inboxes[part][ti];
+            for (size_t i = 0; i < q->len; i++) {
+                rd_kafka_message_t *m = q->m[q->head + i];
+                if (m->key && m->key_len && !pql_task_account(t, m->key, m->key_len)) {
+                    parts[k] = part;
+                    accts[k++] = adopt_new(p, t, m->key, m->key_len);
+                }
+            }
         }
     }
-    int rc = k ? load_accounts(p, t, accts, k) : 0;
+    int rc = k ? load_accounts(p, accts, parts, k) : 0;
+    for (size_t i = 0; rc < 0 && i < k; i++)
+        p->tasks[parts[i]]->redis_failed = 1;
     free(accts);
+    free(parts);
     return rc;
 }
 
@@ -606,7 +621,7 @@ static int ensure_account(pql_pipeline *p, pql_task *t, const pql_event *ev)
 {
     if (pql_task_account(t, ev->account_id, ev->account_id_len)) return 0;
     pql_account *a = adopt_new(p, t, ev->account_id, ev->account_id_len);
-    return load_accounts(p, t, &a, 1);
+    return load_accounts(p, &a, &t->partition, 1);
 }
 
 static void dead_letter(pql_pipeline *p, pql_task *t, rd_kafka_message_t *m, int ti, pql_err code,
@@ -920,13 +935,10 @@ static size_t poll_batch(pql_pipeline *p)
 static void process_inboxes(pql_pipeline *p)
 {
     int64_t now = pql_now_ms();
+    prefetch(p); /* on failure: Redis is down, its tasks redis_failed */
     for (int32_t part = 0; part < p->npartitions && !p->redis_down; part++) {
         pql_task *t = p->tasks[part];
         if (!t || t->state != PQL_TASK_RUNNING) continue;
-        if (prefetch(p, t) < 0) {
-            t->redis_failed = 1; /* abandon this batch, re-read it later */
-            break;
-        }
         int ti;
         while (!t->dlq_failed && !t->redis_failed && (ti = merge_next(p, part, now)) >= 0) {
             inbox *q = &p->inboxes[part][ti];

@@ -568,7 +568,7 @@ static pql_err append_key_command(pql_store *s, const char *cmd, const char *gro
     return PQL_OK;
 }
 
-pql_err pql_store_load_accounts(pql_store *s, const char *group, int32_t partition,
+pql_err pql_store_load_accounts(pql_store *s, const char *group, const int32_t *partitions,
                                 const char *const *ids, const size_t *id_lens, size_t n,
                                 void (*fn)(void *opaque, size_t i, const char *field,
                                            size_t field_len, const char *value, size_t value_len),
@@ -577,7 +577,7 @@ pql_err pql_store_load_accounts(pql_store *s, const char *group, int32_t partiti
     pql_err err = n ? store_connect(s, errstr, errstr_size) : PQL_OK;
     if (n == 0 || err) return err;
     for (size_t i = 0; i < n; i++)
-        if ((err = append_key_command(s, "HGETALL", group, partition, "a:", ids[i], id_lens[i],
+        if ((err = append_key_command(s, "HGETALL", group, partitions[i], "a:", ids[i], id_lens[i],
                                       errstr, errstr_size)))
             return err;
     s->round_trips++;

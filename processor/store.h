@@ -85,10 +85,11 @@ pql_err pql_store_outbox_scan(pql_store *s, const char *group, int32_t partition
                                          const char *payload, size_t payload_len),
                               void *opaque, char *errstr, size_t errstr_size);
 
-/** Loads the state hashes of `n` accounts of a partition in one pipelined
- *  round trip.  fn is called for every field of account i (an account with
- *  no key gets no call).  @returns PQL_OK or PQL_ERR_IO. */
-pql_err pql_store_load_accounts(pql_store *s, const char *group, int32_t partition,
+/** Loads the state hashes of `n` accounts in one pipelined round trip,
+ *  account i of partition partitions[i] (so one call serves every task of a
+ *  pass).  fn is called for every field of account i (an account with no key
+ *  gets no call).  @returns PQL_OK or PQL_ERR_IO. */
+pql_err pql_store_load_accounts(pql_store *s, const char *group, const int32_t *partitions,
                                 const char *const *ids, const size_t *id_lens, size_t n,
                                 void (*fn)(void *opaque, size_t i, const char *field,
                                            size_t field_len, const char *value, size_t value_len),

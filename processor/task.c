@@ -79,7 +79,7 @@ static void alerts_drop(pql_task *t, size_t n)
         free(t->alerts[i].payload);
         free(t->alerts[i].rule);
     }
-    memmove(t->alerts, t->alerts + n, (t->nalerts - n) * sizeof(*t->alerts));
+    if (t->nalerts > n) memmove(t->alerts, t->alerts + n, (t->nalerts - n) * sizeof(*t->alerts));
     t->nalerts -= n;
 }
 

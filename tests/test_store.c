@@ -320,7 +320,7 @@ static void field_cb(void *opaque, size_t i, const char *f, size_t flen, const c
     pql_buf_append(out, ";", 1);
 }
 
-Test(store, load_accounts_in_one_round_trip)
+Test(store, load_accounts_of_several_partitions_in_one_round_trip)
 {
     pql_claim c = claim(6);
     pql_store_batch *b = pql_store_batch_new();
@@ -331,20 +331,28 @@ Test(store, load_accounts_in_one_round_trip)
     pql_store_batch_account(b, "a3", 2, 0);
     hset(b, "z", "3");
     cr_assert_eq(commit1(b), PQL_OK);
-    const char *ids[4] = {"a1", "nobody", "a3", "a1"};
-    size_t lens[4] = {2, 6, 2, 2};
+    pql_claim c9 = claim(9); /* the same account id in another partition is another account */
+    pql_store_batch_begin(b, G, 9, c9.epoch, c9.seq);
+    pql_store_batch_account(b, "a1", 2, 0);
+    hset(b, "w", "9");
+    cr_assert_eq(commit1(b), PQL_OK);
+    const char *ids[5] = {"a1", "nobody", "a3", "a1", "a1"};
+    size_t lens[5] = {2, 6, 2, 2, 2};
+    const int32_t parts[5] = {6, 6, 6, 6, 9};
     pql_buf out = {0};
     uint64_t rt0, rt1;
     pql_store_stats(st, &rt0, NULL);
-    cr_assert_eq(pql_store_load_accounts(st, G, 6, ids, lens, 4, field_cb, &out, err, sizeof err),
-                 PQL_OK, "%s", err);
+    cr_assert_eq(
+        pql_store_load_accounts(st, G, parts, ids, lens, 5, field_cb, &out, err, sizeof err),
+        PQL_OK, "%s", err);
     pql_store_stats(st, &rt1, NULL);
     cr_assert_eq(rt1 - rt0, 1);
     pql_buf_append(&out, "", 0);
     cr_assert(strstr(out.data, "0:x=1;") && strstr(out.data, "0:y=2;"), "%s", out.data);
     cr_assert(strstr(out.data, "2:z=3;") && strstr(out.data, "3:x=1;"), "%s", out.data);
     cr_assert_null(strstr(out.data, "1:"), "%s", out.data);
-    cr_assert_eq(out.len, strlen("0:x=1;0:y=2;2:z=3;3:x=1;3:y=2;"));
+    cr_assert(strstr(out.data, "4:w=9;"), "%s", out.data);
+    cr_assert_eq(out.len, strlen("0:x=1;0:y=2;2:z=3;3:x=1;3:y=2;4:w=9;"));
     pql_buf_free(&out);
     pql_store_batch_destroy(b);
 }
@@ -474,8 +482,10 @@ Test(store, binary_safe_ids_and_fields)
     const char *ids[2] = {id, "a"};
     size_t lens[2] = {idlen, 1};
     pql_buf out = {0}, want = {0};
-    cr_assert_eq(pql_store_load_accounts(st, G, 7, ids, lens, 2, field_cb, &out, err, sizeof err),
-                 PQL_OK);
+    const int32_t parts[2] = {7, 7};
+    cr_assert_eq(
+        pql_store_load_accounts(st, G, parts, ids, lens, 2, field_cb, &out, err, sizeof err),
+        PQL_OK);
     field_cb(&want, 0, field, flen, value, vlen);
     field_cb(&want, 1, "other", 5, "1", 1);
     cr_assert_eq(out.len, want.len);
