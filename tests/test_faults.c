@@ -831,10 +831,11 @@ static int zombie_episode_pending(trial *t, int slot)
     /* Its Redis calls fail from the freeze on; it holds a pending write once a
        retry line says pending_batches > 0 (the first failure may be an
        account load, after which the batches of the other tasks are built and
-       wait; or nothing may be pending at all): thaw, let it recover, retry
-       until it holds one. */
+       wait; or nothing may be pending at all, e.g. while its partitions
+       move in the first rebalances): thaw, let it recover, retry until it
+       holds one. */
     int holding = 0;
-    for (int attempt = 0; attempt < 5 && !holding; attempt++) {
+    for (int attempt = 0; attempt < 10 && !holding; attempt++) {
         int failed_before = log_count(z, "redis unavailable");
         int pending_before = log_count(z, "pending_batches=") - log_count(z, "pending_batches=0");
         int recovered_before = log_count(z, "redis reachable again");
@@ -855,7 +856,8 @@ static int zombie_episode_pending(trial *t, int slot)
                 h_sleep_ms(50);
     }
     if (!holding) {
-        trial_fail(t, "member %d held no pending write in 5 Redis freezes", slot);
+        h_proc_dump_log(z, 60); /* its retry lines say what failed first, and what was pending */
+        trial_fail(t, "member %d held no pending write in 10 Redis freezes", slot);
         return 0;
     }
     int n = owned_partitions(z, owned);
