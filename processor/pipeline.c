@@ -718,6 +718,7 @@ static void publish(pql_pipeline *p, pql_task *t)
 static void *writer_main(void *opaque)
 {
     pql_pipeline *p = opaque;
+    pthread_setname_np(pthread_self(), "pql-writer"); /* top -H, perf, gdb */
     pthread_mutex_lock(&p->flight.mu);
     for (;;) {
         while (!p->flight.job && !p->flight.quit)
