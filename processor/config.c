@@ -95,8 +95,8 @@ static const opt options[] = {
     {"Processing", "processing.max_future_skew", NULL, T_DUR, OFF(max_future_skew_ms), "1h", NULL,
      0, "how far in the future an event time may be"},
     {"Processing", "processing.max_task_idle", NULL, T_DUR, OFF(max_task_idle_ms), "2s", NULL, 0,
-     "how long a task waits for the other input partition before processing out of timestamp "
-     "order"},
+     "how long a task waits for an input partition no fetch has answered yet before going on "
+     "without it (a partition known to have messages is always waited for)"},
     {"Processing", "state.ttl", NULL, T_DUR, OFF(state_ttl_ms), "400d", NULL, 0,
      "Redis TTL of an account's state"},
     {"Input", "input.format", NULL, T_ENUM, OFF(input_format), "auto", wire_names, 0,
