@@ -2,6 +2,7 @@
  * triggered firing and re-arm, cooldown, held_for, applies_to, exact alerts,
  * and the write-behind field round trip. */
 #include "account.h"
+#include "harness.h"
 
 #include <criterion/criterion.h>
 #include <math.h>
@@ -53,15 +54,6 @@ static void on_alert(void *opaque, const pql_alert *a)
     f->n++;
 }
 
-static pql_rules *rules_of(const char *yaml)
-{
-    pql_buf e = {0};
-    pql_rules *r = pql_rules_load_string(yaml, "t.yaml", &e);
-    cr_assert_not_null(r, "%s", e.data ? e.data : "");
-    pql_buf_free(&e);
-    return r;
-}
-
 static pql_apply usage(pql_account *a, const char *event, const char *user, int64_t ts, fired *f)
 {
     pql_event ev = {0};
@@ -102,7 +94,7 @@ static const char *simple = "version: 3\n"
 
 Test(account, fires_once_on_the_edge_with_exact_alert)
 {
-    pql_rules *r = rules_of(simple);
+    pql_rules *r = h_rules(simple);
     pql_account *a = pql_account_new(r, "acme", 4);
     fired f = {0};
     usage(a, "signed_up", "u1", T0, &f);
@@ -128,7 +120,7 @@ Test(account, fires_once_on_the_edge_with_exact_alert)
 
 Test(account, rearms_when_condition_clears_and_fires_with_next_id)
 {
-    pql_rules *r = rules_of(simple);
+    pql_rules *r = h_rules(simple);
     pql_account *a = pql_account_new(r, "acme", 4);
     fired f = {0};
     for (int i = 0; i < 3; i++)
@@ -154,7 +146,7 @@ Test(account, rearms_when_condition_clears_and_fires_with_next_id)
 
 Test(account, converted_accounts_get_no_pql_alert)
 {
-    pql_rules *r = rules_of(simple);
+    pql_rules *r = h_rules(simple);
     pql_account *a = pql_account_new(r, "acme", 4);
     fired f = {0};
     usage(a, "paid", "u1", T0, &f);
@@ -167,7 +159,7 @@ Test(account, converted_accounts_get_no_pql_alert)
 
 Test(account, late_events_are_reported_and_not_counted)
 {
-    pql_rules *r = rules_of(simple);
+    pql_rules *r = h_rules(simple);
     pql_account *a = pql_account_new(r, "acme", 4);
     fired f = {0};
     cr_assert_eq(usage(a, "login", "u1", T0 + 10 * DAY, &f), PQL_APPLIED);
@@ -198,7 +190,7 @@ static const char *expansion = "traits: { seats: number }\n"
 
 Test(account, hysteresis_cooldown_and_reason)
 {
-    pql_rules *r = rules_of(expansion);
+    pql_rules *r = h_rules(expansion);
     pql_account *a = pql_account_new(r, "acme", 4);
     fired f = {0};
     trait(a, "seats", pql_num(5), T0, &f);
@@ -231,7 +223,7 @@ Test(account, hysteresis_cooldown_and_reason)
 
 Test(account, held_for_needs_the_condition_to_hold_in_event_time)
 {
-    pql_rules *r = rules_of(expansion);
+    pql_rules *r = h_rules(expansion);
     pql_account *a = pql_account_new(r, "acme", 4);
     fired f = {0};
     usage(a, "x", "u1", T0, &f);
@@ -279,7 +271,7 @@ static void st_del(void *o, const char *f, size_t fl)
 
 Test(account, flush_then_load_restores_state_and_firing)
 {
-    pql_rules *r = rules_of(simple);
+    pql_rules *r = h_rules(simple);
     pql_account *a = pql_account_new(r, "acme", 4);
     fired f = {0};
     store s = {0};
@@ -324,7 +316,7 @@ Test(account, flush_then_load_restores_state_and_firing)
 
 Test(account, fields_of_changed_signals_are_deleted_on_load)
 {
-    pql_rules *r = rules_of(simple);
+    pql_rules *r = h_rules(simple);
     pql_account *a = pql_account_new(r, "acme", 4);
     store s = {0};
     cr_assert_eq(pql_account_load_field(a, "s:logins#deadbeef|19000", 23, "4", 1), 0);
@@ -363,7 +355,7 @@ static const char *weighted = "lifecycle: { signup: signed_up }\n"
 
 Test(account, weighted_fires_at_the_lowest_tier_then_on_the_rise)
 {
-    pql_rules *r = rules_of(weighted);
+    pql_rules *r = h_rules(weighted);
     pql_account *a = pql_account_new(r, "acme", 4);
     fired f = {0};
     usage(a, "signed_up", "u1", T0, &f);                /* 10 */
@@ -409,7 +401,7 @@ static const char *logistic = "signals:\n"
 
 Test(account, logistic_fires_when_the_probability_crosses_the_threshold)
 {
-    pql_rules *r = rules_of(logistic);
+    pql_rules *r = h_rules(logistic);
     pql_account *a = pql_account_new(r, "acme", 4);
     fired f = {0};
     usage(a, "teammate_invited", "u1", T0, &f);
@@ -430,7 +422,7 @@ Test(account, logistic_fires_when_the_probability_crosses_the_threshold)
 
 Test(account, scored_rule_state_survives_flush_and_load)
 {
-    pql_rules *r = rules_of(weighted);
+    pql_rules *r = h_rules(weighted);
     pql_account *a = pql_account_new(r, "acme", 4);
     fired f = {0};
     store s = {0};
@@ -457,10 +449,10 @@ Test(account, scored_rule_state_survives_flush_and_load)
 Test(account, fit_gates_a_rule_on_traits)
 {
     pql_rules *r =
-        rules_of("traits: { employees: number, industry: string }\n"
-                 "signals:\n  logins: { count: login, window: 7d }\n"
-                 "pql:\n  - name: big\n    when: logins >= 1\n"
-                 "    fit: account.employees >= 50 and account.industry == \"fintech\"\n");
+        h_rules("traits: { employees: number, industry: string }\n"
+                "signals:\n  logins: { count: login, window: 7d }\n"
+                "pql:\n  - name: big\n    when: logins >= 1\n"
+                "    fit: account.employees >= 50 and account.industry == \"fintech\"\n");
     pql_account *a = pql_account_new(r, "acme", 4);
     fired f = {0};
     trait(a, "employees", pql_num(80), T0, &f);
@@ -477,12 +469,12 @@ Test(account, fit_gates_a_rule_on_traits)
  * holding on the traits; PQL rules (free by default) stop applying then. */
 Test(account, paid_by_conversion_event_or_by_plan_trait)
 {
-    pql_rules *r = rules_of("lifecycle: { conversion: subscription_started, "
-                            "paid: 'account.plan != \"free\"' }\n"
-                            "traits: { plan: string }\n"
-                            "signals:\n  logins: { count: login, window: 7d }\n"
-                            "pql:\n  - name: lead\n    when: logins >= 2\n"
-                            "expansion:\n  - name: grow\n    when: logins >= 2\n");
+    pql_rules *r = h_rules("lifecycle: { conversion: subscription_started, "
+                           "paid: 'account.plan != \"free\"' }\n"
+                           "traits: { plan: string }\n"
+                           "signals:\n  logins: { count: login, window: 7d }\n"
+                           "pql:\n  - name: lead\n    when: logins >= 2\n"
+                           "expansion:\n  - name: grow\n    when: logins >= 2\n");
     /* by the plan trait */
     pql_account *a = pql_account_new(r, "acme", 4);
     fired f = {0};

@@ -3,6 +3,7 @@
  * pql_explain_fetch and the CLI, is covered in test_cli.) */
 #include "account.h"
 #include "explain.h"
+#include "harness.h"
 
 #include <criterion/criterion.h>
 #include <math.h>
@@ -68,10 +69,7 @@ static void apply(pql_account *a, int kind, const char *event, const char *user,
 
 static pql_account *scripted(pql_rules **rp, int *alerts)
 {
-    pql_buf e = {0};
-    pql_rules *r = pql_rules_load_string(yaml, "t.yaml", &e);
-    cr_assert_not_null(r, "%s", e.data ? e.data : "");
-    pql_buf_free(&e);
+    pql_rules *r = h_rules(yaml);
     pql_account *a = pql_account_new(r, "acme", 4);
     pql_prop traits[] = {{"seats", 5, pql_num(2)}, {"employees", 9, pql_num(10)}};
     apply(a, PQL_INPUT_ACCOUNT, NULL, NULL, T0, traits, 2, alerts);

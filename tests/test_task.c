@@ -1,19 +1,11 @@
 /* test_task.c — the task's batch building (pure: no Kafka, no Redis). */
+#include "harness.h"
 #include "task.h"
 
 #include <criterion/criterion.h>
 #include <string.h>
 
 #define TTL_MS (64LL * 1000 * 1000) /* ttl/64 = 1,000,000 ms */
-
-static pql_rules *rules_of(const char *yaml)
-{
-    pql_buf e = {0};
-    pql_rules *r = pql_rules_load_string(yaml, "t.yaml", &e);
-    cr_assert_not_null(r, "%s", e.data ? e.data : "");
-    pql_buf_free(&e);
-    return r;
-}
 
 static pql_task *running_task(void)
 {
@@ -44,12 +36,12 @@ static void login(pql_task *t, pql_account *a, int64_t offset)
  * per batch. */
 Test(task, account_expiry_is_refreshed_once_per_ttl_64th)
 {
-    pql_rules *rules = rules_of("version: 1\n"
-                                "signals:\n"
-                                "  logins: { count: login, window: 7d }\n"
-                                "pql:\n"
-                                "  - name: busy\n"
-                                "    when: logins >= 1000\n");
+    pql_rules *rules = h_rules("version: 1\n"
+                               "signals:\n"
+                               "  logins: { count: login, window: 7d }\n"
+                               "pql:\n"
+                               "  - name: busy\n"
+                               "    when: logins >= 1000\n");
     pql_task *t = running_task();
     pql_account *a = pql_account_new(rules, "acme", 4);
     cr_assert_not_null(a);

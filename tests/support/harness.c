@@ -993,3 +993,12 @@ char *h_http_get(h_proc *p, const char *path, int *status)
     pql_buf_free(&resp);
     return out;
 }
+
+pql_rules *h_rules(const char *yaml)
+{
+    pql_buf e = {0};
+    pql_rules *r = pql_rules_load_string(yaml, "t.yaml", &e);
+    cr_assert_not_null(r, "%s", e.data ? e.data : "");
+    pql_buf_free(&e);
+    return r;
+}

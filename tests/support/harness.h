@@ -39,6 +39,7 @@
 #include "decode.h"
 #include "embedded_kafka.h"
 #include "redis_child.h"
+#include "rules.h"
 
 /* ---- Redis ---------------------------------------------------------------- */
 
@@ -249,5 +250,9 @@ char *h_mkdtemp(void);
 void h_rmtree(const char *path);
 /** Sleeps `ms` milliseconds. */
 void h_sleep_ms(int ms);
+
+/** Loads a rule set from YAML text ("t.yaml" in messages); a refusal fails
+ *  the test with the loader's errors. */
+pql_rules *h_rules(const char *yaml);
 
 #endif
