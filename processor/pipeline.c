@@ -48,9 +48,8 @@ struct pql_pipeline {
         pql_store_batch **batches;
         pql_task **owners;
         pql_err *results;
-        size_t n; /* batches in flight (main thread only) */
-        pql_err io;
-        char err[512];
+        size_t n;      /* batches in flight (main thread only) */
+        char err[512]; /* why the write failed, if it did */
     } flight;
     pql_decoder *decoders[PQL_NTOPICS];
     const char *topics[PQL_NTOPICS];
@@ -732,7 +731,6 @@ static void *writer_main(void *opaque)
             pql_store_commit(p->wstore, p->flight.batches, n, p->flight.results, err, sizeof(err));
         pql_telemetry_redis(p->tel, "commit", start, io == PQL_OK, err);
         pthread_mutex_lock(&p->flight.mu);
-        p->flight.io = io;
         memcpy(p->flight.err, err, sizeof(err));
         p->flight.job = 0;
         p->flight.done = 1;

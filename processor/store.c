@@ -99,9 +99,8 @@ struct pql_store {
     int args_oom;
     const char **argv;
     size_t *argvlen, argv_cap;
-    unsigned char *pending; /* by batch of the commit: its reply is awaited */
+    unsigned char *pending;
     size_t pending_cap;
-    int in_flight; /* commit_start sent EVALSHAs whose replies are unread */
     pql_buf scratch;
     uint64_t round_trips, commands;
 };
@@ -1032,66 +1031,9 @@ static int map_reply(pql_store *s, const pql_store_batch *b, const redisReply *r
     return 0;
 }
 
-/* Appends the EVALSHA of every batch still marked in s->pending and writes
- * them all to the socket (one round trip, read by recv_batches).  A batch
- * that cannot be built (no memory) gets its result and is unmarked.
- * @returns PQL_OK, or PQL_ERR_IO (connection dropped). */
-static pql_err send_batches(pql_store *s, pql_store_batch *const *batches, size_t n,
-                            pql_err *results, char *errstr, size_t size)
+pql_err pql_store_commit(pql_store *s, pql_store_batch *const *batches, size_t n, pql_err *results,
+                         char *errstr, size_t errstr_size)
 {
-    size_t sent = 0;
-    for (size_t i = 0; i < n; i++) {
-        if (!s->pending[i]) continue;
-        pql_err err = store_connect(s, errstr, size);
-        if (err) return err;
-        pql_store_batch *b = batches[i];
-        size_t mark = b->bytes.len;
-        int argc = build(s, b);
-        int ok = argc >= 0 && redisAppendCommandArgv(s->ctx, argc, s->argv, s->argvlen) == REDIS_OK;
-        b->bytes.len = mark;
-        b->err = PQL_OK; /* only the numbers appended by build() can have failed */
-        if (argc < 0) {
-            results[i] = fail(s, errstr, size, PQL_ERR_NOMEM, "commit: out of memory");
-            s->pending[i] = 0;
-        } else if (!ok) {
-            return io_fail(s, errstr, size, "EVALSHA");
-        }
-        sent += ok;
-    }
-    if (!sent) return PQL_OK;
-    for (int done = 0; !done;)
-        if (redisBufferWrite(s->ctx, &done) != REDIS_OK) return io_fail(s, errstr, size, "EVALSHA");
-    s->round_trips++;
-    s->commands += sent;
-    s->in_flight = 1;
-    return PQL_OK;
-}
-
-/* Reads the replies of send_batches; a batch answered NOSCRIPT stays marked.
- * @returns PQL_OK, or PQL_ERR_IO (connection dropped). */
-static pql_err recv_batches(pql_store *s, pql_store_batch *const *batches, size_t n,
-                            pql_err *results, size_t *noscript, char *errstr, size_t size)
-{
-    *noscript = 0;
-    if (!s->in_flight) return PQL_OK;
-    s->in_flight = 0;
-    for (size_t i = 0; i < n; i++) {
-        if (!s->pending[i]) continue;
-        redisReply *r = get_reply(s);
-        if (!r) return io_fail(s, errstr, size, "EVALSHA");
-        int again = map_reply(s, batches[i], r, &results[i], errstr, size);
-        freeReplyObject(r);
-        *noscript += (size_t)again;
-        s->pending[i] = (unsigned char)again;
-    }
-    return PQL_OK;
-}
-
-/* Marks every batch pending and sends them. */
-static pql_err commit_start(pql_store *s, pql_store_batch *const *batches, size_t n,
-                            pql_err *results, char *errstr, size_t errstr_size)
-{
-    s->in_flight = 0;
     if (n > s->pending_cap) {
         unsigned char *p = vec_grow(s->pending, &s->pending_cap, n, 1);
         if (!p) {
@@ -1105,28 +1047,42 @@ static pql_err commit_start(pql_store *s, pql_store_batch *const *batches, size_
         results[i] = batches[i]->err ? batches[i]->err : PQL_ERR_IO;
         s->pending[i] = batches[i]->err == PQL_OK;
     }
-    return send_batches(s, batches, n, results, errstr, errstr_size);
-}
-
-/* Reads the replies; runs NOSCRIPT ones again after loading the script. */
-static pql_err commit_finish(pql_store *s, pql_store_batch *const *batches, size_t n,
-                             pql_err *results, char *errstr, size_t errstr_size)
-{
-    size_t noscript = 0;
-    pql_err err = recv_batches(s, batches, n, results, &noscript, errstr, errstr_size);
-    if (err || !noscript) return err;
-    /* a restarted or flushed server lost the script: load it, run those again */
-    if ((err = load_script(s, errstr, errstr_size)) != PQL_OK) return err;
-    if ((err = send_batches(s, batches, n, results, errstr, errstr_size)) != PQL_OK) return err;
-    if ((err = recv_batches(s, batches, n, results, &noscript, errstr, errstr_size)) != PQL_OK)
-        return err;
-    if (!noscript) return PQL_OK;
+    for (int attempt = 0; attempt < 2; attempt++) {
+        size_t sent = 0, noscript = 0;
+        for (size_t i = 0; i < n; i++) {
+            if (!s->pending[i]) continue;
+            pql_err err = store_connect(s, errstr, errstr_size);
+            if (err) return err;
+            pql_store_batch *b = batches[i];
+            size_t mark = b->bytes.len;
+            int argc = build(s, b);
+            int ok =
+                argc >= 0 && redisAppendCommandArgv(s->ctx, argc, s->argv, s->argvlen) == REDIS_OK;
+            b->bytes.len = mark;
+            b->err = PQL_OK; /* only the numbers appended by build() can have failed */
+            if (argc < 0) {
+                results[i] = fail(s, errstr, errstr_size, PQL_ERR_NOMEM, "commit: out of memory");
+                s->pending[i] = 0;
+            } else if (!ok) {
+                return io_fail(s, errstr, errstr_size, "EVALSHA");
+            }
+            sent += ok;
+        }
+        if (sent == 0) return PQL_OK;
+        s->round_trips++;
+        s->commands += sent;
+        for (size_t i = 0; i < n; i++) {
+            if (!s->pending[i]) continue;
+            redisReply *r = get_reply(s);
+            if (!r) return io_fail(s, errstr, errstr_size, "EVALSHA");
+            int again = map_reply(s, batches[i], r, &results[i], errstr, errstr_size);
+            freeReplyObject(r);
+            noscript += again;
+            s->pending[i] = (unsigned char)again;
+        }
+        if (noscript == 0) return PQL_OK;
+        pql_err err = attempt == 0 ? load_script(s, errstr, errstr_size) : PQL_OK;
+        if (err) return err;
+    }
     return fail(s, errstr, errstr_size, PQL_OK, "redis %s: NOSCRIPT after SCRIPT LOAD", s->where);
-}
-
-pql_err pql_store_commit(pql_store *s, pql_store_batch *const *batches, size_t n, pql_err *results,
-                         char *errstr, size_t errstr_size)
-{
-    pql_err err = commit_start(s, batches, n, results, errstr, errstr_size);
-    return err ? err : commit_finish(s, batches, n, results, errstr, errstr_size);
 }
