@@ -34,6 +34,8 @@ const char *pql_err_str(pql_err err)
         return "fenced";
     case PQL_ERR_NOTFOUND:
         return "not-found";
+    case PQL_ERR_REWOUND:
+        return "rewound";
     }
     return "unknown";
 }

@@ -22,6 +22,8 @@ typedef enum pql_err {
     PQL_ERR_IO,       /* a Redis or Kafka call failed (transient: retry) */
     PQL_ERR_FENCED,   /* our epoch for a partition is stale: another owner took it */
     PQL_ERR_NOTFOUND, /* no such thing */
+    PQL_ERR_REWOUND,  /* Redis lost writes it acknowledged (restarted without them): our
+                         claim stands, but its state is older than ours */
 } pql_err;
 
 /** @returns a static, lowercase, one-word-ish name for `err` ("decode", "fenced"). */

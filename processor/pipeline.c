@@ -763,11 +763,24 @@ static int write_finish(pql_pipeline *p)
             publish(p, t);
         } else if (p->flight.results[i] == PQL_ERR_FENCED) {
             pql_error("fenced: another member owns this partition now; dropping it",
-                      "partition=%d epoch=%lld", t->partition, (long long)t->claim.epoch);
+                      "partition=%d epoch=%lld seq=%lld error=\"%s\"", t->partition,
+                      (long long)t->claim.epoch, (long long)t->claim.seq, p->flight.err);
             p->pending[t->partition] = 0;
             pql_telemetry_fenced(p->tel);
             pql_task_abandon(t);
             drop_task(p, t->partition, "fenced");
+        } else if (p->flight.results[i] == PQL_ERR_REWOUND) {
+            /* Redis's (state, offsets) pair is consistent, only older than
+               ours: claim again and re-read from its offsets (alerts fired
+               again carry the same ids) */
+            pql_error("redis lost writes it had acknowledged (restarted without them?); claiming "
+                      "the partition again and re-reading it from the offsets redis holds",
+                      "partition=%d epoch=%lld seq=%lld error=\"%s\"", t->partition,
+                      (long long)t->claim.epoch, (long long)t->claim.seq, p->flight.err);
+            p->pending[t->partition] = 0;
+            pql_task_abandon(t);
+            t->state = PQL_TASK_ASSIGNED; /* paused; retry_redis claims it if this fails */
+            if (!p->redis_down && try_claim(p, t) == 0) rewind_task(p, t);
         } else {
             rc = -1;
         }

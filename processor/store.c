@@ -1016,6 +1016,26 @@ static int build(pql_store *s, pql_store_batch *b)
     return (int)s->args.n;
 }
 
+/* What a refusal by the script means (store.lua), from the text after
+ * "FENCED ": "epoch <stored> is not ours (<ours>)" with a stored epoch above
+ * ours is another member's claim (PQL_ERR_FENCED).  A stored epoch that is
+ * missing or below ours, or "seq <stored> expected <ours>" (the epoch is
+ * ours, so nobody claimed since), means Redis went back in time: restarted
+ * without writes it had acknowledged (AOF everysec, a failover to a lagging
+ * replica).  Our claim stands; the partition must be claimed again and read
+ * from the offsets Redis now holds (PQL_ERR_REWOUND). */
+static pql_err fence_kind(const char *why, int64_t our_epoch)
+{
+    if (strncmp(why, "seq ", 4) == 0) return PQL_ERR_REWOUND;
+    if (strncmp(why, "epoch ", 6) != 0) return PQL_ERR_FENCED;
+    why += 6;
+    if (strncmp(why, "none ", 5) == 0) return PQL_ERR_REWOUND;
+    char *end;
+    long long stored = strtoll(why, &end, 10);
+    if (end == why) return PQL_ERR_FENCED;
+    return stored < our_epoch ? PQL_ERR_REWOUND : PQL_ERR_FENCED;
+}
+
 /* Maps one EVALSHA reply; @returns 1 on NOSCRIPT (run it again), else 0. */
 static int map_reply(pql_store *s, const pql_store_batch *b, const redisReply *r, pql_err *result,
                      char *errstr, size_t size)
@@ -1025,9 +1045,10 @@ static int map_reply(pql_store *s, const pql_store_batch *b, const redisReply *r
         return 0;
     }
     if (strncmp(r->str, "NOSCRIPT", 8) == 0) return 1;
-    int fenced = strncmp(r->str, "FENCED", 6) == 0 || strncmp(r->str, "ERR FENCED", 10) == 0;
-    *result = fail(s, errstr, size, fenced ? PQL_ERR_FENCED : PQL_ERR_IO, "redis %s: %.*s: %s",
-                   s->where, (int)b->meta_key.len, b->bytes.data + b->meta_key.off, r->str);
+    const char *f = strstr(r->str, "FENCED ");
+    pql_err code = f && (f == r->str || f == r->str + 4) ? fence_kind(f + 7, b->epoch) : PQL_ERR_IO;
+    *result = fail(s, errstr, size, code, "redis %s: %.*s: %s", s->where, (int)b->meta_key.len,
+                   b->bytes.data + b->meta_key.off, r->str);
     return 0;
 }
 

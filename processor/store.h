@@ -130,8 +130,10 @@ pql_err pql_store_batch_incr(pql_store_batch *b, const char *name, const char *f
 int pql_store_batch_empty(const pql_store_batch *b);
 
 /** Runs `n` batches in one pipelined round trip, each atomically.
- *  results[i] is PQL_OK (applied now or before), PQL_ERR_FENCED (stale epoch or
- *  seq: nothing written) or PQL_ERR_IO.  @returns PQL_OK if every reply was
+ *  results[i] is PQL_OK (applied now or before), PQL_ERR_FENCED (another
+ *  member claimed the partition since: nothing written), PQL_ERR_REWOUND
+ *  (Redis lost writes it had acknowledged — its epoch or seq is behind ours:
+ *  nothing written; claim the partition again) or PQL_ERR_IO.  @returns PQL_OK if every reply was
  *  read, PQL_ERR_IO if the connection failed (then results are PQL_ERR_IO
  *  where unknown; retrying the same batches is safe). */
 pql_err pql_store_commit(pql_store *s, pql_store_batch *const *batches, size_t n, pql_err *results,

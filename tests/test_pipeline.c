@@ -545,6 +545,40 @@ Test(pipeline, a_batch_written_while_redis_is_down_is_retried_whole, .timeout = 
     cr_assert_eq(h_proc_stop(p), 0);
 }
 
+/* Redis loses writes it had acknowledged (here all of them, as a restart
+ * without its data would): nobody else holds the partitions, so the member
+ * must not drop them as fenced (they would sit unprocessed until a
+ * rebalance) but claim them again and re-read them from the offsets Redis
+ * now holds — none: from the start — reaching the state of an
+ * uninterrupted run. */
+Test(pipeline, redis_losing_acknowledged_writes_is_read_again_not_abandoned, .timeout = 240)
+{
+    int64_t t = pql_now_ms() - PQL_MS_HOUR;
+    h_produce_usage(kafka, USAGE, -1, "acme", "login", "u1", t, H_NO_PROPS);
+    h_produce_usage(kafka, USAGE, -1, "acme", "teammate_invited", "u1", t + 1, H_NO_PROPS);
+    h_flush(kafka);
+    h_proc *p = start("g9", "pql-alerts", "1000");
+    wait_done(p, "g9", 60000);
+    h_redis_flushall(h_redis_url(redis));
+    h_produce_usage(kafka, USAGE, -1, "acme", "login", "u1", t + 2, H_NO_PROPS);
+    h_produce_usage(kafka, USAGE, -1, "acme", "login", "u1", t + 3, H_NO_PROPS);
+    h_flush(kafka);
+    H_ASSERT_PROC(p, h_proc_wait_log(p, "redis lost writes it had acknowledged", 30000) == 0);
+    wait_done(p, "g9", 60000);
+    char *clock = account_field("g9", "acme", "c");
+    char *team = account_field("g9", "acme", "r:team");
+    H_ASSERT_PROC(p, clock && atoll(clock) == t + 3, "clock %s", clock ? clock : "(none)");
+    H_ASSERT_PROC(p, team && !strncmp(team, "1 1 ", 4), "r:team %s", team ? team : "(none)");
+    free(clock);
+    free(team);
+    cr_assert_eq(sum_counter("g9", "consumed"), 4);
+    cr_assert_eq(sum_counter("g9", "alerts_pql"), 1);
+    char *log = h_proc_log(p);
+    H_ASSERT_PROC(p, !strstr(log, "partition released"), "a partition was dropped");
+    free(log);
+    cr_assert_eq(h_proc_stop(p), 0);
+}
+
 /* Partitions "partition claimed … partition=N" in a log, as a bit set. */
 static unsigned claimed_in(const char *log)
 {

@@ -255,8 +255,8 @@ Test(store, stale_epoch_is_fenced)
     cr_assert(strstr(err, "FENCED"), "%s", err);
     assert_untouched(2);
     pql_store_batch_destroy(b);
-    b = sample_batch(5, 1, 0); /* a partition nobody claimed */
-    cr_assert_eq(commit1(b), PQL_ERR_FENCED);
+    b = sample_batch(5, 1, 0); /* no claim in Redis: it lost ours, nobody else holds it */
+    cr_assert_eq(commit1(b), PQL_ERR_REWOUND);
     assert_untouched(5);
     pql_store_batch_destroy(b);
 }
@@ -276,12 +276,19 @@ Test(store, same_batch_twice_applies_once)
     pql_store_batch_destroy(b);
 }
 
-Test(store, wrong_seq_is_fenced)
+/* Our epoch, but Redis's seq is behind ours: it lost writes it had
+ * acknowledged (restarted without them).  Nothing is written, and the
+ * answer says so apart from another member's claim. */
+Test(store, a_seq_behind_ours_is_rewound_not_fenced)
 {
     pql_claim c = claim(4);
     pql_store_batch *b = sample_batch(4, c.epoch, c.seq + 5);
-    cr_assert_eq(commit1(b), PQL_ERR_FENCED);
+    cr_assert_eq(commit1(b), PQL_ERR_REWOUND);
     cr_assert(strstr(err, "seq"), "%s", err);
+    assert_untouched(4);
+    pql_store_batch_destroy(b);
+    b = sample_batch(4, c.epoch + 2, c.seq); /* an epoch Redis has not reached: lost too */
+    cr_assert_eq(commit1(b), PQL_ERR_REWOUND);
     assert_untouched(4);
     pql_store_batch_destroy(b);
 }
@@ -294,7 +301,7 @@ Test(store, partitions_commit_in_one_round_trip)
         pql_claim c = claim(p);
         b[p] = sample_batch(p, c.epoch, c.seq);
     }
-    b[3] = sample_batch(9, 1, 0); /* unclaimed: fenced, the others still apply */
+    b[3] = sample_batch(9, 1, 0); /* no claim in Redis: refused, the others still apply */
     uint64_t rt0, cmd0, rt1, cmd1;
     pql_store_stats(st, &rt0, &cmd0);
     cr_assert_eq(pql_store_commit(st, b, 4, res, err, sizeof err), PQL_OK, "%s", err);
@@ -305,7 +312,7 @@ Test(store, partitions_commit_in_one_round_trip)
         cr_assert_eq(res[p], PQL_OK);
         cr_assert_str_eq(counters(p, "metrics"), "n=7;");
     }
-    cr_assert_eq(res[3], PQL_ERR_FENCED);
+    cr_assert_eq(res[3], PQL_ERR_REWOUND);
     for (int i = 0; i < 4; i++)
         pql_store_batch_destroy(b[i]);
 }

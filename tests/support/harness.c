@@ -183,6 +183,13 @@ char *h_redis_hget(const char *url, const char *key, const char *field)
     return out;
 }
 
+void h_redis_flushall(const char *url)
+{
+    redisContext *c = redis_connect(url);
+    freeReplyObject(redis_cmd(c, "FLUSHALL"));
+    redisFree(c);
+}
+
 /* ---- Kafka ---------------------------------------------------------------- */
 
 struct h_kafka {

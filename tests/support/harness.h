@@ -61,6 +61,8 @@ void h_redis_stop(h_redis *r);
  *  absent.  Harness functions taking a Redis `url` accept unix:// URLs only
  *  (what h_redis_url returns); they fail the test if Redis is unreachable. */
 char *h_redis_hget(const char *url, const char *key, const char *field);
+/** FLUSHALL: Redis loses every key (as a restart without its data would). */
+void h_redis_flushall(const char *url);
 
 /* ---- Kafka ---------------------------------------------------------------- */
 
