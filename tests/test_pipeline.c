@@ -502,6 +502,21 @@ static char *account_field(const char *group, const char *account, const char *f
     return NULL;
 }
 
+/* acme's four events (login, teammate_invited, login, login at t … t+3)
+ * applied exactly once in `group`: its clock is the last one's, `team`
+ * fired once (the 2nd login crosses it), 4 consumed, 1 PQL alert. */
+static void assert_acme_applied_once(h_proc *p, const char *group, int64_t t)
+{
+    char *clock = account_field(group, "acme", "c");
+    char *team = account_field(group, "acme", "r:team");
+    H_ASSERT_PROC(p, clock && atoll(clock) == t + 3, "clock %s", clock ? clock : "(none)");
+    H_ASSERT_PROC(p, team && !strncmp(team, "1 1 ", 4), "r:team %s", team ? team : "(none)");
+    free(clock);
+    free(team);
+    cr_assert_eq(sum_counter(group, "consumed"), 4);
+    cr_assert_eq(sum_counter(group, "alerts_pql"), 1);
+}
+
 Test(pipeline, a_batch_written_while_redis_is_down_is_retried_whole, .timeout = 240)
 {
     /* this test needs a Redis whose data survives a kill: swap in an AOF one */
@@ -528,14 +543,7 @@ Test(pipeline, a_batch_written_while_redis_is_down_is_retried_whole, .timeout = 
     wait_done(p, "g4", 60000);
 
     /* the retried write carried the batch's state, not just its offsets */
-    char *clock = account_field("g4", "acme", "c");
-    char *team = account_field("g4", "acme", "r:team");
-    H_ASSERT_PROC(p, clock && atoll(clock) == t + 3, "clock %s", clock ? clock : "(none)");
-    H_ASSERT_PROC(p, team && !strncmp(team, "1 1 ", 4), "r:team %s", team ? team : "(none)");
-    free(clock);
-    free(team);
-    cr_assert_eq(sum_counter("g4", "consumed"), 4);
-    cr_assert_eq(sum_counter("g4", "alerts_pql"), 1);
+    assert_acme_applied_once(p, "g4", t);
     /* paused, not starved: still a member, never revoked, resumed */
     char *log = h_proc_log(p);
     H_ASSERT_PROC(p, log && strstr(log, "redis reachable again; resuming"));
@@ -565,14 +573,7 @@ Test(pipeline, redis_losing_acknowledged_writes_is_read_again_not_abandoned, .ti
     h_flush(kafka);
     H_ASSERT_PROC(p, h_proc_wait_log(p, "redis lost writes it had acknowledged", 30000) == 0);
     wait_done(p, "g9", 60000);
-    char *clock = account_field("g9", "acme", "c");
-    char *team = account_field("g9", "acme", "r:team");
-    H_ASSERT_PROC(p, clock && atoll(clock) == t + 3, "clock %s", clock ? clock : "(none)");
-    H_ASSERT_PROC(p, team && !strncmp(team, "1 1 ", 4), "r:team %s", team ? team : "(none)");
-    free(clock);
-    free(team);
-    cr_assert_eq(sum_counter("g9", "consumed"), 4);
-    cr_assert_eq(sum_counter("g9", "alerts_pql"), 1);
+    assert_acme_applied_once(p, "g9", t);
     char *log = h_proc_log(p);
     H_ASSERT_PROC(p, !strstr(log, "partition released"), "a partition was dropped");
     free(log);
