@@ -54,8 +54,11 @@ typedef struct pql_prop {
     pql_value value; /* long → PQL_V_NUM; strings point into the decoder */
 } pql_prop;
 
-/* A decoded message.  Every pointer points into the decoder and stays valid
- * until the next pql_decoder_decode() call or pql_decoder_destroy(). */
+/* A decoded message.  Every pointer points into the decoder or into the
+ * message bytes given to pql_decoder_decode(), and stays valid until the next
+ * pql_decoder_decode() call, pql_decoder_destroy() or the release of those
+ * bytes, whichever comes first.  Strings are (pointer, length), not
+ * NUL-terminated. */
 typedef struct pql_event {
     pql_input_kind kind;
     const char *event_id; /* usage only; may be empty */
@@ -85,6 +88,11 @@ void pql_decoder_destroy(pql_decoder *d);
  *  @returns PQL_OK or PQL_ERR_SCHEMA with a reason. */
 pql_err pql_decoder_register_schema(pql_decoder *d, uint32_t id, const char *schema_json,
                                     char *errstr, size_t errstr_size);
+
+/** 1: read every record through avro-c's generic value, even when the writer
+ *  schema is ours (which is otherwise read in one pass, without avro-c).
+ *  Both give the same event; tests compare them. */
+void pql_decoder_set_generic(pql_decoder *d, int on);
 
 /** Decodes and validates one message value.
  *  @returns PQL_OK and fills *out; or PQL_ERR_DECODE (not our Avro, truncated),

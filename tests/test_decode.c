@@ -729,3 +729,161 @@ Test(decode, random_and_mutated_bytes_never_crash)
     for (int k = 0; k < 4; k++)
         pql_decoder_destroy(dec[k]);
 }
+
+/* ---- the direct reader equals avro-c --------------------------------------
+ * A writer schema equal to ours is read in one pass without avro-c
+ * (decode.c: read_direct); pql_decoder_set_generic() forces avro-c.  Both
+ * must give the same outcome and the same event, byte for byte. */
+
+static int same_value(pql_value a, pql_value b)
+{
+    if (a.type != b.type) return 0;
+    switch (a.type) {
+    case PQL_V_NUM:
+        return memcmp(&a.u.num, &b.u.num, sizeof a.u.num) == 0;
+    case PQL_V_BOOL:
+        return a.u.b == b.u.b;
+    case PQL_V_STR:
+        return a.u.str.len == b.u.str.len && memcmp(a.u.str.ptr, b.u.str.ptr, a.u.str.len) == 0;
+    default:
+        return 1;
+    }
+}
+
+static int same_text(const char *a, size_t alen, const char *b, size_t blen)
+{
+    if (!a || !b) return a == b;
+    return alen == blen && memcmp(a, b, alen) == 0;
+}
+
+static void assert_same_event(const pql_event *a, const pql_event *b, int i)
+{
+    cr_assert_eq(a->kind, b->kind, "record %d", i);
+    cr_assert(same_text(a->event_id, a->event_id_len, b->event_id, b->event_id_len), "record %d",
+              i);
+    cr_assert(same_text(a->account_id, a->account_id_len, b->account_id, b->account_id_len),
+              "record %d", i);
+    cr_assert(same_text(a->user_id, a->user_id_len, b->user_id, b->user_id_len), "record %d", i);
+    cr_assert(same_text(a->event, a->event_len, b->event, b->event_len), "record %d", i);
+    cr_assert_eq(a->timestamp, b->timestamp, "record %d", i);
+    cr_assert_eq(a->nprops, b->nprops, "record %d", i);
+    for (size_t k = 0; k < a->nprops; k++) {
+        cr_assert(
+            same_text(a->props[k].key, a->props[k].key_len, b->props[k].key, b->props[k].key_len),
+            "record %d prop %zu", i, k);
+        cr_assert(same_value(a->props[k].value, b->props[k].value), "record %d prop %zu", i, k);
+    }
+}
+
+/* A random valid record of `kind`; its map sometimes in two blocks, one
+ * with a negative count and a byte size, keys sometimes holding a NUL. */
+static void random_record(pql_input_kind kind, pql_buf *b)
+{
+    static const char *names[] = {"plan", "seats", "x", "", "feature", "note"};
+    char text[40];
+    size_t tlen;
+#define RAND_TEXT()                                                                                \
+    do {                                                                                           \
+        tlen = next_rand() % sizeof text;                                                          \
+        for (size_t j = 0; j < tlen; j++)                                                          \
+            text[j] = (char)(next_rand() % 4 == 0 ? next_rand() % 256 : 'a' + next_rand() % 26);   \
+    } while (0)
+    if (kind == PQL_INPUT_USAGE) {
+        RAND_TEXT();
+        pql_avro_put_string(b, text, tlen); /* event_id */
+    }
+    RAND_TEXT();
+    pql_avro_put_string(b, text, tlen); /* account_id (may be empty: invalid) */
+    if (kind == PQL_INPUT_USAGE) {
+        if (next_rand() % 3 == 0) {
+            pql_avro_put_long(b, 0);
+        } else {
+            pql_avro_put_long(b, 1);
+            RAND_TEXT();
+            pql_avro_put_string(b, text, tlen);
+        }
+        RAND_TEXT();
+        pql_avro_put_string(b, text, tlen); /* event */
+    }
+    pql_avro_put_long(b, (int64_t)(next_rand() % 4000000000000ULL) - 1000); /* may be < 0 */
+    size_t blocks = next_rand() % 3;
+    for (size_t blk = 0; blk < blocks; blk++) {
+        size_t n = 1 + next_rand() % 5;
+        pql_buf entries = {0};
+        for (size_t e = 0; e < n; e++) {
+            const char *k = names[next_rand() % 6];
+            if (next_rand() % 8 == 0) {
+                char withnul[8] = {'k', '\0', 'z'};
+                pql_avro_put_string(&entries, withnul, 3);
+            } else {
+                pql_avro_put_string(&entries, k, strlen(k));
+            }
+            pql_value v;
+            switch (next_rand() % 6) {
+            case 0:
+                v = pql_null();
+                break;
+            case 1:
+                v = pql_bool((int)(next_rand() % 2));
+                break;
+            case 2:
+                v = pql_num((double)((int64_t)next_rand() >> (next_rand() % 64)));
+                break;
+            case 3:
+                v = pql_num((double)next_rand() / 7.0);
+                break;
+            case 4:
+                v = pql_num(-0.0);
+                break;
+            default:
+                RAND_TEXT();
+                v = pql_str(text, tlen);
+            }
+            pql_avro_put_value(&entries, &v);
+        }
+        if (next_rand() % 2) {
+            pql_avro_put_long(b, -(int64_t)n);
+            pql_avro_put_long(b, (int64_t)entries.len);
+        } else {
+            pql_avro_put_long(b, (int64_t)n);
+        }
+        pql_buf_append(b, entries.data, entries.len);
+        pql_buf_free(&entries);
+    }
+    pql_avro_put_long(b, 0);
+#undef RAND_TEXT
+}
+
+Test(decode, direct_reader_equals_avro_c)
+{
+    for (int kind = PQL_INPUT_USAGE; kind <= PQL_INPUT_ACCOUNT; kind++) {
+        pql_decoder *direct = decoder((pql_input_kind)kind, PQL_WIRE_AVRO, NULL);
+        pql_decoder *generic = decoder((pql_input_kind)kind, PQL_WIRE_AVRO, NULL);
+        pql_decoder_set_generic(generic, 1);
+        int ok = 0, refused = 0;
+        for (int i = 0; i < 20000; i++) {
+            pql_buf b = {0};
+            random_record((pql_input_kind)kind, &b);
+            if (i % 3 == 0) /* and some damaged ones */
+                for (int m = 0, nm = 1 + (int)(next_rand() % 3); m < nm; m++)
+                    b.data[next_rand() % b.len] = (char)next_rand();
+            pql_event e1, e2;
+            char err2[512];
+            pql_err r1 = pql_decoder_decode(direct, b.data, b.len, &e1, err, sizeof err);
+            pql_err r2 = pql_decoder_decode(generic, b.data, b.len, &e2, err2, sizeof err2);
+            cr_assert_eq(r1, r2, "record %d: direct %s (%s), avro-c %s (%s)", i, pql_err_str(r1),
+                         err, pql_err_str(r2), err2);
+            if (r1 == PQL_OK) {
+                assert_same_event(&e1, &e2, i);
+                ok++;
+            } else {
+                cr_assert_str_eq(err, err2, "record %d", i);
+                refused++;
+            }
+            pql_buf_free(&b);
+        }
+        cr_assert(ok > 5000 && refused > 1000, "kind %d: %d read, %d refused", kind, ok, refused);
+        pql_decoder_destroy(direct);
+        pql_decoder_destroy(generic);
+    }
+}
