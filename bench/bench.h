@@ -50,6 +50,14 @@ int bench_workload_produce(bench_workload *w, const char *bootstraps, const char
                            const char *accounts_topic, int64_t events, bench_produced *out,
                            char *errstr, size_t errstr_size);
 
+/* Where bench_workload_generate() hands each encoded message (valid during the call). */
+typedef void (*bench_sink_fn)(void *opaque, int kind, const char *key, size_t key_len,
+                              const void *value, size_t value_len);
+
+/** The same messages as bench_workload_produce() (same seed, same mix), handed
+ *  to `sink` instead of Kafka.  @returns 0, or -1 (encoding failed). */
+int bench_workload_generate(bench_workload *w, int64_t events, bench_sink_fn sink, void *opaque);
+
 /** A live producer for the latency phase: events stamped with the wall clock.
  *  @returns NULL with a reason. */
 rd_kafka_t *bench_live_producer(const char *bootstraps, char *errstr, size_t errstr_size);
@@ -62,6 +70,22 @@ rd_kafka_t *bench_live_producer(const char *bootstraps, char *errstr, size_t err
  *  @returns the number of messages produced (>= 1), or -1 on a produce error. */
 int bench_live_step(bench_workload *w, rd_kafka_t *rk, const char *usage_topic,
                     const char *accounts_topic, int64_t now, int probe);
+
+/* ---- core.c ------------------------------------------------------------------- */
+
+/* The pure core's cost per event on one thread (thread CPU time, µs). */
+typedef struct bench_core_result {
+    int64_t events, batches, alerts;
+    double decode_us, apply_us, build_us, total_us;
+} bench_core_result;
+
+/** Generates `events` messages of the workload `wo` in memory, spread over
+ *  `partitions` tasks, and runs them through decode → apply → (every `batch`
+ *  messages) batch build with the rules at `rules_path`, caches trimmed to
+ *  `cache_max` accounts in all.  @returns 0, or -1 with a reason. */
+int bench_core(const bench_workload_opts *wo, int64_t events, int partitions,
+               const char *rules_path, int batch, size_t cache_max, bench_core_result *out,
+               char *errstr, size_t errstr_size);
 
 /* ---- probe.c ---------------------------------------------------------------- */
 

@@ -51,7 +51,9 @@ struct bench_workload {
     uint64_t rng, next_event_id;
     int64_t introduced;
     pql_buf value;
-    /* where step() sends its records */
+    /* where step() sends its records: Kafka, or a function (bench_workload_generate) */
+    bench_sink_fn sink;
+    void *sink_opaque;
     rd_kafka_t *rk;
     const char *usage_topic, *accounts_topic;
     int64_t produced_usage, produced_updates, produced_bytes;
@@ -151,7 +153,7 @@ static void send_event(bench_workload *w, const pql_event *ev)
         return;
     }
     int usage = ev->kind == PQL_INPUT_USAGE;
-    for (;;) {
+    for (; !w->sink;) {
         rd_kafka_resp_err_t e = rd_kafka_producev(
             w->rk, RD_KAFKA_V_TOPIC(usage ? w->usage_topic : w->accounts_topic),
             RD_KAFKA_V_KEY(ev->account_id, ev->account_id_len),
@@ -165,6 +167,9 @@ static void send_event(bench_workload *w, const pql_event *ev)
         }
         rd_kafka_poll(w->rk, 10);
     }
+    if (w->sink)
+        w->sink(w->sink_opaque, ev->kind, ev->account_id, ev->account_id_len, w->value.data,
+                w->value.len);
     if (usage)
         w->produced_usage++;
     else
@@ -395,6 +400,21 @@ int bench_workload_produce(bench_workload *w, const char *bootstraps, const char
         return -1;
     }
     return 0;
+}
+
+int bench_workload_generate(bench_workload *w, int64_t events, bench_sink_fn sink, void *opaque)
+{
+    int64_t span = (int64_t)w->opts.days * PQL_MS_DAY;
+    int64_t start = pql_now_ms() - span - PQL_MS_MINUTE;
+    w->sink = sink;
+    w->sink_opaque = opaque;
+    w->produced_usage = w->produced_updates = w->produced_bytes = 0;
+    while (w->produced_usage + w->produced_updates < events && !w->failed) {
+        int64_t n = w->produced_usage + w->produced_updates;
+        step(w, start + (int64_t)((double)n / (double)events * (double)span));
+    }
+    w->sink = NULL;
+    return w->failed ? -1 : 0;
 }
 
 /* ---- live load --------------------------------------------------------------- */
