@@ -65,6 +65,13 @@ struct pql_window {
     int64_t last_t;
     double last_v;
     uint8_t last_has_t, last_has_v, last_flags;
+    /* The last value asked for, valid while memo_ok: a value depends only on
+     * the state and the first bucket within reach, and most events leave most
+     * of an account's windows untouched, so rules read them again for free.
+     * Every change to the state clears memo_ok. */
+    int memo_ok;
+    int64_t memo_first;
+    pql_value memo;
 };
 
 /* ---- spec ---------------------------------------------------------------- */
@@ -375,6 +382,7 @@ int pql_window_add(pql_window *w, int64_t clock, int64_t ts, double value, const
 {
     int64_t b = pql_window_bucket(&w->spec, ts);
     if (b < first_in_reach(w, clock)) return 0;
+    w->memo_ok = 0;
     switch (w->spec.agg) {
     case PQL_AGG_DISTINCT:
         if (!member) member_len = 0;
@@ -406,9 +414,8 @@ int pql_window_add(pql_window *w, int64_t clock, int64_t ts, double value, const
     }
 }
 
-pql_value pql_window_value(const pql_window *w, int64_t clock)
+static pql_value compute_value(const pql_window *w, int64_t first)
 {
-    int64_t first = first_in_reach(w, clock);
     const bucket_list *l = &w->buckets;
     double acc = 0;
     int any = 0;
@@ -437,11 +444,23 @@ pql_value pql_window_value(const pql_window *w, int64_t clock)
     return pql_num(acc);
 }
 
+pql_value pql_window_value(pql_window *w, int64_t clock)
+{
+    int64_t first = first_in_reach(w, clock);
+    if (!w->memo_ok || w->memo_first != first) {
+        w->memo = compute_value(w, first);
+        w->memo_first = first;
+        w->memo_ok = 1;
+    }
+    return w->memo;
+}
+
 void pql_window_expire(pql_window *w, int64_t clock)
 {
     int64_t first = first_in_reach(w, clock);
     bucket_list *l = &w->buckets;
     if (w->spec.window_ms == 0) return;
+    w->memo_ok = 0; /* a value asked at an earlier clock no longer sees what expires */
     if (w->spec.agg == PQL_AGG_LAST) {
         if (w->last_has_t && pql_window_bucket(&w->spec, w->last_t) < first) {
             w->last_has_t = w->last_has_v = 0;
@@ -512,6 +531,7 @@ static void flush_buckets(pql_window *w, pql_window_set_fn set, pql_window_del_f
 void pql_window_flush(pql_window *w, pql_window_set_fn set, pql_window_del_fn del, void *opaque)
 {
     if (!w->dirty) return;
+    w->memo_ok = 0;
     switch (w->spec.agg) {
     case PQL_AGG_DISTINCT:
         flush_members(w, set, del, opaque);
@@ -578,6 +598,7 @@ static int load_bucket(pql_window *w, const char *field, size_t field_len, doubl
 int pql_window_load(pql_window *w, const char *field, size_t field_len, double value)
 {
     int64_t n;
+    w->memo_ok = 0;
     switch (w->spec.agg) {
     case PQL_AGG_DISTINCT:
         if (field_len < 2 || field[0] != 'm' || field[1] != ':') return -1;

@@ -84,8 +84,10 @@ void pql_window_destroy(pql_window *w);
 int pql_window_add(pql_window *w, int64_t clock, int64_t ts, double value, const char *member,
                    size_t member_len);
 
-/** The aggregate at account clock `clock` (see the table above). */
-pql_value pql_window_value(const pql_window *w, int64_t clock);
+/** The aggregate at account clock `clock` (see the table above).  The last
+ *  value asked for is kept until the state changes, so asking again at a clock
+ *  in the same bucket costs nothing (hence the non-const window). */
+pql_value pql_window_value(pql_window *w, int64_t clock);
 
 /** Drops state out of reach at `clock`, recording the deletions for the next
  *  flush.  Values are unaffected (they never read out-of-reach state). */
