@@ -7,9 +7,10 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define MAX_TRAITS 1024 /* traits kept per account; more are dropped */
-#define REASON_MAX 1024 /* a rendered reason, like a CRM long-text field */
-#define NO_TIME    PQL_NO_TIME
+#define MAX_TRAITS   1024 /* traits kept per account; more are dropped */
+#define REASON_MAX   1024 /* a rendered reason, like a CRM long-text field */
+#define NO_TIME      PQL_NO_TIME
+#define TRAIT_ABSENT (-1)
 
 typedef struct trait {
     char *key;
@@ -69,6 +70,10 @@ struct pql_account {
     /* per-evaluation cache of signal values */
     pql_value *sigval;
     unsigned char *sigval_ok;
+    /* where each declared trait (the rules' trait slots) sits in `traits`:
+     * index + 1, TRAIT_ABSENT, or 0 = not looked up since the array last
+     * changed shape (a trait added or deleted) */
+    int32_t *tslot;
     unsigned batch_mark; /* see pql_account_mark */
     int64_t ttl_set_at;  /* see pql_account_ttl_set_at */
 };
@@ -110,6 +115,7 @@ pql_account *pql_account_new(const pql_rules *r, const char *id, size_t id_len)
     a->signed_up_at = a->converted_at = a->pql_at = NO_TIME;
     a->sigval = xcalloc(ns, sizeof(*a->sigval));
     a->sigval_ok = xcalloc(ns, 1);
+    a->tslot = xcalloc(pql_rules_ntraits(r) + 1, sizeof(*a->tslot));
     return a;
 }
 
@@ -140,6 +146,7 @@ void pql_account_destroy(pql_account *a)
     free(a->pql_rule);
     free(a->sigval);
     free(a->sigval_ok);
+    free(a->tslot);
     free(a->id);
     free(a);
 }
@@ -187,6 +194,7 @@ static int trait_set(pql_account *a, const char *key, size_t len, pql_value v, i
         free(t->key);
         trait_free_value(t);
         *t = a->traits[--a->ntraits];
+        memset(a->tslot, 0, pql_rules_ntraits(a->rules) * sizeof(*a->tslot));
         return 1;
     }
     if (!t) {
@@ -199,6 +207,7 @@ static int trait_set(pql_account *a, const char *key, size_t len, pql_value v, i
         memcpy(t->key, key, len);
         t->key[len] = '\0';
         t->key_len = len;
+        memset(a->tslot, 0, pql_rules_ntraits(a->rules) * sizeof(*a->tslot));
     } else if (t->value.type == v.type &&
                ((v.type == PQL_V_NUM && t->value.u.num == v.u.num) ||
                 (v.type == PQL_V_BOOL && t->value.u.b == v.u.b) ||
@@ -262,9 +271,13 @@ static pql_value lookup(void *opaque, int slot)
     case PQL_SLOT_SIGNAL:
         return pql_account_signal(c->a, (size_t)idx);
     case PQL_SLOT_TRAIT: {
-        const char *name = pql_rules_trait(c->a->rules, (size_t)idx);
-        trait *t = trait_find(c->a, name, strlen(name));
-        return t ? t->value : pql_null();
+        int32_t *ts = &c->a->tslot[idx];
+        if (*ts == 0) {
+            const char *name = pql_rules_trait(c->a->rules, (size_t)idx);
+            trait *t = trait_find(c->a, name, strlen(name));
+            *ts = t ? (int32_t)(t - c->a->traits) + 1 : TRAIT_ABSENT;
+        }
+        return *ts > 0 ? c->a->traits[*ts - 1].value : pql_null();
     }
     case PQL_SLOT_PROP: {
         const pql_prop *p =
@@ -303,8 +316,8 @@ static pql_apply observe(pql_account *a, const pql_event *ev)
     int matched = 0, counted = 0;
     for (size_t i = 0; i < pql_rules_nsignals(a->rules); i++) {
         const pql_signal *s = pql_rules_signal(a->rules, i);
-        if (!(s->event[0] == '*' && s->event[1] == '\0') &&
-            !streq(ev->event, ev->event_len, s->event))
+        if (!s->any_event &&
+            (s->event_len != ev->event_len || memcmp(s->event, ev->event, ev->event_len) != 0))
             continue;
         if (s->where && !pql_expr_test(s->where, lookup, &ctx)) continue;
         double value = 1;
@@ -865,6 +878,7 @@ size_t pql_account_memory(const pql_account *a)
     size_t n = sizeof(*a) + a->id_len + 1;
     size_t ns = pql_rules_nsignals(a->rules), nr = pql_rules_nrules(a->rules);
     n += ns * (sizeof(pql_window *) + sizeof(pql_value) + 1) + nr * sizeof(rule_state);
+    n += (pql_rules_ntraits(a->rules) + 1) * sizeof(*a->tslot);
     for (size_t i = 0; i < a->ntraits; i++) {
         n += sizeof(trait) + a->traits[i].key_len + 1;
         if (a->traits[i].value.type == PQL_V_STR) n += a->traits[i].value.u.str.len + 1;

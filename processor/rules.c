@@ -396,6 +396,8 @@ static void compile_signal(loader *l, pql_signal *s, struct fy_node *def)
         }
     }
     s->event = dup_s(event);
+    s->event_len = strlen(event);
+    s->any_event = strcmp(event, "*") == 0;
     int64_t window_ms = 0;
     const char *ws = scalar(window);
     if (!window) {

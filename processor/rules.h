@@ -80,8 +80,10 @@ typedef struct pql_signal {
     char *key;  /* storage key: name + "#" + 8 hex digits of a hash of the
                    definition, so a changed definition starts empty */
     pql_window_spec spec;
-    char *event;     /* event name matched, or "*" for any */
-    pql_expr *where; /* NULL: every matching event */
+    char *event;      /* event name matched, or "*" for any */
+    size_t event_len; /* strlen(event), so matching an event compares lengths first */
+    int any_event;    /* event is "*" */
+    pql_expr *where;  /* NULL: every matching event */
     pql_source source;
     int source_index; /* PQL_FIELD_* or property index */
 } pql_signal;

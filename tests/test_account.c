@@ -465,6 +465,25 @@ Test(account, fit_gates_a_rule_on_traits)
     pql_rules_destroy(r);
 }
 
+/* Deleting a trait moves the last one into its place: rules must read the
+ * moved trait's new value, not where it used to be. */
+Test(account, a_trait_moved_by_a_deletion_is_read_where_it_is_now)
+{
+    pql_rules *r = h_rules("traits: { employees: number }\n"
+                           "pql:\n  - name: big\n    when: account.employees >= 50\n");
+    pql_account *a = pql_account_new(r, "acme", 4);
+    fired f = {0};
+    trait(a, "region", pql_str("emea", 4), T0, &f);
+    trait(a, "employees", pql_num(10), T0 + 1, &f);
+    cr_assert_eq(f.n, 0);
+    trait(a, "region", pql_null(), T0 + 2, &f); /* employees moves to the first place */
+    trait(a, "employees", pql_num(80), T0 + 3, &f);
+    cr_assert_eq(f.n, 1, "80 employees after the move: fires");
+    cr_assert_eq(f.triggered_at[0], T0 + 3);
+    pql_account_destroy(a);
+    pql_rules_destroy(r);
+}
+
 /* applies_to: paid means converted (the conversion event) or lifecycle.paid
  * holding on the traits; PQL rules (free by default) stop applying then. */
 Test(account, paid_by_conversion_event_or_by_plan_trait)
