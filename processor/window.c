@@ -66,9 +66,12 @@ struct pql_window {
     double last_v;
     uint8_t last_has_t, last_has_v, last_flags;
     /* The last value asked for, valid while memo_ok: a value depends only on
-     * the state and the first bucket within reach, and most events leave most
-     * of an account's windows untouched, so rules read them again for free.
-     * Every change to the state clears memo_ok. */
+     * the state and the first bucket within reach (memo_first), so rules read
+     * an untouched window again for free.  An observation updates it in
+     * place where the update is exact (counts, days, members, max, integer
+     * sums: the same number a walk of the buckets gives), else clears it;
+     * expiring clears it only when it read buckets that now expire, and a
+     * flush, which changes no value, keeps it. */
     int memo_ok;
     int64_t memo_first;
     pql_value memo;
@@ -321,6 +324,7 @@ static int member_see(pql_window *w, const char *member, size_t len, int64_t b, 
         if (live && (s->last == b || (keep_max && s->last > b))) return 0;
         if (bl_reserve_one(&w->buckets, bl_first_cap(w)) < 0) return -1;
         member_count_move(w, live, s->last, b);
+        if (w->memo_ok) w->memo.u.num += (b >= w->memo_first) - (live && s->last >= w->memo_first);
         s->last = b;
         s->flags = (uint8_t)((s->flags & ~F_DELETED) | flags);
         return 1;
@@ -342,10 +346,44 @@ static int member_see(pql_window *w, const char *member, size_t len, int64_t b, 
     w->slot_used++;
     w->member_bytes += len + 3;
     member_count_move(w, 0, 0, b);
+    if (w->memo_ok) w->memo.u.num += b >= w->memo_first;
     return 1;
 }
 
 /* ---- observations and values --------------------------------------------- */
+
+/* 2^53: integers up to here add exactly in a double */
+#define EXACT_INT 9007199254740992.0
+
+static int exact_int(double d)
+{
+    return d == floor(d) && fabs(d) < EXACT_INT;
+}
+
+/** Updates the kept value for a bucket within its reach that went from `old`
+ *  (absent when `created`) to `now`. */
+static void memo_bucket_changed(pql_window *w, int created, double old, double now)
+{
+    double *m = &w->memo.u.num;
+    switch (w->spec.agg) {
+    case PQL_AGG_COUNT:
+        *m += created ? now : now - old;
+        break;
+    case PQL_AGG_DAYS_ACTIVE:
+        *m += created;
+        break;
+    case PQL_AGG_MAX:
+        if (w->memo.type != PQL_V_NUM || now > *m) w->memo = pql_num(now);
+        break;
+    default: /* SUM: in place only while every figure is an exact integer */
+        if (w->memo.type == PQL_V_NUM && exact_int(*m) && exact_int(now) &&
+            (created || exact_int(old)) && exact_int(*m + (created ? now : now - old)))
+            *m += created ? now : now - old;
+        else
+            w->memo_ok = 0;
+        break;
+    }
+}
 
 static int add_to_bucket(pql_window *w, int64_t b, double value)
 {
@@ -373,6 +411,7 @@ static int add_to_bucket(pql_window *w, int64_t b, double value)
     if (created || e->value != old) {
         e->flags = F_DIRTY;
         w->dirty = 1;
+        if (w->memo_ok && b >= w->memo_first) memo_bucket_changed(w, created, old, e->value);
     }
     return 1;
 }
@@ -382,7 +421,6 @@ int pql_window_add(pql_window *w, int64_t clock, int64_t ts, double value, const
 {
     int64_t b = pql_window_bucket(&w->spec, ts);
     if (b < first_in_reach(w, clock)) return 0;
-    w->memo_ok = 0;
     switch (w->spec.agg) {
     case PQL_AGG_DISTINCT:
         if (!member) member_len = 0;
@@ -399,6 +437,7 @@ int pql_window_add(pql_window *w, int64_t clock, int64_t ts, double value, const
     case PQL_AGG_LAST:
         if (!isfinite(value)) return 0;
         if (w->last_has_t && w->last_has_v && ts < w->last_t) return 1;
+        w->memo_ok = 0;
         w->last_t = ts;
         w->last_v = value;
         w->last_has_t = w->last_has_v = 1;
@@ -460,7 +499,7 @@ void pql_window_expire(pql_window *w, int64_t clock)
     int64_t first = first_in_reach(w, clock);
     bucket_list *l = &w->buckets;
     if (w->spec.window_ms == 0) return;
-    w->memo_ok = 0; /* a value asked at an earlier clock no longer sees what expires */
+    if (first > w->memo_first) w->memo_ok = 0; /* it read buckets that expire now */
     if (w->spec.agg == PQL_AGG_LAST) {
         if (w->last_has_t && pql_window_bucket(&w->spec, w->last_t) < first) {
             w->last_has_t = w->last_has_v = 0;
@@ -531,7 +570,6 @@ static void flush_buckets(pql_window *w, pql_window_set_fn set, pql_window_del_f
 void pql_window_flush(pql_window *w, pql_window_set_fn set, pql_window_del_fn del, void *opaque)
 {
     if (!w->dirty) return;
-    w->memo_ok = 0;
     switch (w->spec.agg) {
     case PQL_AGG_DISTINCT:
         flush_members(w, set, del, opaque);
