@@ -60,6 +60,8 @@ struct pql_account {
     size_t ntraits;
     char **deleted; /* field names to delete at the next flush (traits, stale fields) */
     size_t ndeleted;
+    /* the per-signal and per-rule arrays below share one allocation with the
+     * account (see pql_account_new) */
     pql_window **windows; /* per signal, created on first use */
     rule_state *rstate;   /* per rule */
     int64_t signed_up_at, converted_at, pql_at;
@@ -67,8 +69,14 @@ struct pql_account {
     int lifecycle_dirty;
     memo *memos; /* other modules' fields, "m:<name>" (metrics.c) */
     size_t nmemos;
-    /* per-evaluation cache of signal values */
+    /* Signal values as rules last read them: sigval[i] holds while
+     * sigval_ok[i] and the clock's first bucket in reach is still sigfirst[i]
+     * (a value depends on the clock only through it).  Observing into window
+     * i or loading it clears sigval_ok[i]; a flush changes no value at the
+     * account clock.  Reading a value here touches these arrays, not the
+     * window, which is often cold in memory. */
     pql_value *sigval;
+    int64_t *sigfirst;
     unsigned char *sigval_ok;
     /* where each declared trait (the rules' trait slots) sits in `traits`:
      * index + 1, TRAIT_ABSENT, or 0 = not looked up since the array last
@@ -98,24 +106,47 @@ static void *xcalloc(size_t n, size_t size)
     return p;
 }
 
+/* Rounds up to the alignment of everything the account block holds. */
+static size_t align8(size_t n)
+{
+    return (n + 7) & ~(size_t)7;
+}
+
+/* The account and its per-signal, per-rule and per-trait arrays in one block:
+ * applying an event touches them all, so they share cache lines and pages. */
+static size_t block_size(size_t ns, size_t nr, size_t nt)
+{
+    return align8(sizeof(pql_account)) + align8(ns * sizeof(pql_value)) +
+           align8(ns * sizeof(int64_t)) + align8(ns * sizeof(pql_window *)) +
+           align8(nr * sizeof(rule_state)) + align8((nt + 1) * sizeof(int32_t)) + align8(ns);
+}
+
 pql_account *pql_account_new(const pql_rules *r, const char *id, size_t id_len)
 {
-    pql_account *a = xcalloc(1, sizeof(*a));
-    size_t ns = pql_rules_nsignals(r), nr = pql_rules_nrules(r);
+    size_t ns = pql_rules_nsignals(r), nr = pql_rules_nrules(r), nt = pql_rules_ntraits(r);
+    char *p = xcalloc(1, block_size(ns, nr, nt));
+    pql_account *a = (pql_account *)p;
+    p += align8(sizeof(*a));
+    a->sigval = (pql_value *)p;
+    p += align8(ns * sizeof(pql_value));
+    a->sigfirst = (int64_t *)p;
+    p += align8(ns * sizeof(int64_t));
+    a->windows = (pql_window **)p;
+    p += align8(ns * sizeof(pql_window *));
+    a->rstate = (rule_state *)p;
+    p += align8(nr * sizeof(rule_state));
+    a->tslot = (int32_t *)p;
+    p += align8((nt + 1) * sizeof(int32_t));
+    a->sigval_ok = (unsigned char *)p;
     a->rules = r;
     a->id = xmalloc(id_len + 1);
     memcpy(a->id, id, id_len);
     a->id[id_len] = '\0';
     a->id_len = id_len;
     a->clock = NO_TIME;
-    a->windows = xcalloc(ns, sizeof(*a->windows));
-    a->rstate = xcalloc(nr, sizeof(*a->rstate));
     for (size_t i = 0; i < nr; i++)
         a->rstate[i].fired_at = a->rstate[i].held_since = NO_TIME;
     a->signed_up_at = a->converted_at = a->pql_at = NO_TIME;
-    a->sigval = xcalloc(ns, sizeof(*a->sigval));
-    a->sigval_ok = xcalloc(ns, 1);
-    a->tslot = xcalloc(pql_rules_ntraits(r) + 1, sizeof(*a->tslot));
     return a;
 }
 
@@ -141,12 +172,7 @@ void pql_account_destroy(pql_account *a)
     free(a->deleted);
     for (size_t i = 0; i < pql_rules_nsignals(a->rules); i++)
         pql_window_destroy(a->windows[i]);
-    free(a->windows);
-    free(a->rstate);
     free(a->pql_rule);
-    free(a->sigval);
-    free(a->sigval_ok);
-    free(a->tslot);
     free(a->id);
     free(a);
 }
@@ -242,13 +268,15 @@ static pql_window *window_of(pql_account *a, size_t i)
 
 pql_value pql_account_signal(pql_account *a, size_t i)
 {
-    if (!a->sigval_ok[i]) {
-        if (a->windows[i]) {
+    const pql_window_spec *spec = &pql_rules_signal(a->rules, i)->spec;
+    int64_t first = pql_window_first(spec, a->clock);
+    if (!a->sigval_ok[i] || a->sigfirst[i] != first) {
+        if (a->windows[i])
             a->sigval[i] = pql_window_value(a->windows[i], a->clock);
-        } else {
-            pql_agg agg = pql_rules_signal(a->rules, i)->spec.agg;
-            a->sigval[i] = (agg == PQL_AGG_MAX || agg == PQL_AGG_LAST) ? pql_null() : pql_num(0);
-        }
+        else
+            a->sigval[i] =
+                (spec->agg == PQL_AGG_MAX || spec->agg == PQL_AGG_LAST) ? pql_null() : pql_num(0);
+        a->sigfirst[i] = first;
         a->sigval_ok[i] = 1;
     }
     return a->sigval[i];
@@ -295,11 +323,6 @@ static pql_value lookup(void *opaque, int slot)
         if (idx == PQL_FIELD_EVENT_ID) return pql_str(c->ev->event_id, c->ev->event_id_len);
     }
     return pql_null();
-}
-
-static void invalidate_signals(pql_account *a)
-{
-    memset(a->sigval_ok, 0, pql_rules_nsignals(a->rules));
 }
 
 /* ---- applying events --------------------------------------------------- */
@@ -358,6 +381,7 @@ static pql_apply observe(pql_account *a, const pql_event *ev)
         int rc =
             pql_window_add(window_of(a, i), a->clock, ev->timestamp, value, member, member_len);
         if (rc < 0) abort();
+        a->sigval_ok[i] = 0;
         counted |= rc;
     }
     if (!matched) return PQL_APPLY_UNMATCHED;
@@ -613,7 +637,6 @@ pql_apply pql_account_apply(pql_account *a, const pql_event *ev, int64_t now_ms,
         a->clock = ev->timestamp;
         a->clock_dirty = 1;
     }
-    invalidate_signals(a);
     if (ev->kind == PQL_INPUT_ACCOUNT) {
         for (size_t i = 0; i < ev->nprops; i++)
             if (trait_set(a, ev->props[i].key, ev->props[i].key_len, ev->props[i].value, 1))
@@ -623,7 +646,6 @@ pql_apply pql_account_apply(pql_account *a, const pql_event *ev, int64_t now_ms,
         res = observe(a, ev);
         if (marker && res == PQL_APPLY_UNMATCHED) res = PQL_APPLIED;
     }
-    invalidate_signals(a);
     evaluate(a, ev, now_ms, fn, opaque);
     return res;
 }
@@ -831,6 +853,7 @@ int pql_account_load_field(pql_account *a, const char *f, size_t flen, const cha
             return 0;
         }
         if (parse_double(v, vlen, &d) < 0) return -1;
+        a->sigval_ok[i] = 0;
         return pql_window_load(window_of(a, (size_t)i), bar + 1, flen - (size_t)(bar + 1 - f), d);
     }
     if (flen > 2 && f[1] == ':' && f[0] == 'r') {
@@ -875,10 +898,8 @@ int pql_account_load_field(pql_account *a, const char *f, size_t flen, const cha
 
 size_t pql_account_memory(const pql_account *a)
 {
-    size_t n = sizeof(*a) + a->id_len + 1;
     size_t ns = pql_rules_nsignals(a->rules), nr = pql_rules_nrules(a->rules);
-    n += ns * (sizeof(pql_window *) + sizeof(pql_value) + 1) + nr * sizeof(rule_state);
-    n += (pql_rules_ntraits(a->rules) + 1) * sizeof(*a->tslot);
+    size_t n = block_size(ns, nr, pql_rules_ntraits(a->rules)) + a->id_len + 1;
     for (size_t i = 0; i < a->ntraits; i++) {
         n += sizeof(trait) + a->traits[i].key_len + 1;
         if (a->traits[i].value.type == PQL_V_STR) n += a->traits[i].value.u.str.len + 1;

@@ -140,11 +140,15 @@ int64_t pql_window_bucket(const pql_window_spec *spec, int64_t ts)
     return q;
 }
 
-/** @returns the first bucket within reach at `clock` (INT64_MIN for lifetime). */
+int64_t pql_window_first(const pql_window_spec *spec, int64_t clock)
+{
+    if (spec->window_ms == 0) return INT64_MIN;
+    return pql_window_bucket(spec, clock) - spec->nbuckets + 1;
+}
+
 static int64_t first_in_reach(const pql_window *w, int64_t clock)
 {
-    if (w->spec.window_ms == 0) return INT64_MIN;
-    return pql_window_bucket(&w->spec, clock) - w->spec.nbuckets + 1;
+    return pql_window_first(&w->spec, clock);
 }
 
 /* ---- sorted bucket array ------------------------------------------------- */

@@ -69,6 +69,10 @@ int pql_window_spec_init(pql_window_spec *spec, pql_agg agg, int64_t window_ms, 
  *  negative ts; always 0 when bucket_ms is 0, i.e. lifetime except days_active). */
 int64_t pql_window_bucket(const pql_window_spec *spec, int64_t ts);
 
+/** The first bucket within reach at account clock `clock` (INT64_MIN for
+ *  lifetime): a window's value depends on the clock only through it. */
+int64_t pql_window_first(const pql_window_spec *spec, int64_t clock);
+
 typedef struct pql_window pql_window;
 
 /** @returns a new empty window (spec is copied), or NULL when out of memory. */
