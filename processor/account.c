@@ -661,20 +661,13 @@ typedef struct flush_ctx {
     void *opaque;
 } flush_ctx;
 
-static size_t fmt_num(char *buf, size_t size, double d)
-{
-    if (d == floor(d) && fabs(d) < 9.007199254740992e15)
-        return (size_t)snprintf(buf, size, "%.0f", d);
-    return (size_t)snprintf(buf, size, "%.17g", d);
-}
-
 static void window_set(void *opaque, const char *f, size_t flen, double v)
 {
     flush_ctx *c = opaque;
     char num[40];
     c->field.len = c->prefix_len;
     pql_buf_append(&c->field, f, flen);
-    size_t n = fmt_num(num, sizeof(num), v);
+    size_t n = pql_fmt_num(num, v);
     c->set(c->opaque, c->field.data, c->field.len, num, n);
 }
 
@@ -688,10 +681,10 @@ static void window_del(void *opaque, const char *f, size_t flen)
 
 static void set_time(flush_ctx *c, const char *field, int64_t t)
 {
-    char num[24];
+    char num[PQL_I64_MAX_DIGITS + 1];
     if (t == NO_TIME) return;
-    int n = snprintf(num, sizeof(num), "%lld", (long long)t);
-    c->set(c->opaque, field, strlen(field), num, (size_t)n);
+    size_t n = pql_fmt_i64(num, t);
+    c->set(c->opaque, field, strlen(field), num, n);
 }
 
 void pql_account_flush(pql_account *a, pql_field_set_fn set, pql_field_del_fn del, void *opaque)
@@ -716,7 +709,7 @@ void pql_account_flush(pql_account *a, pql_field_set_fn set, pql_field_del_fn de
         pql_buf v = {0};
         if (t->value.type == PQL_V_NUM) {
             num[0] = 'n';
-            size_t n = fmt_num(num + 1, sizeof(num) - 1, t->value.u.num);
+            size_t n = pql_fmt_num(num + 1, t->value.u.num);
             pql_buf_append(&v, num, n + 1);
         } else if (t->value.type == PQL_V_BOOL) {
             pql_buf_append(&v, t->value.u.b ? "b1" : "b0", 2);
@@ -733,8 +726,11 @@ void pql_account_flush(pql_account *a, pql_field_set_fn set, pql_field_del_fn de
         if (!w) continue;
         if (a->clock != NO_TIME) pql_window_expire(w, a->clock);
         if (!pql_window_dirty(w)) continue;
+        const char *key = pql_rules_signal(a->rules, i)->key;
         pql_buf_reset(&c.field);
-        pql_buf_printf(&c.field, "s:%s|", pql_rules_signal(a->rules, i)->key);
+        pql_buf_append(&c.field, "s:", 2);
+        pql_buf_append(&c.field, key, strlen(key));
+        pql_buf_append(&c.field, "|", 1);
         c.prefix_len = c.field.len;
         pql_window_flush(w, window_set, window_del, &c);
     }

@@ -91,6 +91,34 @@ static int format_duration(char *buf, size_t size, double d)
     return snprintf(buf, size, "0 seconds");
 }
 
+size_t pql_fmt_i64(char *buf, int64_t v)
+{
+    char tmp[PQL_I64_MAX_DIGITS];
+    uint64_t u = v < 0 ? 0 - (uint64_t)v : (uint64_t)v;
+    size_t n = 0, len = 0;
+    do {
+        tmp[n++] = (char)('0' + u % 10);
+        u /= 10;
+    } while (u);
+    if (v < 0) buf[len++] = '-';
+    while (n)
+        buf[len++] = tmp[--n];
+    buf[len] = '\0';
+    return len;
+}
+
+size_t pql_fmt_num(char *buf, double d)
+{
+    if (d == floor(d) && fabs(d) < 9007199254740992.0) {
+        if (d == 0 && signbit(d)) {
+            memcpy(buf, "-0", 3);
+            return 2;
+        }
+        return pql_fmt_i64(buf, (int64_t)d);
+    }
+    return (size_t)snprintf(buf, 32, "%.17g", d);
+}
+
 int pql_format_number(char *buf, size_t size, double d, pql_vfmt fmt)
 {
     if (!isfinite(d)) return snprintf(buf, size, "n/a");

@@ -94,6 +94,18 @@ static inline pql_value pql_str(const char *p, size_t len)
  *  @returns the number of characters written (snprintf semantics). */
 int pql_format_number(char *buf, size_t size, double d, pql_vfmt fmt);
 
+/** Writes v in decimal ("%lld"'s bytes) and a NUL into buf, which holds at
+ *  least PQL_I64_MAX_DIGITS + 1 bytes.  @returns the number of digits (and
+ *  sign) written.  For the write path, where snprintf's format parsing cost
+ *  more than the number. */
+#define PQL_I64_MAX_DIGITS 20
+size_t pql_fmt_i64(char *buf, int64_t v);
+
+/** Writes a stored number: an integer below 2^53 as pql_fmt_i64 does ("%.0f"'s
+ *  bytes, "-0" included), anything else as "%.17g" (exact round trip).
+ *  buf holds at least 32 bytes.  @returns the length written. */
+size_t pql_fmt_num(char *buf, double d);
+
 /** Parses a duration "30m", "24h", "7d", "2w", "90s", "500ms" into milliseconds.
  *  @returns 0 on success, -1 if `s` is not a duration. */
 int pql_parse_duration(const char *s, size_t len, int64_t *ms_out);

@@ -776,8 +776,8 @@ static void put(pql_store_batch *b, span *out, const void *p, size_t len)
 
 static void put_int(pql_store_batch *b, span *out, long long v)
 {
-    char tmp[24];
-    put(b, out, tmp, (size_t)snprintf(tmp, sizeof tmp, "%lld", v));
+    char tmp[PQL_I64_MAX_DIGITS + 1];
+    put(b, out, tmp, pql_fmt_i64(tmp, (int64_t)v));
 }
 
 /* Appends prefix + tag + name as one span. */

@@ -75,6 +75,11 @@ struct pql_window {
     int memo_ok;
     int64_t memo_first;
     pql_value memo;
+    /* The first bucket in reach at the last expire: everything before it is
+     * gone or marked, and nothing before it can be added (observations out of
+     * reach are refused), so expiring again at a clock with the same first
+     * bucket has nothing to do.  INT64_MIN until then and after a load. */
+    int64_t expired_first;
 };
 
 /* ---- spec ---------------------------------------------------------------- */
@@ -221,6 +226,7 @@ pql_window *pql_window_new(const pql_window_spec *spec)
     pql_window *w = calloc(1, sizeof(*w));
     if (!w) return NULL;
     w->spec = *spec;
+    w->expired_first = INT64_MIN;
     return w;
 }
 
@@ -502,7 +508,8 @@ void pql_window_expire(pql_window *w, int64_t clock)
 {
     int64_t first = first_in_reach(w, clock);
     bucket_list *l = &w->buckets;
-    if (w->spec.window_ms == 0) return;
+    if (w->spec.window_ms == 0 || first <= w->expired_first) return;
+    w->expired_first = first;
     if (first > w->memo_first) w->memo_ok = 0; /* it read buckets that expire now */
     if (w->spec.agg == PQL_AGG_LAST) {
         if (w->last_has_t && pql_window_bucket(&w->spec, w->last_t) < first) {
@@ -554,15 +561,15 @@ static void flush_buckets(pql_window *w, pql_window_set_fn set, pql_window_del_f
 {
     bucket_list *l = &w->buckets;
     size_t kept = 0;
-    char field[24];
+    char field[PQL_I64_MAX_DIGITS + 1];
     for (size_t i = 0; i < l->len; i++) {
         bucket_entry *e = &l->v[i];
         if (e->flags & F_DIRTY) {
-            int n = snprintf(field, sizeof field, "%" PRId64, e->bucket);
+            size_t n = pql_fmt_i64(field, e->bucket);
             if (e->flags & F_DELETED)
-                del(opaque, field, (size_t)n);
+                del(opaque, field, n);
             else
-                set(opaque, field, (size_t)n, e->value);
+                set(opaque, field, n, e->value);
         }
         if (e->flags & F_DELETED) continue;
         e->flags = 0;
@@ -641,6 +648,7 @@ int pql_window_load(pql_window *w, const char *field, size_t field_len, double v
 {
     int64_t n;
     w->memo_ok = 0;
+    w->expired_first = INT64_MIN;
     switch (w->spec.agg) {
     case PQL_AGG_DISTINCT:
         if (field_len < 2 || field[0] != 'm' || field[1] != ':') return -1;

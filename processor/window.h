@@ -94,7 +94,10 @@ int pql_window_add(pql_window *w, int64_t clock, int64_t ts, double value, const
 pql_value pql_window_value(pql_window *w, int64_t clock);
 
 /** Drops state out of reach at `clock`, recording the deletions for the next
- *  flush.  Values are unaffected (they never read out-of-reach state). */
+ *  flush.  Values are unaffected (they never read out-of-reach state).  The
+ *  clocks given to add and expire never go back (the account clock): an
+ *  expire at a clock whose first bucket in reach is that of the last expire
+ *  returns at once. */
 void pql_window_expire(pql_window *w, int64_t clock);
 
 typedef void (*pql_window_set_fn)(void *opaque, const char *field, size_t field_len, double value);
