@@ -26,6 +26,10 @@ typedef struct rule_state {
     int64_t held_since; /* clock when `when` started holding, NO_TIME if not */
     int tier;           /* tier of the last alert (PQL_TIER_*), -1 if none */
     int dirty;
+    /* Skipping rules nothing can change (see evaluate): */
+    uint32_t eval_gen;         /* a->gen when the rule was last evaluated */
+    unsigned char quiet;       /* that evaluation changed nothing */
+    unsigned char clock_bound; /* it waited on the clock (held_for, cooldown) */
 } rule_state;
 
 /* A rule's reading of the account as it is now. */
@@ -49,6 +53,7 @@ typedef struct memo {
 } memo;
 
 static memo *memo_find(const pql_account *a, const char *name);
+static void facts_changed(pql_account *a);
 
 struct pql_account {
     const pql_rules *rules;
@@ -77,7 +82,14 @@ struct pql_account {
      * window, which is often cold in memory. */
     pql_value *sigval;
     int64_t *sigfirst;
+    uint32_t *sigchg; /* a->gen when sigval[i] last came out different */
     unsigned char *sigval_ok;
+    /* Generations (see evaluate): gen counts applied events; the others say
+     * when the clock, or the traits and lifecycle, last changed. */
+    uint32_t gen, clock_gen, facts_gen;
+    int paid; /* is_paid(), valid while paid_ok (cleared by facts_changed) */
+    int paid_ok;
+    int evaluate_all; /* pql_account_set_rule_skipping(a, 0) */
     /* where each declared trait (the rules' trait slots) sits in `traits`:
      * index + 1, TRAIT_ABSENT, or 0 = not looked up since the array last
      * changed shape (a trait added or deleted) */
@@ -117,8 +129,9 @@ static size_t align8(size_t n)
 static size_t block_size(size_t ns, size_t nr, size_t nt)
 {
     return align8(sizeof(pql_account)) + align8(ns * sizeof(pql_value)) +
-           align8(ns * sizeof(int64_t)) + align8(ns * sizeof(pql_window *)) +
-           align8(nr * sizeof(rule_state)) + align8((nt + 1) * sizeof(int32_t)) + align8(ns);
+           align8(ns * sizeof(int64_t)) + align8(ns * sizeof(uint32_t)) +
+           align8(ns * sizeof(pql_window *)) + align8(nr * sizeof(rule_state)) +
+           align8((nt + 1) * sizeof(int32_t)) + align8(ns);
 }
 
 pql_account *pql_account_new(const pql_rules *r, const char *id, size_t id_len)
@@ -131,6 +144,8 @@ pql_account *pql_account_new(const pql_rules *r, const char *id, size_t id_len)
     p += align8(ns * sizeof(pql_value));
     a->sigfirst = (int64_t *)p;
     p += align8(ns * sizeof(int64_t));
+    a->sigchg = (uint32_t *)p;
+    p += align8(ns * sizeof(uint32_t));
     a->windows = (pql_window **)p;
     p += align8(ns * sizeof(pql_window *));
     a->rstate = (rule_state *)p;
@@ -221,6 +236,7 @@ static int trait_set(pql_account *a, const char *key, size_t len, pql_value v, i
         trait_free_value(t);
         *t = a->traits[--a->ntraits];
         memset(a->tslot, 0, pql_rules_ntraits(a->rules) * sizeof(*a->tslot));
+        facts_changed(a);
         return 1;
     }
     if (!t) {
@@ -252,6 +268,7 @@ static int trait_set(pql_account *a, const char *key, size_t len, pql_value v, i
     v.fmt = PQL_FMT_PLAIN;
     t->value = v;
     t->dirty = mark_dirty;
+    facts_changed(a);
     return 1;
 }
 
@@ -271,11 +288,15 @@ pql_value pql_account_signal(pql_account *a, size_t i)
     const pql_window_spec *spec = &pql_rules_signal(a->rules, i)->spec;
     int64_t first = pql_window_first(spec, a->clock);
     if (!a->sigval_ok[i] || a->sigfirst[i] != first) {
+        pql_value v;
         if (a->windows[i])
-            a->sigval[i] = pql_window_value(a->windows[i], a->clock);
+            v = pql_window_value(a->windows[i], a->clock);
         else
-            a->sigval[i] =
-                (spec->agg == PQL_AGG_MAX || spec->agg == PQL_AGG_LAST) ? pql_null() : pql_num(0);
+            v = (spec->agg == PQL_AGG_MAX || spec->agg == PQL_AGG_LAST) ? pql_null() : pql_num(0);
+        if (v.type != a->sigval[i].type ||
+            (v.type == PQL_V_NUM && !(v.u.num == a->sigval[i].u.num)))
+            a->sigchg[i] = a->gen;
+        a->sigval[i] = v;
         a->sigfirst[i] = first;
         a->sigval_ok[i] = 1;
     }
@@ -399,16 +420,19 @@ static int lifecycle(pql_account *a, const pql_event *ev)
     if (*slot == NO_TIME || ev->timestamp < *slot) {
         *slot = ev->timestamp;
         a->lifecycle_dirty = 1;
+        facts_changed(a);
     }
     return 1;
 }
 
 static int is_paid(pql_account *a)
 {
-    if (a->converted_at != NO_TIME) return 1;
+    if (a->paid_ok) return a->paid;
     const pql_expr *paid = pql_rules_paid_expr(a->rules);
     eval_ctx ctx = {a, NULL};
-    return paid && pql_expr_test(paid, lookup, &ctx);
+    a->paid = a->converted_at != NO_TIME || (paid && pql_expr_test(paid, lookup, &ctx));
+    a->paid_ok = 1;
+    return a->paid;
 }
 
 /* ---- firing ------------------------------------------------------------ */
@@ -567,65 +591,139 @@ static int applies(pql_account *a, const pql_rule *rule, int paid)
     return !rule->fit || pql_expr_test(rule->fit, lookup, &ctx);
 }
 
+/* Skipping rules nothing can change.  A rule's evaluation is a function of
+ * the signals it reads, the traits and lifecycle (its fit, paid), its own
+ * state and, through held_for, cooldown and since_signup, the clock.  When
+ * its last evaluation changed nothing (quiet) and none of these changed
+ * since, evaluating it again changes nothing either: no state, no alert.
+ * Generations tell what changed since: each signal's value, compared as it
+ * is read again (pql_account_signal), the traits and lifecycle (facts_gen),
+ * the clock (clock_gen, for a rule that waited on it or reads since_signup).
+ * Reading the rule's signals to find out costs an array look-up each; the
+ * evaluation walks every expression.  A signal short-circuited away when the
+ * rule last ran did not matter then; if it matters now, another input
+ * changed. */
+static int unchanged_since(pql_account *a, const pql_rule *rule, const rule_state *st)
+{
+    if (!st->quiet || a->facts_gen > st->eval_gen) return 0;
+    if ((st->clock_bound || rule->reads_clock) && a->clock_gen > st->eval_gen) return 0;
+    for (size_t k = 0; k < rule->nsignals; k++) {
+        size_t s = (size_t)rule->signals[k];
+        pql_account_signal(a, s);
+        if (a->sigchg[s] > st->eval_gen) return 0;
+    }
+    return 1;
+}
+
+/* Next generation; on wrap-around every rule is evaluated once again. */
+static void next_gen(pql_account *a)
+{
+    if (++a->gen != 0) return;
+    size_t ns = pql_rules_nsignals(a->rules), nr = pql_rules_nrules(a->rules);
+    a->gen = 1;
+    a->clock_gen = a->facts_gen = 0;
+    memset(a->sigchg, 0, ns * sizeof(*a->sigchg));
+    for (size_t i = 0; i < nr; i++) {
+        a->rstate[i].quiet = 0;
+        a->rstate[i].eval_gen = 0;
+    }
+}
+
+void pql_account_set_rule_skipping(pql_account *a, int on)
+{
+    a->evaluate_all = !on;
+}
+
+/* The traits or the lifecycle changed: rules read them, paid derives from them. */
+static void facts_changed(pql_account *a)
+{
+    a->facts_gen = a->gen;
+    a->paid_ok = 0;
+}
+
+static int state_eq(const rule_state *x, const rule_state *y)
+{
+    return x->seq == y->seq && x->fired == y->fired && x->fired_at == y->fired_at &&
+           x->held_since == y->held_since && x->tier == y->tier;
+}
+
+/* Evaluates rule i: fires, clears, re-arms or waits (see account.h). */
+static void judge_rule(pql_account *a, size_t i, int paid, const pql_event *ev, int64_t now_ms,
+                       pql_alert_fn fn, void *opaque)
+{
+    const pql_rule *rule = pql_rules_rule(a->rules, i);
+    rule_state *st = &a->rstate[i];
+    eval_ctx ctx = {a, NULL};
+    char episode[32];
+    verdict v = judge(a, rule);
+    st->clock_bound = 0;
+    if (st->fired) {
+        int clear = rule->clear ? pql_expr_test(rule->clear, lookup, &ctx) : !v.holds;
+        if (clear) {
+            st->fired = 0;
+            st->held_since = NO_TIME;
+            st->tier = -1;
+            st->dirty = 1;
+        } else if (v.tier >= 0 && (st->tier < 0 || v.tier < st->tier) && applies(a, rule, paid)) {
+            /* the tier rose (MEDIUM → HIGH): a new alert of the same arming */
+            st->tier = v.tier;
+            st->dirty = 1;
+            snprintf(episode, sizeof(episode), "%u:%s", st->seq, pql_tier_name(v.tier));
+            emit(a, i, &v, episode, ev, now_ms, fn, opaque);
+        }
+        return;
+    }
+    if (!v.holds || !applies(a, rule, paid)) {
+        if (st->held_since != NO_TIME) {
+            st->held_since = NO_TIME;
+            st->dirty = 1;
+        }
+        return;
+    }
+    if (rule->held_for_ms > 0) {
+        if (st->held_since == NO_TIME) {
+            st->held_since = a->clock;
+            st->dirty = 1;
+        }
+        if (a->clock - st->held_since < rule->held_for_ms) {
+            st->clock_bound = 1;
+            return;
+        }
+    }
+    if (rule->cooldown_ms > 0 && st->fired_at != NO_TIME &&
+        a->clock < st->fired_at + rule->cooldown_ms) {
+        st->clock_bound = 1;
+        return;
+    }
+    st->seq++;
+    st->fired = 1;
+    st->fired_at = ev->timestamp;
+    st->held_since = NO_TIME;
+    st->tier = v.tier;
+    st->dirty = 1;
+    if (rule->kind == PQL_ALERT_PQL && a->pql_at == NO_TIME) {
+        a->pql_at = ev->timestamp;
+        free(a->pql_rule);
+        a->pql_rule = strdup(rule->name);
+        if (!a->pql_rule) abort();
+        a->lifecycle_dirty = 1;
+    }
+    snprintf(episode, sizeof(episode), "%u", st->seq);
+    emit(a, i, &v, episode, ev, now_ms, fn, opaque);
+}
+
 static void evaluate(pql_account *a, const pql_event *ev, int64_t now_ms, pql_alert_fn fn,
                      void *opaque)
 {
-    eval_ctx ctx = {a, NULL};
     int paid = is_paid(a);
-    char episode[32];
     for (size_t i = 0; i < pql_rules_nrules(a->rules); i++) {
         const pql_rule *rule = pql_rules_rule(a->rules, i);
         rule_state *st = &a->rstate[i];
-        verdict v = judge(a, rule);
-        if (st->fired) {
-            int clear = rule->clear ? pql_expr_test(rule->clear, lookup, &ctx) : !v.holds;
-            if (clear) {
-                st->fired = 0;
-                st->held_since = NO_TIME;
-                st->tier = -1;
-                st->dirty = 1;
-            } else if (v.tier >= 0 && (st->tier < 0 || v.tier < st->tier) &&
-                       applies(a, rule, paid)) {
-                /* the tier rose (MEDIUM → HIGH): a new alert of the same arming */
-                st->tier = v.tier;
-                st->dirty = 1;
-                snprintf(episode, sizeof(episode), "%u:%s", st->seq, pql_tier_name(v.tier));
-                emit(a, i, &v, episode, ev, now_ms, fn, opaque);
-            }
-            continue;
-        }
-        if (!v.holds || !applies(a, rule, paid)) {
-            if (st->held_since != NO_TIME) {
-                st->held_since = NO_TIME;
-                st->dirty = 1;
-            }
-            continue;
-        }
-        if (rule->held_for_ms > 0) {
-            if (st->held_since == NO_TIME) {
-                st->held_since = a->clock;
-                st->dirty = 1;
-            }
-            if (a->clock - st->held_since < rule->held_for_ms) continue;
-        }
-        if (rule->cooldown_ms > 0 && st->fired_at != NO_TIME &&
-            a->clock < st->fired_at + rule->cooldown_ms)
-            continue;
-        st->seq++;
-        st->fired = 1;
-        st->fired_at = ev->timestamp;
-        st->held_since = NO_TIME;
-        st->tier = v.tier;
-        st->dirty = 1;
-        if (rule->kind == PQL_ALERT_PQL && a->pql_at == NO_TIME) {
-            a->pql_at = ev->timestamp;
-            free(a->pql_rule);
-            a->pql_rule = strdup(rule->name);
-            if (!a->pql_rule) abort();
-            a->lifecycle_dirty = 1;
-        }
-        snprintf(episode, sizeof(episode), "%u", st->seq);
-        emit(a, i, &v, episode, ev, now_ms, fn, opaque);
+        if (!a->evaluate_all && unchanged_since(a, rule, st)) continue;
+        rule_state before = *st;
+        judge_rule(a, i, paid, ev, now_ms, fn, opaque);
+        st->eval_gen = a->gen;
+        st->quiet = state_eq(&before, st);
     }
 }
 
@@ -633,9 +731,11 @@ pql_apply pql_account_apply(pql_account *a, const pql_event *ev, int64_t now_ms,
                             void *opaque)
 {
     pql_apply res = PQL_APPLY_UNMATCHED;
+    next_gen(a);
     if (ev->timestamp > a->clock || a->clock == NO_TIME) {
         a->clock = ev->timestamp;
         a->clock_dirty = 1;
+        a->clock_gen = a->gen;
     }
     if (ev->kind == PQL_INPUT_ACCOUNT) {
         for (size_t i = 0; i < ev->nprops; i++)
@@ -824,7 +924,10 @@ static int parse_double(const char *s, size_t len, double *out)
 
 int pql_account_load_field(pql_account *a, const char *f, size_t flen, const char *v, size_t vlen)
 {
-    if (flen == 1 && f[0] == 'c') return parse_i64(v, vlen, &a->clock);
+    if (flen == 1 && f[0] == 'c') {
+        a->clock_gen = a->gen;
+        return parse_i64(v, vlen, &a->clock);
+    }
     if (flen > 2 && f[1] == ':' && f[0] == 't') {
         pql_value val;
         double d;
@@ -864,10 +967,11 @@ int pql_account_load_field(pql_account *a, const char *f, size_t flen, const cha
         long long fa, hs;
         int tier = -1; /* absent in states written before scored models */
         if (sscanf(buf, "%u %d %lld %lld %d", &seq, &fired, &fa, &hs, &tier) < 4) return -1;
-        a->rstate[i] = (rule_state){seq, fired, fa, hs, tier, 0};
+        a->rstate[i] = (rule_state){seq, fired, fa, hs, tier, 0, 0, 0, 0}; /* not quiet */
         return 0;
     }
     if (flen > 2 && f[0] == 'l' && f[1] == ':') {
+        facts_changed(a);
         if (flen == 8 && memcmp(f, "l:signup", 8) == 0) return parse_i64(v, vlen, &a->signed_up_at);
         if (flen == 12 && memcmp(f, "l:conversion", 12) == 0)
             return parse_i64(v, vlen, &a->converted_at);

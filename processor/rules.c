@@ -436,6 +436,8 @@ static void collect_slot(void *opaque, int slot)
         arr = &rule->signals, n = &rule->nsignals;
     else if (PQL_SLOT_KIND(slot) == PQL_SLOT_TRAIT)
         arr = &rule->traits, n = &rule->ntraits;
+    else if (PQL_SLOT_KIND(slot) == PQL_SLOT_BUILTIN)
+        return (void)(rule->reads_clock = 1);
     else
         return;
     int idx = PQL_SLOT_INDEX(slot);

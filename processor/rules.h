@@ -134,7 +134,8 @@ typedef struct pql_rule {
     size_t nreasons;
     int *signals; /* indexes of every signal the rule reads, in order */
     size_t nsignals;
-    int *traits; /* indexes of every trait the rule reads */
+    int reads_clock; /* an expression or reason reads the clock (since_signup) */
+    int *traits;     /* indexes of every trait the rule reads */
     size_t ntraits;
 } pql_rule;
 
