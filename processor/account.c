@@ -84,6 +84,13 @@ struct pql_account {
     int64_t *sigfirst;
     uint32_t *sigchg; /* a->gen when sigval[i] last came out different */
     unsigned char *sigval_ok;
+    /* Flushing without touching windows nothing changed: sigdirty[i] says an
+     * event was observed into window i since the last flush; expired_clock is
+     * the clock every window was expired at by the last flush (NO_TIME:
+     * never).  A window with neither new observations nor a new first bucket
+     * in reach has nothing to expire or write (pql_account_flush). */
+    unsigned char *sigdirty;
+    int64_t expired_clock;
     /* Generations (see evaluate): gen counts applied events; the others say
      * when the clock, or the traits and lifecycle, last changed. */
     uint32_t gen, clock_gen, facts_gen;
@@ -131,7 +138,7 @@ static size_t block_size(size_t ns, size_t nr, size_t nt)
     return align8(sizeof(pql_account)) + align8(ns * sizeof(pql_value)) +
            align8(ns * sizeof(int64_t)) + align8(ns * sizeof(uint32_t)) +
            align8(ns * sizeof(pql_window *)) + align8(nr * sizeof(rule_state)) +
-           align8((nt + 1) * sizeof(int32_t)) + align8(ns);
+           align8((nt + 1) * sizeof(int32_t)) + align8(ns) + align8(ns);
 }
 
 pql_account *pql_account_new(const pql_rules *r, const char *id, size_t id_len)
@@ -153,12 +160,15 @@ pql_account *pql_account_new(const pql_rules *r, const char *id, size_t id_len)
     a->tslot = (int32_t *)p;
     p += align8((nt + 1) * sizeof(int32_t));
     a->sigval_ok = (unsigned char *)p;
+    p += align8(ns);
+    a->sigdirty = (unsigned char *)p;
     a->rules = r;
     a->id = xmalloc(id_len + 1);
     memcpy(a->id, id, id_len);
     a->id[id_len] = '\0';
     a->id_len = id_len;
     a->clock = NO_TIME;
+    a->expired_clock = NO_TIME;
     for (size_t i = 0; i < nr; i++)
         a->rstate[i].fired_at = a->rstate[i].held_since = NO_TIME;
     a->signed_up_at = a->converted_at = a->pql_at = NO_TIME;
@@ -403,6 +413,7 @@ static pql_apply observe(pql_account *a, const pql_event *ev)
             pql_window_add(window_of(a, i), a->clock, ev->timestamp, value, member, member_len);
         if (rc < 0) abort();
         a->sigval_ok[i] = 0;
+        a->sigdirty[i] = 1;
         counted |= rc;
     }
     if (!matched) return PQL_APPLY_UNMATCHED;
@@ -824,6 +835,12 @@ void pql_account_flush(pql_account *a, pql_field_set_fn set, pql_field_del_fn de
     for (size_t i = 0; i < pql_rules_nsignals(a->rules); i++) {
         pql_window *w = a->windows[i];
         if (!w) continue;
+        const pql_window_spec *spec = &pql_rules_signal(a->rules, i)->spec;
+        int moved = a->clock != NO_TIME &&
+                    (a->expired_clock == NO_TIME ||
+                     pql_window_first(spec, a->clock) != pql_window_first(spec, a->expired_clock));
+        if (!a->sigdirty[i] && !moved) continue;
+        a->sigdirty[i] = 0;
         if (a->clock != NO_TIME) pql_window_expire(w, a->clock);
         if (!pql_window_dirty(w)) continue;
         const char *key = pql_rules_signal(a->rules, i)->key;
@@ -834,6 +851,7 @@ void pql_account_flush(pql_account *a, pql_field_set_fn set, pql_field_del_fn de
         c.prefix_len = c.field.len;
         pql_window_flush(w, window_set, window_del, &c);
     }
+    a->expired_clock = a->clock;
     for (size_t i = 0; i < pql_rules_nrules(a->rules); i++) {
         rule_state *st = &a->rstate[i];
         if (!st->dirty) continue;
@@ -890,7 +908,7 @@ int pql_account_dirty(const pql_account *a)
     for (size_t i = 0; i < a->ntraits; i++)
         if (a->traits[i].dirty) return 1;
     for (size_t i = 0; i < pql_rules_nsignals(a->rules); i++)
-        if (a->windows[i] && pql_window_dirty(a->windows[i])) return 1;
+        if (a->sigdirty[i] && a->windows[i] && pql_window_dirty(a->windows[i])) return 1;
     for (size_t i = 0; i < pql_rules_nrules(a->rules); i++)
         if (a->rstate[i].dirty) return 1;
     for (size_t i = 0; i < a->nmemos; i++)
@@ -953,6 +971,7 @@ int pql_account_load_field(pql_account *a, const char *f, size_t flen, const cha
         }
         if (parse_double(v, vlen, &d) < 0) return -1;
         a->sigval_ok[i] = 0;
+        a->expired_clock = NO_TIME; /* what is loaded may be out of reach */
         return pql_window_load(window_of(a, (size_t)i), bar + 1, flen - (size_t)(bar + 1 - f), d);
     }
     if (flen > 2 && f[1] == ':' && f[0] == 'r') {

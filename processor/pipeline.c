@@ -19,6 +19,7 @@
 
 #define MAX_BACKOFF_MS 5000
 #define STOP_GRACE_MS  5000 /* SIGTERM: longest wait for Redis and the alert topic */
+#define WRITE_AHEAD    4    /* batches of messages applied ahead of the write in flight */
 
 /* Messages polled for one input partition and not yet processed (FIFO). */
 typedef struct inbox {
@@ -50,6 +51,7 @@ struct pql_pipeline {
         pql_err *results;
         size_t n;      /* batches in flight (main thread only) */
         char err[512]; /* why the write failed, if it did */
+        size_t ahead;  /* messages applied since the last build (main thread) */
     } flight;
     pql_decoder *decoders[PQL_NTOPICS];
     const char *topics[PQL_NTOPICS];
@@ -642,6 +644,7 @@ static void process_message(pql_pipeline *p, pql_task *t, rd_kafka_message_t *m,
 {
     pql_event ev;
     char err[512];
+    p->flight.ahead++;
     pql_err rc = pql_decoder_decode(p->decoders[ti], m->payload, m->len, &ev, err, sizeof(err));
     if (rc != PQL_OK) {
         dead_letter(p, t, m, ti, rc, err);
@@ -808,6 +811,15 @@ static void write_start(pql_pipeline *p)
     pthread_mutex_unlock(&p->flight.mu);
 }
 
+/* @returns whether the write in flight has its outcome (no wait). */
+static int write_done(pql_pipeline *p)
+{
+    pthread_mutex_lock(&p->flight.mu);
+    int done = p->flight.done;
+    pthread_mutex_unlock(&p->flight.mu);
+    return done;
+}
+
 /* Writes every pending batch and waits for the outcome.
  * @returns 0, or -1 when Redis failed (redis_failed was called). */
 static int write_pending(pql_pipeline *p)
@@ -836,7 +848,16 @@ static void flush_batches(pql_pipeline *p, int force)
             pql_sink_flush(p->sink, 2000);
             break;
         }
+    /* Natural batching: while Redis runs the write in flight, go on applying
+       what arrives instead of waiting for it (the loop polls again at once
+       while a write is in flight), up to WRITE_AHEAD batches of messages;
+       the next write then carries all of it, in as many commands as one.
+       With nothing new applied, wait: the loop would only spin. */
+    if (!force && p->flight.n && p->flight.ahead > 0 &&
+        p->flight.ahead < WRITE_AHEAD * (size_t)p->cfg->batch_max_messages && !write_done(p))
+        return;
     write_finish(p); /* the previous write: its tasks can build again */
+    p->flight.ahead = 0;
     size_t max = (size_t)p->cfg->cache_max_accounts / (size_t)p->npartitions + 1;
     for (int32_t i = 0; i < p->npartitions; i++) {
         pql_task *t = p->tasks[i];

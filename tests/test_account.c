@@ -314,6 +314,36 @@ Test(account, flush_then_load_restores_state_and_firing)
     pql_rules_destroy(r);
 }
 
+/* A window no event touched since the last flush still expires when the
+ * clock moves its reach: its old buckets are deleted at the next flush. */
+Test(account, an_untouched_window_expires_when_the_clock_moves_on)
+{
+    pql_rules *r = h_rules("signals:\n"
+                           "  logins: { count: login, window: 7d }\n"
+                           "  views: { count: pricing_viewed, window: 7d }\n");
+    pql_account *a = pql_account_new(r, "acme", 4);
+    fired f = {0};
+    store s = {0};
+    usage(a, "login", "u1", T0, &f);
+    pql_account_flush(a, st_set, st_del, &s);
+    int logins = 0;
+    for (int i = 0; i < s.n; i++)
+        logins += !strncmp(s.f[i], "s:logins#", 9);
+    cr_assert_eq(logins, 1, "the login's bucket is written");
+    usage(a, "pricing_viewed", "u1", T0 + 3 * DAY, &f);
+    pql_account_flush(a, st_set, st_del, &s);
+    logins = 0;
+    for (int i = 0; i < s.n; i++)
+        logins += !strncmp(s.f[i], "s:logins#", 9);
+    cr_assert_eq(logins, 1, "3 days on, the login is within 7 days");
+    usage(a, "pricing_viewed", "u1", T0 + 10 * DAY, &f);
+    pql_account_flush(a, st_set, st_del, &s);
+    for (int i = 0; i < s.n; i++)
+        cr_assert(strncmp(s.f[i], "s:logins#", 9), "10 days on, %s should be deleted", s.f[i]);
+    pql_account_destroy(a);
+    pql_rules_destroy(r);
+}
+
 Test(account, fields_of_changed_signals_are_deleted_on_load)
 {
     pql_rules *r = h_rules(simple);
