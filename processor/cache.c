@@ -1,5 +1,20 @@
 /* cache.c — open-addressing hash map (linear probing, backward-shift delete)
- * over a doubly linked LRU list.  See cache.h. */
+ * over a doubly linked LRU list.  See cache.h.
+ *
+ * Laid out for a cache far larger than the CPU's: every look-up of a cold
+ * account costs memory round trips, so each is counted.
+ *   - A slot holds the hash beside the node pointer: probing past other
+ *     accounts compares hashes in the slot array without touching their
+ *     nodes.
+ *   - A node holds a copy of the id: the match is confirmed without touching
+ *     the account.
+ *   - Moving a node to the front of the LRU list writes its two neighbours
+ *     (two more cold nodes).  A node is moved only when it may have left the
+ *     most recent quarter: the list's `moves` counter stamps each move, and a
+ *     node is at most (moves - its stamp) places from the front, as only a
+ *     later move can put another node before it.  The order is LRU except
+ *     within that quarter, which eviction (from the tail, down to a bound far
+ *     above a quarter of the entries in normal use) does not reach first. */
 #include "cache.h"
 
 #include <stdlib.h>
@@ -7,17 +22,24 @@
 
 typedef struct node {
     pql_account *a;
-    const char *id;
-    size_t id_len;
-    uint64_t hash;
     struct node *prev, *next; /* LRU: head = most recent */
+    uint64_t hash;
+    uint64_t stamp; /* c->moves when it was last put at the front */
+    size_t id_len;
+    char id[]; /* a copy of the account's id */
 } node;
 
+typedef struct slot {
+    uint64_t hash;
+    node *n; /* NULL: empty */
+} slot;
+
 struct pql_cache {
-    node **slots;
+    slot *slots;
     size_t cap; /* power of two */
     size_t count;
     node *head, *tail;
+    uint64_t moves; /* nodes put at the front so far */
 };
 
 static uint64_t hash_id(const char *s, size_t len)
@@ -55,15 +77,15 @@ void pql_cache_destroy(pql_cache *c)
     free(c);
 }
 
+/** @returns the slot holding id, or the empty slot where it would go. */
 static size_t find_slot(const pql_cache *c, const char *id, size_t len, uint64_t h)
 {
-    size_t i = h & (c->cap - 1);
-    while (c->slots[i]) {
-        node *n = c->slots[i];
-        if (n->hash == h && n->id_len == len && memcmp(n->id, id, len) == 0) return i;
-        i = (i + 1) & (c->cap - 1);
+    size_t mask = c->cap - 1;
+    for (size_t i = h & mask;; i = (i + 1) & mask) {
+        const slot *s = &c->slots[i];
+        if (!s->n) return i;
+        if (s->hash == h && s->n->id_len == len && memcmp(s->n->id, id, len) == 0) return i;
     }
-    return i;
 }
 
 static void lru_unlink(pql_cache *c, node *n)
@@ -86,14 +108,15 @@ static void lru_push_front(pql_cache *c, node *n)
     if (c->head) c->head->prev = n;
     c->head = n;
     if (!c->tail) c->tail = n;
+    n->stamp = ++c->moves;
 }
 
 pql_account *pql_cache_get(pql_cache *c, const char *id, size_t len)
 {
     uint64_t h = hash_id(id, len);
-    node *n = c->slots[find_slot(c, id, len, h)];
+    node *n = c->slots[find_slot(c, id, len, h)].n;
     if (!n) return NULL;
-    if (c->head != n) {
+    if (c->moves - n->stamp > c->count / 4) { /* may be past the most recent quarter */
         lru_unlink(c, n);
         lru_push_front(c, n);
     }
@@ -103,25 +126,32 @@ pql_account *pql_cache_get(pql_cache *c, const char *id, size_t len)
 static void grow(pql_cache *c)
 {
     size_t old = c->cap;
-    node **slots = c->slots;
+    slot *slots = c->slots;
     c->cap *= 2;
     c->slots = calloc(c->cap, sizeof(*c->slots));
     if (!c->slots) abort();
-    for (size_t i = 0; i < old; i++)
-        if (slots[i])
-            c->slots[find_slot(c, slots[i]->id, slots[i]->id_len, slots[i]->hash)] = slots[i];
+    for (size_t i = 0; i < old; i++) {
+        if (!slots[i].n) continue;
+        size_t j = slots[i].hash & (c->cap - 1);
+        while (c->slots[j].n)
+            j = (j + 1) & (c->cap - 1);
+        c->slots[j] = slots[i];
+    }
     free(slots);
 }
 
 void pql_cache_put(pql_cache *c, pql_account *a)
 {
+    size_t len;
+    const char *id = pql_account_id(a, &len);
     if ((c->count + 1) * 4 > c->cap * 3) grow(c);
-    node *n = calloc(1, sizeof(*n));
+    node *n = calloc(1, sizeof(*n) + len);
     if (!n) abort();
     n->a = a;
-    n->id = pql_account_id(a, &n->id_len);
-    n->hash = hash_id(n->id, n->id_len);
-    c->slots[find_slot(c, n->id, n->id_len, n->hash)] = n;
+    memcpy(n->id, id, len);
+    n->id_len = len;
+    n->hash = hash_id(id, len);
+    c->slots[find_slot(c, n->id, len, n->hash)] = (slot){n->hash, n};
     lru_push_front(c, n);
     c->count++;
 }
@@ -135,16 +165,15 @@ size_t pql_cache_count(const pql_cache *c)
 static void remove_slot(pql_cache *c, size_t i)
 {
     size_t mask = c->cap - 1, j = i;
-    c->slots[i] = NULL;
+    c->slots[i].n = NULL;
     for (;;) {
         j = (j + 1) & mask;
-        node *n = c->slots[j];
-        if (!n) break;
-        size_t home = n->hash & mask;
-        /* n may move to i if its home is not in (i, j] cyclically */
+        if (!c->slots[j].n) break;
+        size_t home = c->slots[j].hash & mask;
+        /* slot j may move to i if its home is not in (i, j] cyclically */
         if ((j > i && (home <= i || home > j)) || (j < i && (home <= i && home > j))) {
-            c->slots[i] = n;
-            c->slots[j] = NULL;
+            c->slots[i] = c->slots[j];
+            c->slots[j].n = NULL;
             i = j;
         }
     }

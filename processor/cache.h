@@ -1,8 +1,9 @@
 /* cache.h — a task's in-memory accounts: hash map by account id + LRU order.
  *
  * Pure core.  The cache owns its accounts.  Eviction only ever drops clean
- * accounts (everything flushed to Redis), least recently used first, so
- * write-behind never loses a change. */
+ * accounts (everything flushed to Redis), least recently used first (but
+ * for the order within the most recent quarter), so write-behind never loses
+ * a change. */
 #ifndef PQL_CACHE_H
 #define PQL_CACHE_H
 
@@ -14,7 +15,9 @@ pql_cache *pql_cache_new(void);
 /** Destroys the cache and every account in it.  NULL is fine. */
 void pql_cache_destroy(pql_cache *c);
 
-/** @returns the account and marks it most recently used, or NULL. */
+/** @returns the account and marks it most recently used, or NULL.  (An
+ *  account already among the most recent quarter keeps its place: see
+ *  cache.c.) */
 pql_account *pql_cache_get(pql_cache *c, const char *id, size_t len);
 
 /** Adds `a` (not present yet); the cache takes ownership. */

@@ -39,7 +39,8 @@
 #include <sys/time.h>
 #include <sys/un.h>
 
-#define NO_NEXT SIZE_MAX
+#define SEND_CHUNK (64 * 1024) /* commands formatted before they are sent (bytes) */
+#define NO_NEXT    SIZE_MAX
 #define VEC(T)                                                                                     \
     struct {                                                                                       \
         T *v;                                                                                      \
@@ -97,8 +98,7 @@ struct pql_store {
     char sha[41];
     VEC(span) args; /* a commit's argv as spans into the batch's bytes */
     int args_oom;
-    const char **argv;
-    size_t *argvlen, argv_cap;
+    pql_buf resp; /* that argv as the RESP command sent (build) */
     unsigned char *pending;
     size_t pending_cap;
     pql_buf scratch;
@@ -390,8 +390,7 @@ void pql_store_close(pql_store *s)
     free(s->user);
     free(s->host);
     free(s->args.v);
-    free(s->argv);
-    free(s->argvlen);
+    pql_buf_free(&s->resp);
     free(s->pending);
     pql_buf_free(&s->scratch);
     free(s);
@@ -943,7 +942,20 @@ static void arg_int(pql_store *s, pql_store_batch *b, long long v)
     arg(s, sp);
 }
 
-/* Builds the EVALSHA of `b` in s->argv (numbers are appended to b->bytes; the
+/* Appends "<type><n>\r\n" to o, after emptying it when `first`.
+ * @returns 0, or -1 when out of memory. */
+static int resp_head(pql_buf *o, char type, size_t n, int first)
+{
+    char head[PQL_I64_MAX_DIGITS + 4];
+    head[0] = type;
+    size_t len = 1 + pql_fmt_i64(head + 1, (int64_t)n);
+    head[len++] = '\r';
+    head[len++] = '\n';
+    if (first) o->len = 0;
+    return pql_buf_append(o, head, len);
+}
+
+/* Builds the EVALSHA of `b` in s->resp (numbers are appended to b->bytes; the
  * caller truncates them away after sending).  @returns argc, or -1 (no memory). */
 static int build(pql_store *s, pql_store_batch *b)
 {
@@ -1000,20 +1012,15 @@ static int build(pql_store *s, pql_store_batch *b)
         }
     }
     if (s->args_oom || b->err || s->args.n > INT_MAX) return -1;
-    if (s->argv_cap < s->args.n) {
-        size_t cap = s->argv_cap, cap2 = s->argv_cap;
-        const char **av = vec_grow(s->argv, &cap, s->args.n, sizeof *av);
-        if (av) s->argv = av;
-        size_t *al = av ? vec_grow(s->argvlen, &cap2, s->args.n, sizeof *al) : NULL;
-        if (!al) return -1;
-        s->argvlen = al;
-        s->argv_cap = cap;
-    }
+    /* RESP, as redisAppendCommandArgv would write it, without its
+       printf-style formatting of every length (a tenth of a profile) */
+    int rc = resp_head(&s->resp, '*', s->args.n, 1);
     for (size_t i = 0; i < s->args.n; i++) {
-        s->argv[i] = b->bytes.data + s->args.v[i].off;
-        s->argvlen[i] = s->args.v[i].len;
+        rc |= resp_head(&s->resp, '$', s->args.v[i].len, 0);
+        rc |= pql_buf_append(&s->resp, b->bytes.data + s->args.v[i].off, s->args.v[i].len);
+        rc |= pql_buf_append(&s->resp, "\r\n", 2);
     }
-    return (int)s->args.n;
+    return rc < 0 ? -1 : (int)s->args.n;
 }
 
 /* What a refusal by the script means (store.lua), from the text after
@@ -1069,7 +1076,7 @@ pql_err pql_store_commit(pql_store *s, pql_store_batch *const *batches, size_t n
         s->pending[i] = batches[i]->err == PQL_OK;
     }
     for (int attempt = 0; attempt < 2; attempt++) {
-        size_t sent = 0, noscript = 0;
+        size_t sent = 0, noscript = 0, unsent = 0;
         for (size_t i = 0; i < n; i++) {
             if (!s->pending[i]) continue;
             pql_err err = store_connect(s, errstr, errstr_size);
@@ -1077,8 +1084,19 @@ pql_err pql_store_commit(pql_store *s, pql_store_batch *const *batches, size_t n
             pql_store_batch *b = batches[i];
             size_t mark = b->bytes.len;
             int argc = build(s, b);
-            int ok =
-                argc >= 0 && redisAppendCommandArgv(s->ctx, argc, s->argv, s->argvlen) == REDIS_OK;
+            int ok = argc >= 0 &&
+                     redisAppendFormattedCommand(s->ctx, s->resp.data, s->resp.len) == REDIS_OK;
+            /* Send as we go: Redis runs the first scripts while the next
+               are built, instead of idling until the whole pipeline is
+               formatted.  (Blocking: at worst this waits for Redis to read,
+               which it does while running what it has.) */
+            unsent += ok ? s->resp.len : 0;
+            if (ok && unsent >= SEND_CHUNK) {
+                int done;
+                if (redisBufferWrite(s->ctx, &done) != REDIS_OK)
+                    return io_fail(s, errstr, errstr_size, "EVALSHA");
+                unsent = 0;
+            }
             b->bytes.len = mark;
             b->err = PQL_OK; /* only the numbers appended by build() can have failed */
             if (argc < 0) {
