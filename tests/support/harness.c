@@ -748,6 +748,10 @@ int h_proc_stop(h_proc *p)
             h_proc_dump_log(p, 40);
             kill(p->pid, SIGKILL);
             reap(p, 0);
+        } else if (status != 0) {
+            fprintf(stderr, "harness: pqlstream pid %d exited %d on SIGTERM\n", (int)p->pid,
+                    status);
+            h_proc_dump_log(p, 40);
         }
     }
     /* A sanitizer report in the processor is a failure of the test. */
