@@ -254,6 +254,18 @@ static int cmd_run(int argc, char **argv)
     pql_telemetry *tel = NULL;
     pql_http *http = NULL;
 
+    /* First thing: a SIGTERM during start-up (a supervisor giving up, a
+       scale-in) becomes a clean stop once the loop starts, not a death by
+       the signal that leaves the embedded children behind. */
+    struct sigaction sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = on_stop;
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
+    sa.sa_handler = on_reload;
+    sigaction(SIGHUP, &sa, NULL);
+    signal(SIGPIPE, SIG_IGN);
+
     if (load_config(&cfg, argc, argv, "pqlstream run --help") != 0) {
         pql_config_term(&cfg);
         return 2;
@@ -264,15 +276,6 @@ static int cmd_run(int argc, char **argv)
         pql_config_term(&cfg);
         return 2;
     }
-
-    struct sigaction sa;
-    memset(&sa, 0, sizeof(sa));
-    sa.sa_handler = on_stop;
-    sigaction(SIGINT, &sa, NULL);
-    sigaction(SIGTERM, &sa, NULL);
-    sa.sa_handler = on_reload;
-    sigaction(SIGHUP, &sa, NULL);
-    signal(SIGPIPE, SIG_IGN);
 
     pql_buf errors = {0};
     rules = pql_rules_load(cfg.rules_path, &errors);

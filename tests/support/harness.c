@@ -827,6 +827,13 @@ int h_wait_offsets_of(h_proc *watch, h_kafka *k, const char *redis_url, const ch
         }
     redisFree(c);
     free(want);
+    /* "Caught up" means a running process has it all: offsets written by an
+       earlier incarnation are complete at once, and a test that then stops
+       `watch` must not catch it in its first milliseconds. */
+    if (rc == 0 && watch) {
+        int64_t left = deadline - mono_ms();
+        rc = h_proc_wait_log(watch, "msg=\"running\"", left > 1000 ? (int)left : 1000);
+    }
     return rc;
 }
 

@@ -211,7 +211,8 @@ char *h_http_get(h_proc *p, const char *path, int *status);
  *  at the call).  @returns 0, or -1 on timeout after printing the laggards. */
 int h_wait_offsets(h_kafka *k, const char *redis_url, const char *group, const char *topic,
                    int partitions, const int64_t *expected, int timeout_ms);
-/** Same, but gives up at once (-1) when the process `watch` exits meanwhile. */
+/** Same, but gives up at once (-1) when the process `watch` exits meanwhile,
+ *  and returns 0 only once `watch` has also logged msg="running". */
 int h_wait_offsets_of(h_proc *watch, h_kafka *k, const char *redis_url, const char *group,
                       const char *topic, int partitions, const int64_t *expected, int timeout_ms);
 
