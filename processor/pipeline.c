@@ -53,6 +53,9 @@ struct pql_pipeline {
         char err[512]; /* why the write failed, if it did */
         size_t ahead;  /* messages applied since the last build (main thread) */
     } flight;
+    struct { /* where the main thread's time went, logged at stop (bench/) */
+        uint64_t passes, empty_passes, writes, written, poll_wait_ns, idle_ns, write_wait_ns;
+    } totals;
     pql_decoder *decoders[PQL_NTOPICS];
     const char *topics[PQL_NTOPICS];
     int32_t npartitions;
@@ -738,6 +741,7 @@ static void *writer_main(void *opaque)
         p->flight.job = 0;
         p->flight.done = 1;
         pthread_cond_broadcast(&p->flight.cv);
+        rd_kafka_queue_yield(p->queue); /* wakes the main thread's poll */
     }
     pthread_mutex_unlock(&p->flight.mu);
     return NULL;
@@ -752,11 +756,13 @@ static int write_finish(pql_pipeline *p)
 {
     size_t n = p->flight.n;
     if (!n) return 0;
+    uint64_t start = pql_telemetry_ticks();
     pthread_mutex_lock(&p->flight.mu);
     while (!p->flight.done)
         pthread_cond_wait(&p->flight.cv, &p->flight.mu);
     p->flight.done = 0;
     pthread_mutex_unlock(&p->flight.mu);
+    p->totals.write_wait_ns += pql_telemetry_ticks() - start;
     p->flight.n = 0;
     int rc = 0;
     for (size_t i = 0; i < n; i++) {
@@ -849,14 +855,17 @@ static void flush_batches(pql_pipeline *p, int force)
             break;
         }
     /* Natural batching: while Redis runs the write in flight, go on applying
-       what arrives instead of waiting for it (the loop polls again at once
-       while a write is in flight), up to WRITE_AHEAD batches of messages;
+       what arrives instead of waiting for it (the writer thread wakes the
+       loop's poll when the write ends), up to WRITE_AHEAD batches of messages;
        the next write then carries all of it, in as many commands as one.
        With nothing new applied, wait: the loop would only spin. */
     if (!force && p->flight.n && p->flight.ahead > 0 &&
         p->flight.ahead < WRITE_AHEAD * (size_t)p->cfg->batch_max_messages && !write_done(p))
         return;
     write_finish(p); /* the previous write: its tasks can build again */
+    int64_t now = pql_now_ms();
+    p->totals.writes++;
+    p->totals.written += p->flight.ahead;
     p->flight.ahead = 0;
     size_t max = (size_t)p->cfg->cache_max_accounts / (size_t)p->npartitions + 1;
     for (int32_t i = 0; i < p->npartitions; i++) {
@@ -866,8 +875,8 @@ static void flush_batches(pql_pipeline *p, int force)
         if (t->dlq_failed || t->dlq_outstanding || t->redis_failed) {
             abandon_batch(p, t);
         } else if (t->dirty || t->ntouched || t->ndelivered) { /* else nothing to write */
-            p->pending[i] = (unsigned char)pql_task_build_batch(t, p->cfg->group, p->topics,
-                                                                p->ttl_ms, pql_now_ms());
+            p->pending[i] =
+                (unsigned char)pql_task_build_batch(t, p->cfg->group, p->topics, p->ttl_ms, now);
             pql_task_trim(t, max);
         }
     }
@@ -943,9 +952,18 @@ static void route(pql_pipeline *p, rd_kafka_message_t *m)
 static size_t poll_batch(pql_pipeline *p)
 {
     size_t n = 0, max = (size_t)p->cfg->batch_max_messages;
-    /* with a write in flight, its alerts wait for the next pass: no waiting */
-    rd_kafka_message_t *m =
-        rd_kafka_consumer_poll(p->consumer, p->flight.n ? 0 : p->cfg->batch_max_ms);
+    /* Waits for a message, or for the write in flight to finish: the writer
+       thread yields the queue then (polling with a zero timeout instead spun
+       a core away from Redis and the broker threads while it waited).  A
+       yield taken by the batch reads below is made up for by write_done. */
+    int timeout = p->flight.n && write_done(p) ? 0 : p->cfg->batch_max_ms;
+    uint64_t start = pql_telemetry_ticks();
+    rd_kafka_message_t *m = rd_kafka_consumer_poll(p->consumer, timeout);
+    /* a wait that ended empty is idleness (or a yield); one that a message
+       ended is a starved fetch (see kafka.queued.min.messages) */
+    *(m ? &p->totals.poll_wait_ns : &p->totals.idle_ns) += pql_telemetry_ticks() - start;
+    p->totals.passes++;
+    p->totals.empty_passes += !m;
     if (!m) return 0;
     n += !m->err;
     route(p, m);
@@ -1161,6 +1179,14 @@ int pql_pipeline_run(pql_pipeline *p, volatile sig_atomic_t *stop, volatile sig_
     commands += wcommands;
     pql_info("redis client totals", "round_trips=%llu commands=%llu",
              (unsigned long long)round_trips, (unsigned long long)commands);
+    pql_info("loop totals",
+             "passes=%llu empty_passes=%llu builds=%llu messages_per_build=%.0f "
+             "poll_wait_ms=%.0f idle_ms=%.0f write_wait_ms=%.0f",
+             (unsigned long long)p->totals.passes, (unsigned long long)p->totals.empty_passes,
+             (unsigned long long)p->totals.writes,
+             p->totals.writes ? (double)p->totals.written / (double)p->totals.writes : 0.0,
+             (double)p->totals.poll_wait_ns / 1e6, (double)p->totals.idle_ns / 1e6,
+             (double)p->totals.write_wait_ns / 1e6);
     return 0;
 }
 
@@ -1328,6 +1354,13 @@ pql_pipeline *pql_pipeline_new(const pql_config *cfg, const char *brokers, const
          rd_kafka_conf_set(conf, "group.instance.id", cfg->instance_id, errstr, errstr_size)) ||
         rd_kafka_conf_set(conf, "auto.offset.reset", "earliest", errstr, errstr_size) ||
         rd_kafka_conf_set(conf, "fetch.wait.max.ms", "10", errstr, errstr_size) ||
+        /* The pre-fetch must hold more than a second of processing: with
+           the partitions forwarded to one consumer queue, librdkafka 2.0.2
+           compares that whole queue with queued.min.messages, and a broker
+           thread that found it full looks again only about once a second.
+           At the default 100,000 the loop drained it and waited ~1 s at a
+           time (bench/: idle 1-4 s of a 12 s run, throughput bimodal). */
+        rd_kafka_conf_set(conf, "queued.min.messages", "500000", errstr, errstr_size) ||
         /* consumer lag for /metrics (kafka.statistics.interval.ms overrides) */
         rd_kafka_conf_set(conf, "statistics.interval.ms", "5000", errstr, errstr_size) ||
         /* end-of-partition events tell the merge that one side has nothing more */
