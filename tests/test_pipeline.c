@@ -554,6 +554,46 @@ Test(pipeline, a_batch_written_while_redis_is_down_is_retried_whole, .timeout = 
     cr_assert_eq(h_proc_stop(p), 0);
 }
 
+/* While Redis runs a write, the loop applies what arrives and otherwise waits
+ * in its poll: the writer thread wakes it when the write ends.  It used to
+ * poll with a zero timeout meanwhile, spinning a core away from Redis and
+ * the broker (hundreds of thousands of passes per second).  Here a burst of
+ * 150 events arrives while Redis is stopped (SIGSTOP) for a second: the first
+ * 100 (batch.max_messages) make a write that hangs, the other 50 are applied
+ * ahead of it, and then there is nothing to do but wait for Redis. */
+Test(pipeline, the_loop_waits_not_spins_while_a_write_is_in_flight, .timeout = 240)
+{
+    int64_t t = pql_now_ms() - PQL_MS_HOUR;
+    h_produce_usage(kafka, USAGE, -1, "acme", "login", "u1", t, H_NO_PROPS);
+    h_flush(kafka);
+    h_proc *p = start("g10", "pql-alerts", "100");
+    wait_done(p, "g10", 60000);
+
+    pid_t rpid = pql_redis_child_pid(h_redis_child(redis));
+    kill(rpid, SIGSTOP);
+    for (int i = 1; i <= 150; i++)
+        h_produce_usage(kafka, USAGE, -1, "acme", "login", "u1", t + i, H_NO_PROPS);
+    h_flush(kafka);
+    h_sleep_ms(1000); /* under redis.timeout_ms: the write waits, it does not fail */
+    kill(rpid, SIGCONT);
+    wait_done(p, "g10", 60000);
+    h_proc_kill(p, SIGTERM);
+    H_ASSERT_PROC(p, h_proc_wait(p, 10000) == 0);
+    cr_assert_eq(sum_counter("g10", "consumed"), 151);
+
+    char *log = h_proc_log(p);
+    const char *line = log ? strstr(log, "msg=\"loop totals\"") : NULL;
+    const char *f = line ? strstr(line, " passes=") : NULL;
+    H_ASSERT_PROC(p, f, "no loop totals on stop");
+    long long passes = atoll(f + 8);
+    /* ~10 passes per idle second (batch.max_ms 100): a hundred or so over
+       this test; spinning made it tens of thousands in the stopped second */
+    H_ASSERT_PROC(p, passes > 0 && passes < 2000, "%lld loop passes", passes);
+    H_ASSERT_PROC(p, !strstr(log, "redis unavailable"), "the write was meant to wait, not fail");
+    free(log);
+    h_proc_stop(p);
+}
+
 /* Redis loses writes it had acknowledged (here all of them, as a restart
  * without its data would): nobody else holds the partitions, so the member
  * must not drop them as fenced (they would sit unprocessed until a
