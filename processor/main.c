@@ -255,8 +255,8 @@ static int cmd_run(int argc, char **argv)
     pql_http *http = NULL;
 
     /* First thing: a SIGTERM during start-up (a supervisor giving up, a
-       scale-in) becomes a clean stop once the loop starts, not a death by
-       the signal that leaves the embedded children behind. */
+       scale-in) becomes a clean stop (exit 0) once the loop starts, instead
+       of a death by the signal. */
     struct sigaction sa;
     memset(&sa, 0, sizeof(sa));
     sa.sa_handler = on_stop;

@@ -864,8 +864,10 @@ static void flush_batches(pql_pipeline *p, int force)
         return;
     write_finish(p); /* the previous write: its tasks can build again */
     int64_t now = pql_now_ms();
-    p->totals.writes++;
-    p->totals.written += p->flight.ahead;
+    if (p->flight.ahead) { /* a build that carries messages (idle passes come here too) */
+        p->totals.writes++;
+        p->totals.written += p->flight.ahead;
+    }
     p->flight.ahead = 0;
     size_t max = (size_t)p->cfg->cache_max_accounts / (size_t)p->npartitions + 1;
     for (int32_t i = 0; i < p->npartitions; i++) {
