@@ -273,6 +273,13 @@ static void next_event(gen *g, pql_event *ev)
     ev->nprops = n;
 }
 
+/* Whether two buffers hold the same bytes (an empty one may have no data:
+ * memcmp must not see its NULL). */
+static int same_bytes(const pql_buf *x, const pql_buf *y)
+{
+    return x->len == y->len && (x->len == 0 || memcmp(x->data, y->data, x->len) == 0);
+}
+
 /* ---- the comparison ---- */
 
 static void run(uint64_t seed, int events)
@@ -294,7 +301,7 @@ static void run(uint64_t seed, int events)
         pql_apply rb = pql_account_apply(b, &ev, 0, on_alert, &blog);
         cr_assert_eq(ra, rb, "seed %#" PRIx64 " event %d: apply %d, evaluating all %d", seed, i,
                      (int)ra, (int)rb);
-        cr_assert(alog.len == blog.len && memcmp(alog.data, blog.data, alog.len) == 0,
+        cr_assert(same_bytes(&alog, &blog),
                   "seed %#" PRIx64 " event %d (%s at %" PRId64 "): skipping emitted\n%.*s"
                   "evaluating every rule emitted\n%.*s",
                   seed, i, ev.kind == PQL_INPUT_ACCOUNT ? "account update" : ev.event, ev.timestamp,
@@ -305,8 +312,8 @@ static void run(uint64_t seed, int events)
         if (rnd(40) == 0) { /* a batch boundary */
             pql_account_flush(a, st_set, st_del, &as);
             pql_account_flush(b, st_set, st_del, &bs);
-            cr_assert(as.log.len == bs.log.len && memcmp(as.log.data, bs.log.data, as.log.len) == 0,
-                      "seed %#" PRIx64 " event %d: the writes differ", seed, i);
+            cr_assert(same_bytes(&as.log, &bs.log), "seed %#" PRIx64 " event %d: the writes differ",
+                      seed, i);
             if (rnd(4) == 0) { /* evicted, then loaded again */
                 pql_account_destroy(a);
                 pql_account_destroy(b);
