@@ -75,13 +75,16 @@ struct pql_account {
     memo *memos; /* other modules' fields, "m:<name>" (metrics.c) */
     size_t nmemos;
     /* Signal values as rules last read them: sigval[i] holds while
-     * sigval_ok[i] and the clock's first bucket in reach is still sigfirst[i]
-     * (a value depends on the clock only through it).  Observing into window
-     * i or loading it clears sigval_ok[i]; a flush changes no value at the
+     * sigval_ok[i] and the clock is within sigreach[i], the clocks with the
+     * same first bucket in reach (a value depends on the clock only through
+     * it; checking the range costs no division).  Observing into window i or
+     * loading it clears sigval_ok[i]; a flush changes no value at the
      * account clock.  Reading a value here touches these arrays, not the
      * window, which is often cold in memory. */
     pql_value *sigval;
-    int64_t *sigfirst;
+    struct reach {
+        int64_t from, to; /* [from, to): empty when not computable */
+    } * sigreach;
     uint32_t *sigchg; /* a->gen when sigval[i] last came out different */
     unsigned char *sigval_ok;
     /* Flushing without touching windows nothing changed: sigdirty[i] says an
@@ -136,7 +139,7 @@ static size_t align8(size_t n)
 static size_t block_size(size_t ns, size_t nr, size_t nt)
 {
     return align8(sizeof(pql_account)) + align8(ns * sizeof(pql_value)) +
-           align8(ns * sizeof(int64_t)) + align8(ns * sizeof(uint32_t)) +
+           align8(ns * sizeof(struct reach)) + align8(ns * sizeof(uint32_t)) +
            align8(ns * sizeof(pql_window *)) + align8(nr * sizeof(rule_state)) +
            align8((nt + 1) * sizeof(int32_t)) + align8(ns) + align8(ns);
 }
@@ -149,8 +152,8 @@ pql_account *pql_account_new(const pql_rules *r, const char *id, size_t id_len)
     p += align8(sizeof(*a));
     a->sigval = (pql_value *)p;
     p += align8(ns * sizeof(pql_value));
-    a->sigfirst = (int64_t *)p;
-    p += align8(ns * sizeof(int64_t));
+    a->sigreach = (struct reach *)p;
+    p += align8(ns * sizeof(struct reach));
     a->sigchg = (uint32_t *)p;
     p += align8(ns * sizeof(uint32_t));
     a->windows = (pql_window **)p;
@@ -293,11 +296,24 @@ static pql_window *window_of(pql_account *a, size_t i)
     return a->windows[i];
 }
 
+/* The clocks whose first bucket in reach is clock's: the whole line for a
+ * lifetime window, else clock's bucket; empty where that would overflow. */
+static struct reach reach_of(const pql_window_spec *spec, int64_t clock)
+{
+    struct reach r = {INT64_MIN, INT64_MAX};
+    if (spec->window_ms == 0) return r;
+    int64_t b = pql_window_bucket(spec, clock);
+    if (__builtin_mul_overflow(b, spec->bucket_ms, &r.from) ||
+        __builtin_add_overflow(r.from, spec->bucket_ms, &r.to))
+        r.from = r.to = clock;
+    return r;
+}
+
 pql_value pql_account_signal(pql_account *a, size_t i)
 {
-    const pql_window_spec *spec = &pql_rules_signal(a->rules, i)->spec;
-    int64_t first = pql_window_first(spec, a->clock);
-    if (!a->sigval_ok[i] || a->sigfirst[i] != first) {
+    struct reach *r = &a->sigreach[i];
+    if (!a->sigval_ok[i] || a->clock < r->from || a->clock >= r->to) {
+        const pql_window_spec *spec = &pql_rules_signal(a->rules, i)->spec;
         pql_value v;
         if (a->windows[i])
             v = pql_window_value(a->windows[i], a->clock);
@@ -307,7 +323,7 @@ pql_value pql_account_signal(pql_account *a, size_t i)
             (v.type == PQL_V_NUM && !(v.u.num == a->sigval[i].u.num)))
             a->sigchg[i] = a->gen;
         a->sigval[i] = v;
-        a->sigfirst[i] = first;
+        *r = reach_of(spec, a->clock);
         a->sigval_ok[i] = 1;
     }
     return a->sigval[i];

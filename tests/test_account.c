@@ -344,6 +344,35 @@ Test(account, an_untouched_window_expires_when_the_clock_moves_on)
     pql_rules_destroy(r);
 }
 
+/* A signal's value is kept while the clock stays in the same bucket, and
+ * read again from the window the moment the clock enters the next one: the
+ * last millisecond of a 7-day window still counts the first day's login,
+ * the next one does not (and back in reach if the clock were earlier). */
+Test(account, a_kept_signal_value_moves_on_exactly_at_the_bucket_boundary)
+{
+    pql_rules *r = h_rules("signals:\n"
+                           "  logins: { count: login, window: 7d }\n"
+                           "  hourly: { count: login, window: 2h }\n");
+    pql_account *a = pql_account_new(r, "acme", 4);
+    fired f = {0};
+    int64_t day0 = T0 / DAY * DAY, hour0 = T0 / PQL_MS_HOUR * PQL_MS_HOUR;
+    usage(a, "login", "u1", hour0, &f);
+    cr_assert_eq(pql_account_signal(a, 0).u.num, 1);
+    cr_assert_eq(pql_account_signal(a, 1).u.num, 1);
+    /* hour buckets: in reach up to the last ms of the next hour */
+    usage(a, "pricing_viewed", "u1", hour0 + 2 * PQL_MS_HOUR - 1, &f);
+    cr_assert_eq(pql_account_signal(a, 1).u.num, 1);
+    usage(a, "pricing_viewed", "u1", hour0 + 2 * PQL_MS_HOUR, &f);
+    cr_assert_eq(pql_account_signal(a, 1).u.num, 0, "the 2h window moved past the login");
+    /* day buckets: the login's day is in reach for 7 days, to the ms */
+    usage(a, "pricing_viewed", "u1", day0 + 7 * DAY - 1, &f);
+    cr_assert_eq(pql_account_signal(a, 0).u.num, 1);
+    usage(a, "pricing_viewed", "u1", day0 + 7 * DAY, &f);
+    cr_assert_eq(pql_account_signal(a, 0).u.num, 0, "the 7d window moved past the login");
+    pql_account_destroy(a);
+    pql_rules_destroy(r);
+}
+
 Test(account, fields_of_changed_signals_are_deleted_on_load)
 {
     pql_rules *r = h_rules(simple);
