@@ -190,6 +190,16 @@ void h_redis_flushall(const char *url)
     redisFree(c);
 }
 
+void h_redis_pause_writes(const char *url, int ms)
+{
+    redisContext *c = redis_connect(url);
+    redisReply *r =
+        ms > 0 ? redis_cmd(c, "CLIENT PAUSE %d WRITE", ms) : redis_cmd(c, "CLIENT UNPAUSE");
+    if (r->type == REDIS_REPLY_ERROR) cr_assert_fail("CLIENT PAUSE/UNPAUSE: %s", r->str);
+    freeReplyObject(r);
+    redisFree(c);
+}
+
 /* ---- Kafka ---------------------------------------------------------------- */
 
 struct h_kafka {

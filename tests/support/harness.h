@@ -63,6 +63,11 @@ void h_redis_stop(h_redis *r);
 char *h_redis_hget(const char *url, const char *key, const char *field);
 /** FLUSHALL: Redis loses every key (as a restart without its data would). */
 void h_redis_flushall(const char *url);
+/** ms > 0: CLIENT PAUSE ms WRITE: every client's writes and scripts
+ *  (EVAL/EVALSHA, read-only ones too) wait while reads and PING are served;
+ *  ms == 0: CLIENT UNPAUSE.  A paused command whose client gives up and
+ *  closes its connection is never run (checked on redis-server 7.0). */
+void h_redis_pause_writes(const char *url, int ms);
 
 /* ---- Kafka ---------------------------------------------------------------- */
 
