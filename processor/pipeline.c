@@ -773,7 +773,8 @@ static int write_finish(pql_pipeline *p)
         } else if (p->flight.results[i] == PQL_ERR_FENCED) {
             pql_error("fenced: another member owns this partition now; dropping it",
                       "partition=%d epoch=%lld seq=%lld error=\"%s\"", t->partition,
-                      (long long)t->claim.epoch, (long long)t->claim.seq, p->flight.err);
+                      (long long)t->claim.epoch, (long long)t->claim.seq,
+                      pql_store_batch_refusal(t->batch));
             p->pending[t->partition] = 0;
             pql_telemetry_fenced(p->tel);
             pql_task_abandon(t);
@@ -785,7 +786,8 @@ static int write_finish(pql_pipeline *p)
             pql_error("redis lost writes it had acknowledged (restarted without them?); claiming "
                       "the partition again and re-reading it from the offsets redis holds",
                       "partition=%d epoch=%lld seq=%lld error=\"%s\"", t->partition,
-                      (long long)t->claim.epoch, (long long)t->claim.seq, p->flight.err);
+                      (long long)t->claim.epoch, (long long)t->claim.seq,
+                      pql_store_batch_refusal(t->batch));
             p->pending[t->partition] = 0;
             pql_task_abandon(t);
             t->state = PQL_TASK_ASSIGNED; /* paused; retry_redis claims it if this fails */

@@ -76,7 +76,8 @@ struct pql_store_batch {
     pql_buf prefix; /* "pql:{g:p}:" */
     span meta_key, outbox_key;
     int64_t epoch, seq;
-    pql_err err; /* sticky: out of memory, or a group with braces */
+    pql_err err;   /* sticky: out of memory, or a group with braces */
+    char why[256]; /* why Redis refused it at the last commit, "" if it did not */
     size_t last_ctr;
     VEC(pair) offs, puts;
     VEC(span) dels;
@@ -805,6 +806,7 @@ void pql_store_batch_begin(pql_store_batch *b, const char *group, int32_t partit
     b->seq = seq;
     b->last_ctr = 0;
     b->err = PQL_OK;
+    b->why[0] = '\0';
     if (bad_group(group))
         b->err = PQL_ERR_ARG;
     else if (append_key(&b->prefix, group, partition, "", "", 0))
@@ -916,6 +918,11 @@ pql_err pql_store_batch_incr(pql_store_batch *b, const char *name, const char *f
         b->incrs.v[c->tail].next = ri;
     c->tail = ri;
     return b->err;
+}
+
+const char *pql_store_batch_refusal(const pql_store_batch *b)
+{
+    return b->why;
 }
 
 int pql_store_batch_empty(const pql_store_batch *b)
@@ -1044,9 +1051,10 @@ static pql_err fence_kind(const char *why, int64_t our_epoch)
 }
 
 /* Maps one EVALSHA reply; @returns 1 on NOSCRIPT (run it again), else 0. */
-static int map_reply(pql_store *s, const pql_store_batch *b, const redisReply *r, pql_err *result,
+static int map_reply(pql_store *s, pql_store_batch *b, const redisReply *r, pql_err *result,
                      char *errstr, size_t size)
 {
+    b->why[0] = '\0';
     if (r->type != REDIS_REPLY_ERROR) {
         *result = r->type == REDIS_REPLY_INTEGER ? PQL_OK : PQL_ERR_IO;
         return 0;
@@ -1054,8 +1062,9 @@ static int map_reply(pql_store *s, const pql_store_batch *b, const redisReply *r
     if (strncmp(r->str, "NOSCRIPT", 8) == 0) return 1;
     const char *f = strstr(r->str, "FENCED ");
     pql_err code = f && (f == r->str || f == r->str + 4) ? fence_kind(f + 7, b->epoch) : PQL_ERR_IO;
-    *result = fail(s, errstr, size, code, "redis %s: %.*s: %s", s->where, (int)b->meta_key.len,
-                   b->bytes.data + b->meta_key.off, r->str);
+    snprintf(b->why, sizeof b->why, "redis %s: %.*s: %s", s->where, (int)b->meta_key.len,
+             b->bytes.data + b->meta_key.off, r->str);
+    *result = fail(s, errstr, size, code, "%s", b->why);
     return 0;
 }
 

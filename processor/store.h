@@ -129,6 +129,11 @@ pql_err pql_store_batch_incr(pql_store_batch *b, const char *name, const char *f
 /** @returns non-zero when the batch would change nothing but seq. */
 int pql_store_batch_empty(const pql_store_batch *b);
 
+/** Why Redis refused `b` at its last commit (its own partition's key and the
+ *  script's answer, e.g. "FENCED epoch 3 is not ours (2)"), or "" when it
+ *  did not.  A commit's errstr holds one refusal only, whichever came last. */
+const char *pql_store_batch_refusal(const pql_store_batch *b);
+
 /** Runs `n` batches in one pipelined round trip, each atomically.
  *  results[i] is PQL_OK (applied now or before), PQL_ERR_FENCED (another
  *  member claimed the partition since: nothing written), PQL_ERR_REWOUND

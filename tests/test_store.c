@@ -317,6 +317,37 @@ Test(store, partitions_commit_in_one_round_trip)
         pql_store_batch_destroy(b[i]);
 }
 
+/* One commit, two refusals: each batch keeps its own reason, naming its own
+ * partition (the commit's errstr holds only the last one, and a log line
+ * "partition=6 ... error=<partition 7's key>" sent an operator astray). */
+Test(store, each_refused_batch_says_why_for_its_own_partition)
+{
+    pql_claim old = claim(6);
+    claim(6); /* another member's claim: `old` is fenced */
+    pql_claim ok = claim(8);
+    pql_store_batch *b[3] = {sample_batch(6, old.epoch, old.seq), sample_batch(7, 1, 0),
+                             sample_batch(8, ok.epoch, ok.seq)};
+    pql_err res[3];
+    cr_assert_eq(pql_store_commit(st, b, 3, res, err, sizeof err), PQL_OK, "%s", err);
+    cr_assert_eq(res[0], PQL_ERR_FENCED);
+    cr_assert_eq(res[1], PQL_ERR_REWOUND);
+    cr_assert_eq(res[2], PQL_OK);
+    char want[128];
+    snprintf(want, sizeof want, "pql:{" G ":6}:meta: FENCED epoch %lld is not ours (%lld)",
+             (long long)old.epoch + 1, (long long)old.epoch);
+    cr_assert(strstr(pql_store_batch_refusal(b[0]), want), "%s", pql_store_batch_refusal(b[0]));
+    cr_assert(strstr(pql_store_batch_refusal(b[1]), "pql:{" G ":7}:meta: FENCED epoch none"), "%s",
+              pql_store_batch_refusal(b[1]));
+    cr_assert_str_eq(pql_store_batch_refusal(b[2]), "");
+    /* the very same batch, applied at its next commit, no longer carries one */
+    pql_claim c7 = claim(7);
+    cr_assert_eq(c7.epoch, 1);
+    cr_assert_eq(commit1(b[1]), PQL_OK, "%s", err);
+    cr_assert_str_eq(pql_store_batch_refusal(b[1]), "");
+    for (int i = 0; i < 3; i++)
+        pql_store_batch_destroy(b[i]);
+}
+
 static void field_cb(void *opaque, size_t i, const char *f, size_t flen, const char *v, size_t vlen)
 {
     pql_buf *out = opaque;
