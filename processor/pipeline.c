@@ -54,7 +54,7 @@ struct pql_pipeline {
         size_t ahead;  /* messages applied since the last build (main thread) */
     } flight;
     struct { /* where the main thread's time went, logged at stop (bench/) */
-        uint64_t passes, empty_passes, writes, written, poll_wait_ns, idle_ns, write_wait_ns;
+        uint64_t passes, empty_passes, builds, built, poll_wait_ns, idle_ns, write_wait_ns;
     } totals;
     pql_decoder *decoders[PQL_NTOPICS];
     const char *topics[PQL_NTOPICS];
@@ -867,8 +867,8 @@ static void flush_batches(pql_pipeline *p, int force)
     write_finish(p); /* the previous write: its tasks can build again */
     int64_t now = pql_now_ms();
     if (p->flight.ahead) { /* a build that carries messages (idle passes come here too) */
-        p->totals.writes++;
-        p->totals.written += p->flight.ahead;
+        p->totals.builds++;
+        p->totals.built += p->flight.ahead;
     }
     p->flight.ahead = 0;
     size_t max = (size_t)p->cfg->cache_max_accounts / (size_t)p->npartitions + 1;
@@ -1187,8 +1187,8 @@ int pql_pipeline_run(pql_pipeline *p, volatile sig_atomic_t *stop, volatile sig_
              "passes=%llu empty_passes=%llu builds=%llu messages_per_build=%.0f "
              "poll_wait_ms=%.0f idle_ms=%.0f write_wait_ms=%.0f",
              (unsigned long long)p->totals.passes, (unsigned long long)p->totals.empty_passes,
-             (unsigned long long)p->totals.writes,
-             p->totals.writes ? (double)p->totals.written / (double)p->totals.writes : 0.0,
+             (unsigned long long)p->totals.builds,
+             p->totals.builds ? (double)p->totals.built / (double)p->totals.builds : 0.0,
              (double)p->totals.poll_wait_ns / 1e6, (double)p->totals.idle_ns / 1e6,
              (double)p->totals.write_wait_ns / 1e6);
     return 0;
