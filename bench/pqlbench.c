@@ -559,7 +559,68 @@ typedef struct latency_ctx {
     size_t n, cap;
     atomic_long probe_alerts;
     pthread_mutex_t lock;
+    /* Kafka alone: the live usage topic read by a plain consumer */
+    const char *live_topic;
+    int32_t live_partitions;
+    double *ksamples; /* ms, the live reader's alone */
+    size_t kn, kcap;
 } latency_ctx;
+
+static void add_sample(double **v, size_t *n, size_t *cap, double x)
+{
+    if (*n == *cap) {
+        *cap = *cap ? *cap * 2 : 4096;
+        *v = realloc(*v, *cap * sizeof(double));
+        if (!*v) abort();
+    }
+    (*v)[(*n)++] = x;
+}
+
+/* Kafka's own share of the latency, at the same load and at the same time:
+ * a plain consumer of the live usage topic (pqlstream's fetch.wait.max.ms
+ * and pre-fetch, the same poll-then-drain reads as its loop) records, for
+ * every event produced after the warm-up, its arrival wall clock − its
+ * timestamp (stamped when the load generator produced it). */
+static void *live_reader(void *opaque)
+{
+    latency_ctx *c = opaque;
+    char err[512];
+    rd_kafka_conf_t *conf = rd_kafka_conf_new();
+    rd_kafka_conf_set(conf, "bootstrap.servers", c->bootstraps, err, sizeof err);
+    rd_kafka_conf_set(conf, "group.id", "pqlbench-live", err, sizeof err);
+    rd_kafka_conf_set(conf, "enable.auto.commit", "false", err, sizeof err);
+    rd_kafka_conf_set(conf, "fetch.wait.max.ms", "10", err, sizeof err);
+    rd_kafka_conf_set(conf, "queued.min.messages", "500000", err, sizeof err);
+    rd_kafka_t *rk = rd_kafka_new(RD_KAFKA_CONSUMER, conf, err, sizeof err);
+    if (!rk) {
+        fprintf(stderr, "pqlbench: live usage consumer: %s\n", err);
+        return NULL;
+    }
+    rd_kafka_poll_set_consumer(rk);
+    rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(c->live_partitions);
+    for (int32_t p = 0; p < c->live_partitions; p++)
+        rd_kafka_topic_partition_list_add(l, c->live_topic, p)->offset = RD_KAFKA_OFFSET_BEGINNING;
+    rd_kafka_assign(rk, l);
+    rd_kafka_topic_partition_list_destroy(l);
+    rd_kafka_queue_t *q = rd_kafka_queue_get_consumer(rk);
+    rd_kafka_message_t *chunk[512];
+    while (!atomic_load(&c->stop)) {
+        rd_kafka_message_t *m = rd_kafka_consumer_poll(rk, 100);
+        if (!m) continue;
+        int64_t now = pql_now_ms();
+        chunk[0] = m;
+        ssize_t got = 1 + rd_kafka_consume_batch_queue(q, 0, chunk + 1, 511);
+        for (ssize_t i = 0; i < got; i++) {
+            int64_t ts = chunk[i]->err ? -1 : rd_kafka_message_timestamp(chunk[i], NULL);
+            if (ts >= c->since) add_sample(&c->ksamples, &c->kn, &c->kcap, (double)(now - ts));
+            rd_kafka_message_destroy(chunk[i]);
+        }
+    }
+    rd_kafka_queue_destroy(q);
+    rd_kafka_consumer_close(rk);
+    rd_kafka_destroy(rk);
+    return NULL;
+}
 
 /* The alert consumer: delivered wall clock − triggered_at, per alert. */
 static void *alert_reader(void *opaque)
@@ -594,11 +655,7 @@ static void *alert_reader(void *opaque)
             const char *acct = json_string_value(json_object_get(j, "account_id"));
             if (trig >= c->since) {
                 pthread_mutex_lock(&c->lock);
-                if (c->n == c->cap) {
-                    c->cap = c->cap ? c->cap * 2 : 4096;
-                    c->samples = realloc(c->samples, c->cap * sizeof(double));
-                }
-                c->samples[c->n++] = (double)(now - trig);
+                add_sample(&c->samples, &c->n, &c->cap, (double)(now - trig));
                 pthread_mutex_unlock(&c->lock);
                 if (acct && !strncmp(acct, "probe-", 6)) atomic_fetch_add(&c->probe_alerts, 1);
             }
@@ -620,6 +677,8 @@ static double percentile(double *s, size_t n, double p)
 
 typedef struct latency_result {
     double offered, p50, p99, max;
+    double kafka_p50, kafka_p99, kafka_max; /* produce → plain consumer, same load */
+    size_t kafka_samples;
     double cpu_pql, cpu_redis, cpu_bench; /* cores busy during the phase */
     size_t samples;
     long probes, probe_alerts;
@@ -655,8 +714,10 @@ static int measure_latency(bench *b, bench_workload *w, const char *group, doubl
                          .group = group,
                          .topics = {in->usage, in->accounts},
                          .epoch0 = epochs};
-    pthread_t reader;
-    int reading = 0;
+    c.live_topic = live_topics[0];
+    c.live_partitions = b->o.latency_partitions;
+    pthread_t reader, kreader;
+    int reading = 0, kreading = 0;
     rd_kafka_t *rk = NULL;
     if (create_topics(b, live_topics, b->o.latency_partitions) < 0) goto out;
     if (bench_watermarks(b->meta, "bench-alerts", b->o.partitions, c.start, err, sizeof err) < 0 ||
@@ -676,6 +737,8 @@ static int measure_latency(bench *b, bench_workload *w, const char *group, doubl
     c.since = pql_now_ms() + (int64_t)(warmup * 1000);
     if (pthread_create(&reader, NULL, alert_reader, &c) != 0) goto stop;
     reading = 1;
+    if (pthread_create(&kreader, NULL, live_reader, &c) != 0) goto stop;
+    kreading = 1;
     double t0 = bench_mono_s(), next_probe = t0, tokens = 0, last = t0;
     double cpu_pql0 = bench_proc_cpu(proc.pid), cpu_redis0 = bench_proc_cpu(b->r.pid),
            cpu_bench0 = bench_proc_cpu(getpid());
@@ -720,10 +783,9 @@ static int measure_latency(bench *b, bench_workload *w, const char *group, doubl
     }
     rc = 0;
 stop:
-    if (reading) {
-        atomic_store(&c.stop, 1);
-        pthread_join(reader, NULL);
-    }
+    atomic_store(&c.stop, 1);
+    if (reading) pthread_join(reader, NULL);
+    if (kreading) pthread_join(kreader, NULL);
     if (rk) rd_kafka_destroy(rk);
     stop_procs(&proc, 1);
 out:
@@ -732,6 +794,11 @@ out:
     out->p50 = percentile(c.samples, c.n, 0.50);
     out->p99 = percentile(c.samples, c.n, 0.99);
     out->max = c.n ? c.samples[c.n - 1] : NAN;
+    out->kafka_samples = c.kn;
+    out->kafka_p50 = percentile(c.ksamples, c.kn, 0.50);
+    out->kafka_p99 = percentile(c.ksamples, c.kn, 0.99);
+    out->kafka_max = c.kn ? c.ksamples[c.kn - 1] : NAN;
+    free(c.ksamples);
     free(c.samples);
     free(c.start);
     free(epochs);
@@ -997,9 +1064,13 @@ int main(int argc, char **argv)
            "generator + mock cluster) %.2f\n",
            lat.offered, lat.samples, lat.probe_alerts, lat.probes, lat.p50, lat.p99, lat.max,
            lat.cpu_pql, lat.cpu_redis, lat.cpu_bench);
+    printf("  Kafka alone at the same time (the live usage events, produce -> a plain consumer): "
+           "%zu events, p50 %.1f ms, p99 %.1f ms, max %.1f ms\n",
+           lat.kafka_samples, lat.kafka_p50, lat.kafka_p99, lat.kafka_max);
     if (o->smoke) {
         check(&failures, "latency samples", (double)lat.samples);
         check(&failures, "latency p50", lat.p50 + 0.5);
+        check(&failures, "Kafka-alone latency samples", (double)lat.kafka_samples);
     }
 
     /* -- E: scaling -- */
@@ -1105,6 +1176,11 @@ int main(int argc, char **argv)
                             : "NOT met");
     row("event→alert latency p99", &f99, "ms", note);
     row("event→alert latency max", &fmax, "ms", NULL);
+    figure k50 = {.v = {lat.kafka_p50}, .n = !o->skip_latency},
+           k99 = {.v = {lat.kafka_p99}, .n = !o->skip_latency};
+    row("  Kafka alone, produce→consume p50 (same load)", &k50, "ms", NULL);
+    row("  Kafka alone, produce→consume p99 (same load)", &k99, "ms",
+        "the floor under event→alert");
     for (int n = 2; n <= (o->skip_scaling ? 1 : o->max_procs); n++) {
         char name[96];
         snprintf(name, sizeof name, "pqlstream, %d processes: events/s", n);

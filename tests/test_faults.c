@@ -38,8 +38,8 @@
  *                 surely holds a pending write (Redis pauses writes first,
  *                 until a retry line says pending_batches > 0): that write
  *                 must be refused by the epoch fence (its log says
- *                 "fenced"); once
- *                 wherever the freeze lands; it rejoins each time;
+ *                 "fenced"); once wherever the freeze lands; it rejoins
+ *                 each time;
  *   brokers       a broker down then up, partition leader changes, injected
  *                 Fetch/Produce/OffsetCommit errors (no coordinator errors:
  *                 they crash the 2.0.2 mock, see trial_brokers), a
