@@ -557,6 +557,8 @@ typedef struct latency_ctx {
     atomic_int stop;
     double *samples; /* ms */
     size_t n, cap;
+    double *at; /* when each sample's alert was triggered, s after `since` */
+    size_t atn, atcap;
     atomic_long probe_alerts;
     pthread_mutex_t lock;
     /* Kafka alone: the live usage topic read by a plain consumer */
@@ -576,11 +578,11 @@ static void add_sample(double **v, size_t *n, size_t *cap, double x)
     (*v)[(*n)++] = x;
 }
 
-/* Kafka's own share of the latency, at the same load and at the same time:
- * a plain consumer of the live usage topic (pqlstream's fetch.wait.max.ms
- * and pre-fetch, the same poll-then-drain reads as its loop) records, for
- * every event produced after the warm-up, its arrival wall clock − its
- * timestamp (stamped when the load generator produced it). */
+/* Kafka's own latency (measure_kafka_alone): a plain consumer of a live
+ * usage topic (pqlstream's fetch.wait.max.ms and pre-fetch, the same
+ * poll-then-drain reads as its loop) records, for every event produced after
+ * the warm-up, its arrival wall clock − its timestamp (stamped when the load
+ * generator produced it). */
 static void *live_reader(void *opaque)
 {
     latency_ctx *c = opaque;
@@ -656,6 +658,7 @@ static void *alert_reader(void *opaque)
             if (trig >= c->since) {
                 pthread_mutex_lock(&c->lock);
                 add_sample(&c->samples, &c->n, &c->cap, (double)(now - trig));
+                add_sample(&c->at, &c->atn, &c->atcap, (double)(trig - c->since) / 1000.0);
                 pthread_mutex_unlock(&c->lock);
                 if (acct && !strncmp(acct, "probe-", 6)) atomic_fetch_add(&c->probe_alerts, 1);
             }
@@ -675,28 +678,121 @@ static double percentile(double *s, size_t n, double p)
     return s[k < n ? k : n - 1];
 }
 
+#define LAT_WINDOWS 12
+
 typedef struct latency_result {
     double offered, p50, p99, max;
     double kafka_p50, kafka_p99, kafka_max; /* produce → plain consumer, same load */
+    double kafka_cpu_bench;
     size_t kafka_samples;
+    double win_p99[LAT_WINDOWS]; /* p99 of the alerts triggered in each 5 s */
+    int nwin;
     double cpu_pql, cpu_redis, cpu_bench; /* cores busy during the phase */
     size_t samples;
     long probes, probe_alerts;
 } latency_result;
 
+/* Offers `rate` events/s of live load to `in` for `seconds` (10 ms bursts at
+ * most), 50 probe accounts a second among them (bench_live_step), each
+ * event stamped with the wall clock as it is produced.  Counts the probes
+ * stamped at or after `since` into *probes.  @returns the events sent, or
+ * -1. */
+static long offer_load(bench *b, bench_workload *w, rd_kafka_t *rk, const input *in, double rate,
+                       double seconds, int64_t since, long *probes)
+{
+    double t0 = bench_mono_s(), next_probe = t0, tokens = 0, last = t0;
+    long sent = 0;
+    int next_probe_id = 0;
+    for (;;) {
+        double now = bench_mono_s();
+        if (now - t0 >= seconds) break;
+        tokens += (now - last) * rate;
+        last = now;
+        if (tokens > rate / 100 + 4) tokens = rate / 100 + 4; /* 10 ms bursts at most */
+        if (tokens < 1) {
+            struct timespec ts = {0, 1000000L};
+            nanosleep(&ts, NULL);
+            rd_kafka_poll(rk, 0);
+            continue;
+        }
+        int probe = -1;
+        if (b->o.probes_per_s > 0 && now >= next_probe) {
+            probe = (int)next_probe_id++;
+            next_probe += 1.0 / b->o.probes_per_s;
+        }
+        int64_t stamp = pql_now_ms();
+        if (probe >= 0 && stamp >= since) ++*probes; /* measured ones */
+        int k = bench_live_step(w, rk, in->usage, in->accounts, stamp, probe);
+        if (k < 0) return -1;
+        tokens -= k;
+        sent += k;
+    }
+    rd_kafka_flush(rk, 10000);
+    return sent;
+}
+
+/* Kafka's own latency at the same offered load, nothing else running: the
+ * same live load on fresh topics of the same shape, read by a plain consumer
+ * (live_reader).  The floor under event→alert, which crosses Kafka twice.
+ * (Measured apart, not beside pqlstream: on 2 cores a third consumer moved
+ * pqlstream's p99 from ~0.1 s to 0.5 s.)  @returns 0 or -1. */
+static int measure_kafka_alone(bench *b, bench_workload *w, double rate, double warmup,
+                               latency_result *out)
+{
+    static const char *const topics[] = {"bench-kafka-usage", "bench-kafka-accounts", NULL};
+    const input in = {.usage = topics[0], .accounts = topics[1]};
+    char err[512];
+    latency_ctx c = {.bootstraps = b->bootstraps,
+                     .live_topic = topics[0],
+                     .live_partitions = b->o.latency_partitions};
+    long probes = 0;
+    int rc = -1;
+    rd_kafka_t *rk = NULL;
+    pthread_t reader;
+    if (create_topics(b, topics, b->o.latency_partitions) < 0) return -1;
+    if (!(rk = bench_live_producer(b->bootstraps, err, sizeof err))) {
+        fprintf(stderr, "pqlbench: latency producer: %s\n", err);
+        return -1;
+    }
+    /* the reader's connections and first (empty) fetches come before the
+       load, as pqlstream's did */
+    c.since = pql_now_ms() + 1000 + (int64_t)(warmup * 1000);
+    if (pthread_create(&reader, NULL, live_reader, &c) != 0) goto out;
+    struct timespec settle = {1, 0};
+    nanosleep(&settle, NULL);
+    double t0 = bench_mono_s(), cpu0 = bench_proc_cpu(getpid());
+    long sent = offer_load(b, w, rk, &in, rate, warmup + b->o.latency_s, c.since, &probes);
+    double span = bench_mono_s() - t0;
+    out->kafka_cpu_bench = (bench_proc_cpu(getpid()) - cpu0) / span;
+    struct timespec ts = {0, 200000000L}; /* the last fetches */
+    nanosleep(&ts, NULL);
+    atomic_store(&c.stop, 1);
+    pthread_join(reader, NULL);
+    rc = sent < 0 ? -1 : 0;
+out:
+    rd_kafka_destroy(rk);
+    out->kafka_samples = c.kn;
+    out->kafka_p50 = percentile(c.ksamples, c.kn, 0.50);
+    out->kafka_p99 = percentile(c.ksamples, c.kn, 0.99);
+    out->kafka_max = c.kn ? c.ksamples[c.kn - 1] : NAN;
+    free(c.ksamples);
+    return rc;
+}
+
 /* Restarts one pqlstream on `group` (warm state in Redis from its run over
  * the main input), offers `rate` events/s of live load with probes for
- * `seconds` and measures every alert's delivery latency.  The live load goes
- * to topics of its own, read from their start: appended to the main input,
- * it made every later run over that input (the scaling figure) fetch and
- * process ~2M events past the end it measures to.  They have
- * --latency-partitions (8) partitions: the 2.0.2 mock finds a fetch's offset
- * by walking the partition's list of produced message sets from the oldest
- * ("FIXME: Maintain an index" in rdkafka_mock.c), on every fetch, empty ones
- * included, and a live producer (linger.ms=5) appends up to 200 sets a
- * second to each partition, so the mock's cost grew with partitions x
- * seconds: on 128 partitions at 10k events/s its thread was saturated and
- * p50 reached 6.6 s.  @returns 0 or -1. */
+ * `seconds` and measures every alert's delivery latency; then Kafka's own
+ * (measure_kafka_alone).  The live load goes to topics of its own, read
+ * from their start: appended to the main input, it made every later run
+ * over that input (the scaling figure) fetch and process ~2M events past
+ * the end it measures to.  They have --latency-partitions (8) partitions:
+ * the 2.0.2 mock finds a fetch's offset by walking the partition's list of
+ * produced message sets from the oldest ("FIXME: Maintain an index" in
+ * rdkafka_mock.c), on every fetch, empty ones included, and a live producer
+ * (linger.ms=5) appends up to 200 sets a second to each partition, so the
+ * mock's cost grew with partitions x seconds: on 128 partitions at 10k
+ * events/s its thread was saturated and p50 reached 6.6 s.
+ * @returns 0 or -1. */
 static int measure_latency(bench *b, bench_workload *w, const char *group, double rate,
                            latency_result *out)
 {
@@ -714,11 +810,12 @@ static int measure_latency(bench *b, bench_workload *w, const char *group, doubl
                          .group = group,
                          .topics = {in->usage, in->accounts},
                          .epoch0 = epochs};
-    c.live_topic = live_topics[0];
-    c.live_partitions = b->o.latency_partitions;
-    pthread_t reader, kreader;
-    int reading = 0, kreading = 0;
+    pthread_t reader;
+    int reading = 0;
     rd_kafka_t *rk = NULL;
+    /* a warm-up first: the consumer's first fetches after the claim, the
+       cold cache; alerts triggered before `since` are not measured */
+    double warmup = b->o.latency_s / 4 < 3 ? b->o.latency_s / 4 : 3;
     if (create_topics(b, live_topics, b->o.latency_partitions) < 0) goto out;
     if (bench_watermarks(b->meta, "bench-alerts", b->o.partitions, c.start, err, sizeof err) < 0 ||
         bench_progress_epochs(&b->r, &pg, epochs) < 0) {
@@ -731,43 +828,14 @@ static int measure_latency(bench *b, bench_workload *w, const char *group, doubl
         fprintf(stderr, "pqlbench: latency producer: %s\n", err);
         goto stop;
     }
-    /* a warm-up first: the consumer's first fetches after the claim, the
-       cold cache; alerts triggered before `since` are not measured */
-    double warmup = b->o.latency_s / 4 < 3 ? b->o.latency_s / 4 : 3;
     c.since = pql_now_ms() + (int64_t)(warmup * 1000);
     if (pthread_create(&reader, NULL, alert_reader, &c) != 0) goto stop;
     reading = 1;
-    if (pthread_create(&kreader, NULL, live_reader, &c) != 0) goto stop;
-    kreading = 1;
-    double t0 = bench_mono_s(), next_probe = t0, tokens = 0, last = t0;
+    double t0 = bench_mono_s();
     double cpu_pql0 = bench_proc_cpu(proc.pid), cpu_redis0 = bench_proc_cpu(b->r.pid),
            cpu_bench0 = bench_proc_cpu(getpid());
-    long sent = 0;
-    int next_probe_id = 0;
-    for (;;) {
-        double now = bench_mono_s();
-        if (now - t0 >= warmup + b->o.latency_s) break;
-        tokens += (now - last) * rate;
-        last = now;
-        if (tokens > rate / 100 + 4) tokens = rate / 100 + 4; /* 10 ms bursts at most */
-        if (tokens < 1) {
-            struct timespec ts = {0, 1000000L};
-            nanosleep(&ts, NULL);
-            rd_kafka_poll(rk, 0);
-            continue;
-        }
-        int probe = -1;
-        if (b->o.probes_per_s > 0 && now >= next_probe) {
-            probe = (int)next_probe_id++;
-            next_probe += 1.0 / b->o.probes_per_s;
-        }
-        int64_t stamp = pql_now_ms();
-        if (probe >= 0 && stamp >= c.since) out->probes++; /* measured ones */
-        int k = bench_live_step(w, rk, in->usage, in->accounts, stamp, probe);
-        if (k < 0) goto stop;
-        tokens -= k;
-        sent += k;
-    }
+    long sent = offer_load(b, w, rk, in, rate, warmup + b->o.latency_s, c.since, &out->probes);
+    if (sent < 0) goto stop;
     double span = bench_mono_s() - t0;
     out->offered = (double)sent / span;
     /* who was busy: pqlstream, redis-server, and this process (the load
@@ -775,7 +843,6 @@ static int measure_latency(bench *b, bench_workload *w, const char *group, doubl
     out->cpu_pql = (bench_proc_cpu(proc.pid) - cpu_pql0) / span;
     out->cpu_redis = (bench_proc_cpu(b->r.pid) - cpu_redis0) / span;
     out->cpu_bench = (bench_proc_cpu(getpid()) - cpu_bench0) / span;
-    rd_kafka_flush(rk, 10000);
     /* wait for the last probes' alerts (at most 10 s) */
     for (int i = 0; i < 1000 && atomic_load(&c.probe_alerts) < out->probes; i++) {
         struct timespec ts = {0, 10000000L};
@@ -785,24 +852,30 @@ static int measure_latency(bench *b, bench_workload *w, const char *group, doubl
 stop:
     atomic_store(&c.stop, 1);
     if (reading) pthread_join(reader, NULL);
-    if (kreading) pthread_join(kreader, NULL);
     if (rk) rd_kafka_destroy(rk);
     stop_procs(&proc, 1);
 out:
     out->samples = c.n;
     out->probe_alerts = atomic_load(&c.probe_alerts);
+    /* the p99 of each 5 s: a tail that drifts (the mock, a backlog) or sits
+       at the start (a cold cache) reads differently from a steady one */
+    double *tmp = malloc((c.n ? c.n : 1) * sizeof(double));
+    for (int k = 0; tmp && k < LAT_WINDOWS && k * 5.0 < b->o.latency_s; k++) {
+        size_t m = 0;
+        for (size_t i = 0; i < c.n; i++)
+            if (c.at[i] >= k * 5.0 && c.at[i] < (k + 1) * 5.0) tmp[m++] = c.samples[i];
+        out->win_p99[out->nwin++] = percentile(tmp, m, 0.99);
+    }
+    free(tmp);
+    free(c.at);
     out->p50 = percentile(c.samples, c.n, 0.50);
     out->p99 = percentile(c.samples, c.n, 0.99);
     out->max = c.n ? c.samples[c.n - 1] : NAN;
-    out->kafka_samples = c.kn;
-    out->kafka_p50 = percentile(c.ksamples, c.kn, 0.50);
-    out->kafka_p99 = percentile(c.ksamples, c.kn, 0.99);
-    out->kafka_max = c.kn ? c.ksamples[c.kn - 1] : NAN;
-    free(c.ksamples);
     free(c.samples);
     free(c.start);
     free(epochs);
     pthread_mutex_destroy(&c.lock);
+    if (rc == 0) rc = measure_kafka_alone(b, w, rate, warmup, out);
     return rc;
 }
 
@@ -1064,9 +1137,13 @@ int main(int argc, char **argv)
            "generator + mock cluster) %.2f\n",
            lat.offered, lat.samples, lat.probe_alerts, lat.probes, lat.p50, lat.p99, lat.max,
            lat.cpu_pql, lat.cpu_redis, lat.cpu_bench);
-    printf("  Kafka alone at the same time (the live usage events, produce -> a plain consumer): "
-           "%zu events, p50 %.1f ms, p99 %.1f ms, max %.1f ms\n",
-           lat.kafka_samples, lat.kafka_p50, lat.kafka_p99, lat.kafka_max);
+    printf("  p99 of each 5 s after the warm-up:");
+    for (int k = 0; k < lat.nwin; k++)
+        printf(" %.0f", lat.win_p99[k]);
+    printf(" ms\n");
+    printf("  Kafka alone, the same load just after (produce -> a plain consumer, no pqlstream): "
+           "%zu events, p50 %.1f ms, p99 %.1f ms, max %.1f ms; pqlbench %.2f cores busy\n",
+           lat.kafka_samples, lat.kafka_p50, lat.kafka_p99, lat.kafka_max, lat.kafka_cpu_bench);
     if (o->smoke) {
         check(&failures, "latency samples", (double)lat.samples);
         check(&failures, "latency p50", lat.p50 + 0.5);
