@@ -860,8 +860,12 @@ static void flush_batches(pql_pipeline *p, int force)
        what arrives instead of waiting for it (the writer thread wakes the
        loop's poll when the write ends), up to WRITE_AHEAD batches of messages;
        the next write then carries all of it, in as many commands as one.
-       With nothing new applied, wait: the loop would only spin. */
-    if (!force && p->flight.n && p->flight.ahead > 0 &&
+       With nothing new applied, too: the poll, not this, waits for the
+       write (it blocks until a message or the writer's wake-up arrives).
+       Waiting here instead stopped the fetch for a whole write whenever a
+       pass came up empty, e.g. on the wake-up of a write already collected:
+       the loop then took turns with Redis instead of overlapping it. */
+    if (!force && p->flight.n &&
         p->flight.ahead < WRITE_AHEAD * (size_t)p->cfg->batch_max_messages && !write_done(p))
         return;
     write_finish(p); /* the previous write: its tasks can build again */
@@ -947,9 +951,9 @@ static void route(pql_pipeline *p, rd_kafka_message_t *m)
  * batch.max_messages, without waiting again.  Under load the queue is never
  * empty and batches grow to batch.max_messages (few, large Redis writes);
  * at low load a message is processed as soon as it arrives instead of
- * waiting out a timer (latency); with a write in flight it does not wait at
- * all (the write's alerts are produced when the next pass reads its
- * outcome).  The queue is drained by
+ * waiting out a timer (latency); with a write in flight the wait also ends
+ * when the write does (the writer thread yields the queue), and not at all
+ * when it has ended already.  The queue is drained by
  * rd_kafka_consume_batch_queue (FACTS.md: several times the message rate of
  * rd_kafka_consumer_poll); both serve rebalances and reset the
  * max.poll.interval.ms timer.  @returns how many messages were polled. */

@@ -557,10 +557,15 @@ Test(pipeline, a_batch_written_while_redis_is_down_is_retried_whole, .timeout = 
 /* While Redis runs a write, the loop applies what arrives and otherwise waits
  * in its poll: the writer thread wakes it when the write ends.  It used to
  * poll with a zero timeout meanwhile, spinning a core away from Redis and
- * the broker (3.5 million passes in this test's stopped second).  Here a burst of
- * 150 events arrives while Redis is stopped (SIGSTOP) for a second: the first
- * 100 (batch.max_messages) make a write that hangs, the other 50 are applied
- * ahead of it, and then there is nothing to do but wait for Redis. */
+ * the broker (3.5 million passes in this test's stopped second); then, once
+ * it blocked in the poll, a pass that came up empty waited for the write
+ * instead, with the fetch stopped (the loop took turns with Redis).  Here
+ * Redis is stopped (SIGSTOP) for 1.5 s: a first burst of 100 events
+ * (batch.max_messages) makes a write that hangs; the passes that follow find
+ * nothing; 300 ms later a second burst of 50 arrives and is applied ahead of
+ * the write, and then there is nothing to do but wait for Redis.  The loop
+ * waits in its poll, never in the write (write_wait_ms; the old wait took
+ * the rest of the stop, ~1.2 s). */
 Test(pipeline, the_loop_waits_not_spins_while_a_write_is_in_flight, .timeout = 240)
 {
     int64_t t = pql_now_ms() - PQL_MS_HOUR;
@@ -571,10 +576,14 @@ Test(pipeline, the_loop_waits_not_spins_while_a_write_is_in_flight, .timeout = 2
 
     pid_t rpid = pql_redis_child_pid(h_redis_child(redis));
     kill(rpid, SIGSTOP);
-    for (int i = 1; i <= 150; i++)
+    for (int i = 1; i <= 100; i++)
         h_produce_usage(kafka, USAGE, -1, "acme", "login", "u1", t + i, H_NO_PROPS);
     h_flush(kafka);
-    h_sleep_ms(1000); /* under redis.timeout_ms: the write waits, it does not fail */
+    h_sleep_ms(300); /* empty passes: the write of the 100 hangs */
+    for (int i = 101; i <= 150; i++)
+        h_produce_usage(kafka, USAGE, -1, "acme", "login", "u1", t + i, H_NO_PROPS);
+    h_flush(kafka);
+    h_sleep_ms(1200); /* under redis.timeout_ms: the write waits, it does not fail */
     kill(rpid, SIGCONT);
     wait_done(p, "g10", 60000);
     h_proc_kill(p, SIGTERM);
@@ -584,11 +593,16 @@ Test(pipeline, the_loop_waits_not_spins_while_a_write_is_in_flight, .timeout = 2
     char *log = h_proc_log(p);
     const char *line = log ? strstr(log, "msg=\"loop totals\"") : NULL;
     const char *f = line ? strstr(line, " passes=") : NULL;
-    H_ASSERT_PROC(p, f, "no loop totals on stop");
-    long long passes = atoll(f + 8);
+    const char *w = line ? strstr(line, " write_wait_ms=") : NULL;
+    H_ASSERT_PROC(p, f && w, "no loop totals on stop");
+    long long passes = atoll(f + strlen(" passes=")),
+              write_wait = atoll(w + strlen(" write_wait_ms="));
     /* ~10 passes per idle second (batch.max_ms 100): a hundred or so over
        this test */
     H_ASSERT_PROC(p, passes > 0 && passes < 2000, "%lld loop passes", passes);
+    /* what is left: collecting writes already done, and the final flush */
+    H_ASSERT_PROC(p, write_wait < 600, "the loop waited %lld ms in writes, not in its poll",
+                  write_wait);
     H_ASSERT_PROC(p, !strstr(log, "redis unavailable"), "the write was meant to wait, not fail");
     free(log);
     h_proc_stop(p);
