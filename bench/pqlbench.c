@@ -578,6 +578,35 @@ static void add_sample(double **v, size_t *n, size_t *cap, double x)
     (*v)[(*n)++] = x;
 }
 
+/* A consumer of partitions 0..n-1 of `topic`, each from start[p] (start
+ * NULL: from the beginning), with `fetch_wait_ms` and, unless NULL,
+ * `queued_min` (queued.min.messages).  @returns it, or NULL (said why). */
+static rd_kafka_t *assigned_consumer(const char *bootstraps, const char *group,
+                                     const char *fetch_wait_ms, const char *queued_min,
+                                     const char *topic, int32_t n, const int64_t *start)
+{
+    char err[512];
+    rd_kafka_conf_t *conf = rd_kafka_conf_new();
+    rd_kafka_conf_set(conf, "bootstrap.servers", bootstraps, err, sizeof err);
+    rd_kafka_conf_set(conf, "group.id", group, err, sizeof err);
+    rd_kafka_conf_set(conf, "enable.auto.commit", "false", err, sizeof err);
+    rd_kafka_conf_set(conf, "fetch.wait.max.ms", fetch_wait_ms, err, sizeof err);
+    if (queued_min) rd_kafka_conf_set(conf, "queued.min.messages", queued_min, err, sizeof err);
+    rd_kafka_t *rk = rd_kafka_new(RD_KAFKA_CONSUMER, conf, err, sizeof err);
+    if (!rk) {
+        fprintf(stderr, "pqlbench: consumer of %s: %s\n", topic, err);
+        return NULL;
+    }
+    rd_kafka_poll_set_consumer(rk);
+    rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(n);
+    for (int32_t p = 0; p < n; p++)
+        rd_kafka_topic_partition_list_add(l, topic, p)->offset =
+            start ? start[p] : RD_KAFKA_OFFSET_BEGINNING;
+    rd_kafka_assign(rk, l);
+    rd_kafka_topic_partition_list_destroy(l);
+    return rk;
+}
+
 /* Kafka's own latency (measure_kafka_alone): a plain consumer of a live
  * usage topic (pqlstream's fetch.wait.max.ms and pre-fetch, the same
  * poll-then-drain reads as its loop) records, for every event produced after
@@ -586,24 +615,9 @@ static void add_sample(double **v, size_t *n, size_t *cap, double x)
 static void *live_reader(void *opaque)
 {
     latency_ctx *c = opaque;
-    char err[512];
-    rd_kafka_conf_t *conf = rd_kafka_conf_new();
-    rd_kafka_conf_set(conf, "bootstrap.servers", c->bootstraps, err, sizeof err);
-    rd_kafka_conf_set(conf, "group.id", "pqlbench-live", err, sizeof err);
-    rd_kafka_conf_set(conf, "enable.auto.commit", "false", err, sizeof err);
-    rd_kafka_conf_set(conf, "fetch.wait.max.ms", "10", err, sizeof err);
-    rd_kafka_conf_set(conf, "queued.min.messages", "500000", err, sizeof err);
-    rd_kafka_t *rk = rd_kafka_new(RD_KAFKA_CONSUMER, conf, err, sizeof err);
-    if (!rk) {
-        fprintf(stderr, "pqlbench: live usage consumer: %s\n", err);
-        return NULL;
-    }
-    rd_kafka_poll_set_consumer(rk);
-    rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(c->live_partitions);
-    for (int32_t p = 0; p < c->live_partitions; p++)
-        rd_kafka_topic_partition_list_add(l, c->live_topic, p)->offset = RD_KAFKA_OFFSET_BEGINNING;
-    rd_kafka_assign(rk, l);
-    rd_kafka_topic_partition_list_destroy(l);
+    rd_kafka_t *rk = assigned_consumer(c->bootstraps, "pqlbench-live", "10", "500000",
+                                       c->live_topic, c->live_partitions, NULL);
+    if (!rk) return NULL;
     rd_kafka_queue_t *q = rd_kafka_queue_get_consumer(rk);
     rd_kafka_message_t *chunk[512];
     while (!atomic_load(&c->stop)) {
@@ -629,22 +643,9 @@ static void *alert_reader(void *opaque)
 {
     latency_ctx *c = opaque;
     char err[512];
-    rd_kafka_conf_t *conf = rd_kafka_conf_new();
-    rd_kafka_conf_set(conf, "bootstrap.servers", c->bootstraps, err, sizeof err);
-    rd_kafka_conf_set(conf, "group.id", "pqlbench-alerts", err, sizeof err);
-    rd_kafka_conf_set(conf, "enable.auto.commit", "false", err, sizeof err);
-    rd_kafka_conf_set(conf, "fetch.wait.max.ms", "5", err, sizeof err);
-    rd_kafka_t *rk = rd_kafka_new(RD_KAFKA_CONSUMER, conf, err, sizeof err);
-    if (!rk) {
-        fprintf(stderr, "pqlbench: alert consumer: %s\n", err);
-        return NULL;
-    }
-    rd_kafka_poll_set_consumer(rk);
-    rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(c->partitions);
-    for (int32_t p = 0; p < c->partitions; p++)
-        rd_kafka_topic_partition_list_add(l, "bench-alerts", p)->offset = c->start[p];
-    rd_kafka_assign(rk, l);
-    rd_kafka_topic_partition_list_destroy(l);
+    rd_kafka_t *rk = assigned_consumer(c->bootstraps, "pqlbench-alerts", "5", NULL, "bench-alerts",
+                                       c->partitions, c->start);
+    if (!rk) return NULL;
     /* one message at a time: consume_batch_queue would wait for a full batch */
     while (!atomic_load(&c->stop)) {
         rd_kafka_message_t *m = rd_kafka_consumer_poll(rk, 100);
