@@ -672,12 +672,27 @@ static void *alert_reader(void *opaque)
     return NULL;
 }
 
-static double percentile(double *s, size_t n, double p)
+/* The p-quantile of n sorted samples (NaN when there are none). */
+static double pick(const double *sorted, size_t n, double p)
 {
     if (!n) return NAN;
-    qsort(s, n, sizeof(double), cmp_double);
     size_t k = (size_t)ceil(p * (double)n) - 1;
-    return s[k < n ? k : n - 1];
+    return sorted[k < n ? k : n - 1];
+}
+
+static double percentile(double *s, size_t n, double p)
+{
+    if (n) qsort(s, n, sizeof(double), cmp_double); /* s may be NULL when n is 0 */
+    return pick(s, n, p);
+}
+
+/* p50, p99 and max of n samples (sorted in place, once). */
+static void summarize(double *s, size_t n, double *p50, double *p99, double *max)
+{
+    if (n) qsort(s, n, sizeof(double), cmp_double);
+    *p50 = pick(s, n, 0.50);
+    *p99 = pick(s, n, 0.99);
+    *max = pick(s, n, 1.0);
 }
 
 #define LAT_WINDOWS 12
@@ -774,9 +789,7 @@ static int measure_kafka_alone(bench *b, bench_workload *w, double rate, double 
 out:
     rd_kafka_destroy(rk);
     out->kafka_samples = c.kn;
-    out->kafka_p50 = percentile(c.ksamples, c.kn, 0.50);
-    out->kafka_p99 = percentile(c.ksamples, c.kn, 0.99);
-    out->kafka_max = c.kn ? c.ksamples[c.kn - 1] : NAN;
+    summarize(c.ksamples, c.kn, &out->kafka_p50, &out->kafka_p99, &out->kafka_max);
     free(c.ksamples);
     return rc;
 }
@@ -877,9 +890,7 @@ out:
     }
     free(tmp);
     free(c.at);
-    out->p50 = percentile(c.samples, c.n, 0.50);
-    out->p99 = percentile(c.samples, c.n, 0.99);
-    out->max = c.n ? c.samples[c.n - 1] : NAN;
+    summarize(c.samples, c.n, &out->p50, &out->p99, &out->max);
     free(c.samples);
     free(epochs);
     pthread_mutex_destroy(&c.lock);
