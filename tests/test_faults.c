@@ -815,6 +815,12 @@ static int zombie_episode(trial *t, int slot)
     return wait_thawed(t, z, fenced_before);
 }
 
+/* Retry lines of member z saying built batches wait for Redis. */
+static int pending_lines(const h_proc *z)
+{
+    return log_count(z, "pending_batches=") - log_count(z, "pending_batches=0");
+}
+
 /* A zombie episode where member `slot` surely holds a pending write when it
  * freezes: Redis pauses writes (CLIENT PAUSE WRITE) until the member logs
  * pending_batches > 0; then the member is frozen, writes resumed, the
@@ -837,13 +843,12 @@ static int zombie_episode_pending(trial *t, int slot)
     int64_t epochs[PARTS];
     wait_owner(z, owned);
     int fenced_before = log_count(z, "fenced");
-    int pending_before = log_count(z, "pending_batches=") - log_count(z, "pending_batches=0");
+    int pending_before = pending_lines(z);
     h_redis_pause_writes(h_redis_url(redis), 60000);
     int holding = 0;
     for (int64_t deadline = mono_ms() + 30000;
          !holding && mono_ms() < deadline && h_proc_wait(z, 0) < 0; h_sleep_ms(20))
-        holding =
-            log_count(z, "pending_batches=") - log_count(z, "pending_batches=0") > pending_before;
+        holding = pending_lines(z) > pending_before;
     if (holding) h_proc_kill(z, SIGSTOP);
     h_redis_pause_writes(h_redis_url(redis), 0);
     t->faults++;
