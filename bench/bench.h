@@ -77,6 +77,10 @@ int bench_live_step(bench_workload *w, rd_kafka_t *rk, const char *usage_topic,
 typedef struct bench_core_result {
     int64_t events, batches, alerts;
     double decode_us, apply_us, build_us, total_us;
+    /* heap bytes the run left allocated (malloc's count, mallinfo2) ÷ the
+     * accounts cached at its end: everything the cache keeps per account */
+    int64_t accounts_cached;
+    double heap_per_account;
 } bench_core_result;
 
 /** Generates `events` messages of the workload `wo` in memory, spread over

@@ -11,6 +11,12 @@
  *            write built (pql_task_build_batch: dirty fields formatted),
  *            then committed as if Redis applied it, and the cache trimmed
  *
+ * Memory: malloc's count of bytes in use (mallinfo2) just before the second
+ * run and at its end, divided by the accounts then cached.  Everything that
+ * run allocated and kept is there (accounts, windows, cache nodes and table,
+ * the tasks' buffers): exact, where a process's RSS carries the allocator's
+ * and librdkafka's noise.
+ *
  * Each stage is timed in thread CPU time.  Decode is timed alone in a first
  * run over all the messages; the second run does all three and times the
  * builds, so apply = second run - decode - build.  The sum is the main
@@ -22,6 +28,7 @@
 #include "rules.h"
 #include "task.h"
 
+#include <malloc.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -131,6 +138,7 @@ int bench_core(const bench_workload_opts *wo, int64_t events, int partitions,
     }
     double decode_s = thread_s() - t0;
 
+    struct mallinfo2 heap0 = mallinfo2();
     /* Run 2: decode, apply, build every `batch` messages. */
     const char *topics[PQL_NTOPICS] = {"bench-usage", "bench-accounts"};
     int64_t offsets[PQL_NTOPICS] = {0, 0};
@@ -166,6 +174,13 @@ int bench_core(const bench_workload_opts *wo, int64_t events, int partitions,
         build_s += thread_s() - b0;
     }
     double all_s = thread_s() - t0;
+    struct mallinfo2 heap1 = mallinfo2();
+    for (int p = 0; p < partitions; p++)
+        out->accounts_cached += (int64_t)pql_cache_count(tasks[p]->cache);
+    if (out->accounts_cached)
+        out->heap_per_account =
+            ((double)(heap1.uordblks + heap1.hblkhd) - (double)(heap0.uordblks + heap0.hblkhd)) /
+            (double)out->accounts_cached;
     out->events = (int64_t)h.n;
     out->decode_us = decode_s * 1e6 / (double)h.n;
     out->build_us = build_s * 1e6 / (double)h.n;
