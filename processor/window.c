@@ -19,9 +19,19 @@
  *
  * Reach: at clock C a bucket b is within reach when b > bucket(C) - nbuckets
  * (always, for lifetime).  Values count every pair within reach; only a clock
- * earlier than the account clock could also see buckets after bucket(C). */
+ * earlier than the account clock could also see buckets after bucket(C).
+ *
+ * Size: a cache holds hundreds of thousands of accounts of about six windows
+ * each, so the structs are narrow: a bucket entry and a member slot keep
+ * their two flags in the top bits of their bucket (a bucket index is at most
+ * |INT64_MIN| / 60,000 ≈ 2^47, so 62 bits hold any; loaded fields past that
+ * are refused), array lengths are 32 bits, and the window keeps its spec's
+ * two numbers and the kept value's number, not a pql_window_spec and a
+ * pql_value.  16 bytes per bucket entry, 24 per member slot, 104 per window
+ * (from 24, 40 and 176). */
 #include "window.h"
 
+#include <assert.h>
 #include <inttypes.h>
 #include <math.h>
 #include <stdio.h>
@@ -33,53 +43,69 @@ enum {
     F_DELETED = 2, /* expired; reported and freed at the next flush */
 };
 
+/* Bucket indexes a window holds lie strictly between -BUCKET_LIMIT and
+ * BUCKET_LIMIT (62-bit fields, see Size above). */
+#define BUCKET_LIMIT ((int64_t)1 << 61)
+
+static int bucket_fits(int64_t b)
+{
+    return b > -BUCKET_LIMIT && b < BUCKET_LIMIT;
+}
+
 typedef struct bucket_entry {
-    int64_t bucket;
+    int64_t bucket : 62;
+    uint64_t flags : 2;
     double value; /* COUNT/SUM/MAX: the aggregate; DAYS_ACTIVE: 1; DISTINCT: members */
-    uint8_t flags;
 } bucket_entry;
 
 typedef struct bucket_list {
-    bucket_entry *v; /* sorted by bucket, unique */
-    size_t len, cap;
+    bucket_entry *v;   /* sorted by bucket, unique */
+    uint32_t len, cap; /* at most 2^31 entries (bl_reserve_one) */
 } bucket_list;
 
 typedef struct member_slot {
-    char *field; /* owned "m:<member>"; NULL = empty slot */
-    size_t field_len;
-    int64_t last; /* last-seen bucket */
+    char *field;       /* owned "m:<member>"; NULL = empty slot */
+    int64_t last : 62; /* last-seen bucket */
+    uint64_t flags : 2;
     uint32_t hash;
-    uint8_t flags;
+    uint32_t field_len; /* members longer than 4 GB are refused (member_see) */
 } member_slot;
 
+static_assert(sizeof(bucket_entry) == 16, "a bucket entry is two words");
+static_assert(sizeof(member_slot) == 24, "a member slot is three words");
+
 struct pql_window {
-    pql_window_spec spec;
-    int dirty;
+    /* the spec: agg and lifetime (window_ms == 0) are bytes below */
+    int64_t bucket_ms, nbuckets;
     bucket_list buckets;
     /* DISTINCT */
     member_slot *slots;
-    size_t slot_cap;     /* 0 or a power of two */
-    size_t slot_used;    /* occupied slots, tombstones included */
+    uint32_t slot_cap;   /* 0 or a power of two, at most 2^31 */
+    uint32_t slot_used;  /* occupied slots, tombstones included */
     size_t member_bytes; /* heap bytes of the field copies */
     /* LAST */
     int64_t last_t;
     double last_v;
-    uint8_t last_has_t, last_has_v, last_flags;
     /* The last value asked for, valid while memo_ok: a value depends only on
      * the state and the first bucket within reach (memo_first), so rules read
-     * an untouched window again for free.  An observation updates it in
-     * place where the update is exact (counts, days, members, max, integer
-     * sums: the same number a walk of the buckets gives), else clears it;
-     * expiring clears it only when it read buckets that now expire, and a
-     * flush, which changes no value, keeps it. */
-    int memo_ok;
+     * an untouched window again for free.  It is a number (memo_num) or null
+     * (memo_null).  An observation updates it in place where the update is
+     * exact (counts, days, members, max, integer sums: the same number a walk
+     * of the buckets gives), else clears it; expiring clears it only when it
+     * read buckets that now expire, and a flush, which changes no value,
+     * keeps it. */
     int64_t memo_first;
-    pql_value memo;
+    double memo_num;
     /* The first bucket in reach at the last expire: everything before it is
      * gone or marked, and nothing before it can be added (observations out of
      * reach are refused), so expiring again at a clock with the same first
      * bucket has nothing to do.  INT64_MIN until then and after a load. */
     int64_t expired_first;
+    uint8_t agg;      /* pql_agg */
+    uint8_t lifetime; /* window_ms == 0 */
+    uint8_t dirty;
+    uint8_t last_has_t, last_has_v, last_flags;
+    uint8_t memo_ok, memo_null;
 };
 
 /* ---- spec ---------------------------------------------------------------- */
@@ -137,23 +163,38 @@ int pql_window_spec_init(pql_window_spec *spec, pql_agg agg, int64_t window_ms, 
     return 0;
 }
 
+static int64_t bucket_of(int64_t bucket_ms, int64_t ts)
+{
+    if (bucket_ms == 0) return 0;
+    int64_t q = ts / bucket_ms;
+    if (ts % bucket_ms != 0 && ts < 0) q--;
+    return q;
+}
+
+static int64_t first_of(int lifetime, int64_t bucket_ms, int64_t nbuckets, int64_t clock)
+{
+    if (lifetime) return INT64_MIN;
+    return bucket_of(bucket_ms, clock) - nbuckets + 1;
+}
+
 int64_t pql_window_bucket(const pql_window_spec *spec, int64_t ts)
 {
-    if (spec->bucket_ms == 0) return 0;
-    int64_t q = ts / spec->bucket_ms;
-    if (ts % spec->bucket_ms != 0 && ts < 0) q--;
-    return q;
+    return bucket_of(spec->bucket_ms, ts);
 }
 
 int64_t pql_window_first(const pql_window_spec *spec, int64_t clock)
 {
-    if (spec->window_ms == 0) return INT64_MIN;
-    return pql_window_bucket(spec, clock) - spec->nbuckets + 1;
+    return first_of(spec->window_ms == 0, spec->bucket_ms, spec->nbuckets, clock);
+}
+
+static int64_t window_bucket(const pql_window *w, int64_t ts)
+{
+    return bucket_of(w->bucket_ms, ts);
 }
 
 static int64_t first_in_reach(const pql_window *w, int64_t clock)
 {
-    return pql_window_first(&w->spec, clock);
+    return first_of(w->lifetime, w->bucket_ms, w->nbuckets, clock);
 }
 
 /* ---- sorted bucket array ------------------------------------------------- */
@@ -162,7 +203,7 @@ static int64_t first_in_reach(const pql_window *w, int64_t clock)
 static size_t bl_lower_bound(const bucket_list *l, int64_t b)
 {
     if (l->len == 0 || l->v[l->len - 1].bucket < b) return l->len;
-    size_t lo = 0, hi = l->len - 1; /* answer in [lo, hi] */
+    size_t lo = 0, hi = l->len - 1u; /* answer in [lo, hi] */
     while (lo < hi) {
         size_t mid = lo + (hi - lo) / 2;
         if (l->v[mid].bucket < b)
@@ -174,11 +215,12 @@ static size_t bl_lower_bound(const bucket_list *l, int64_t b)
 }
 
 /** Makes room for one more entry. @returns 0, or -1 when out of memory. */
-static int bl_reserve_one(bucket_list *l, size_t first_cap)
+static int bl_reserve_one(bucket_list *l, uint32_t first_cap)
 {
     if (l->len < l->cap) return 0;
-    size_t cap = l->cap ? l->cap * 2 : first_cap;
-    bucket_entry *v = realloc(l->v, cap * sizeof(*v));
+    if (l->cap > UINT32_MAX / 2) return -1;
+    uint32_t cap = l->cap ? l->cap * 2 : first_cap;
+    bucket_entry *v = realloc(l->v, (size_t)cap * sizeof(*v));
     if (!v) return -1;
     l->v = v;
     l->cap = cap;
@@ -214,9 +256,9 @@ static void bl_remove_prefix(bucket_list *l, size_t n)
     l->len -= n;
 }
 
-static size_t bl_first_cap(const pql_window *w)
+static uint32_t bl_first_cap(const pql_window *w)
 {
-    return w->spec.bucket_ms == 0 ? 1 : 4;
+    return w->bucket_ms == 0 ? 1 : 4;
 }
 
 /* ---- window -------------------------------------------------------------- */
@@ -225,7 +267,10 @@ pql_window *pql_window_new(const pql_window_spec *spec)
 {
     pql_window *w = calloc(1, sizeof(*w));
     if (!w) return NULL;
-    w->spec = *spec;
+    w->bucket_ms = spec->bucket_ms;
+    w->nbuckets = spec->nbuckets;
+    w->agg = (uint8_t)spec->agg;
+    w->lifetime = spec->window_ms == 0;
     w->expired_first = INT64_MIN;
     return w;
 }
@@ -233,7 +278,7 @@ pql_window *pql_window_new(const pql_window_spec *spec)
 void pql_window_destroy(pql_window *w)
 {
     if (!w) return;
-    for (size_t i = 0; i < w->slot_cap; i++)
+    for (uint32_t i = 0; i < w->slot_cap; i++)
         free(w->slots[i].field);
     free(w->slots);
     free(w->buckets.v);
@@ -268,11 +313,12 @@ static member_slot *slot_find(const pql_window *w, const char *member, size_t le
  *  @returns 0, or -1 when out of memory (table unchanged). */
 static int slots_reserve_one(pql_window *w)
 {
-    if ((w->slot_used + 1) * 4 <= w->slot_cap * 3) return 0;
-    size_t cap = w->slot_cap ? w->slot_cap * 2 : 8;
+    if (((size_t)w->slot_used + 1) * 4 <= (size_t)w->slot_cap * 3) return 0;
+    if (w->slot_cap > UINT32_MAX / 2) return -1;
+    uint32_t cap = w->slot_cap ? w->slot_cap * 2 : 8;
     member_slot *slots = calloc(cap, sizeof(*slots));
     if (!slots) return -1;
-    for (size_t i = 0; i < w->slot_cap; i++) {
+    for (uint32_t i = 0; i < w->slot_cap; i++) {
         member_slot *s = &w->slots[i];
         if (!s->field) continue;
         size_t j = s->hash & (cap - 1);
@@ -334,11 +380,12 @@ static int member_see(pql_window *w, const char *member, size_t len, int64_t b, 
         if (live && (s->last == b || (keep_max && s->last > b))) return 0;
         if (bl_reserve_one(&w->buckets, bl_first_cap(w)) < 0) return -1;
         member_count_move(w, live, s->last, b);
-        if (w->memo_ok) w->memo.u.num += (b >= w->memo_first) - (live && s->last >= w->memo_first);
+        if (w->memo_ok) w->memo_num += (b >= w->memo_first) - (live && s->last >= w->memo_first);
         s->last = b;
-        s->flags = (uint8_t)((s->flags & ~F_DELETED) | flags);
+        s->flags = (s->flags & ~(unsigned)F_DELETED) | flags;
         return 1;
     }
+    if (len > UINT32_MAX - 3) return -1; /* see member_slot */
     if (bl_reserve_one(&w->buckets, bl_first_cap(w)) < 0) return -1;
     if (slots_reserve_one(w) < 0) return -1;
     char *field = malloc(len + 3);
@@ -349,14 +396,14 @@ static int member_see(pql_window *w, const char *member, size_t len, int64_t b, 
     field[len + 2] = '\0';
     s = slot_find(w, member, len, hash);
     s->field = field;
-    s->field_len = len + 2;
+    s->field_len = (uint32_t)len + 2;
     s->hash = hash;
     s->last = b;
     s->flags = flags;
     w->slot_used++;
     w->member_bytes += len + 3;
     member_count_move(w, 0, 0, b);
-    if (w->memo_ok) w->memo.u.num += b >= w->memo_first;
+    if (w->memo_ok) w->memo_num += b >= w->memo_first;
     return 1;
 }
 
@@ -374,8 +421,8 @@ static int exact_int(double d)
  *  (absent when `created`) to `now`. */
 static void memo_bucket_changed(pql_window *w, int created, double old, double now)
 {
-    double *m = &w->memo.u.num;
-    switch (w->spec.agg) {
+    double *m = &w->memo_num;
+    switch (w->agg) {
     case PQL_AGG_COUNT:
         *m += created ? now : now - old;
         break;
@@ -383,11 +430,14 @@ static void memo_bucket_changed(pql_window *w, int created, double old, double n
         *m += created;
         break;
     case PQL_AGG_MAX:
-        if (w->memo.type != PQL_V_NUM || now > *m) w->memo = pql_num(now);
+        if (w->memo_null || now > *m) {
+            *m = now;
+            w->memo_null = 0;
+        }
         break;
     default: /* SUM: in place only while every figure is an exact integer */
-        if (w->memo.type == PQL_V_NUM && exact_int(*m) && exact_int(now) &&
-            (created || exact_int(old)) && exact_int(*m + (created ? now : now - old)))
+        if (!w->memo_null && exact_int(*m) && exact_int(now) && (created || exact_int(old)) &&
+            exact_int(*m + (created ? now : now - old)))
             *m += created ? now : now - old;
         else
             w->memo_ok = 0;
@@ -402,7 +452,7 @@ static int add_to_bucket(pql_window *w, int64_t b, double value)
     bucket_entry *e = bl_get(&w->buckets, b, &created);
     if (e->flags & F_DELETED) created = 1;
     double old = created ? NAN : e->value;
-    switch (w->spec.agg) {
+    switch (w->agg) {
     case PQL_AGG_COUNT:
         e->value = created ? 1 : e->value + 1;
         break;
@@ -429,9 +479,9 @@ static int add_to_bucket(pql_window *w, int64_t b, double value)
 int pql_window_add(pql_window *w, int64_t clock, int64_t ts, double value, const char *member,
                    size_t member_len)
 {
-    int64_t b = pql_window_bucket(&w->spec, ts);
+    int64_t b = window_bucket(w, ts);
     if (b < first_in_reach(w, clock)) return 0;
-    switch (w->spec.agg) {
+    switch (w->agg) {
     case PQL_AGG_DISTINCT:
         if (!member) member_len = 0;
         switch (member_see(w, member ? member : "", member_len, b, 1, F_DIRTY)) {
@@ -468,15 +518,15 @@ static pql_value compute_value(const pql_window *w, int64_t first)
     const bucket_list *l = &w->buckets;
     double acc = 0;
     int any = 0;
-    if (w->spec.agg == PQL_AGG_LAST) {
+    if (w->agg == PQL_AGG_LAST) {
         if (!w->last_has_t || !w->last_has_v) return pql_null();
-        if (pql_window_bucket(&w->spec, w->last_t) < first) return pql_null();
+        if (window_bucket(w, w->last_t) < first) return pql_null();
         return pql_num(w->last_v);
     }
     for (size_t i = bl_lower_bound(l, first); i < l->len; i++) {
         const bucket_entry *e = &l->v[i];
         if (e->flags & F_DELETED) continue;
-        switch (w->spec.agg) {
+        switch (w->agg) {
         case PQL_AGG_DAYS_ACTIVE:
             acc += e->value > 0;
             break;
@@ -489,7 +539,7 @@ static pql_value compute_value(const pql_window *w, int64_t first)
         }
         any = 1;
     }
-    if (w->spec.agg == PQL_AGG_MAX && !any) return pql_null();
+    if (w->agg == PQL_AGG_MAX && !any) return pql_null();
     return pql_num(acc);
 }
 
@@ -497,32 +547,34 @@ pql_value pql_window_value(pql_window *w, int64_t clock)
 {
     int64_t first = first_in_reach(w, clock);
     if (!w->memo_ok || w->memo_first != first) {
-        w->memo = compute_value(w, first);
+        pql_value v = compute_value(w, first);
+        w->memo_null = v.type == PQL_V_NULL;
+        w->memo_num = w->memo_null ? 0 : v.u.num;
         w->memo_first = first;
         w->memo_ok = 1;
     }
-    return w->memo;
+    return w->memo_null ? pql_null() : pql_num(w->memo_num);
 }
 
 void pql_window_expire(pql_window *w, int64_t clock)
 {
     int64_t first = first_in_reach(w, clock);
     bucket_list *l = &w->buckets;
-    if (w->spec.window_ms == 0 || first <= w->expired_first) return;
+    if (w->lifetime || first <= w->expired_first) return;
     w->expired_first = first;
     if (first > w->memo_first) w->memo_ok = 0; /* it read buckets that expire now */
-    if (w->spec.agg == PQL_AGG_LAST) {
-        if (w->last_has_t && pql_window_bucket(&w->spec, w->last_t) < first) {
+    if (w->agg == PQL_AGG_LAST) {
+        if (w->last_has_t && window_bucket(w, w->last_t) < first) {
             w->last_has_t = w->last_has_v = 0;
             w->last_flags = F_DIRTY | F_DELETED;
             w->dirty = 1;
         }
         return;
     }
-    if (w->spec.agg == PQL_AGG_DISTINCT) {
+    if (w->agg == PQL_AGG_DISTINCT) {
         size_t n = bl_lower_bound(l, first);
         if (n == 0) return; /* no member's last-seen bucket is out of reach */
-        for (size_t i = 0; i < w->slot_cap; i++) {
+        for (uint32_t i = 0; i < w->slot_cap; i++) {
             member_slot *s = &w->slots[i];
             if (s->field && !(s->flags & F_DELETED) && s->last < first) {
                 s->flags = F_DIRTY | F_DELETED;
@@ -543,7 +595,7 @@ void pql_window_expire(pql_window *w, int64_t clock)
 
 static void flush_members(pql_window *w, pql_window_set_fn set, pql_window_del_fn del, void *opaque)
 {
-    for (size_t i = 0; i < w->slot_cap; i++) {
+    for (uint32_t i = 0; i < w->slot_cap; i++) {
         /* removing slot i may shift a not-yet-visited member into it */
         while (w->slots[i].field && (w->slots[i].flags & F_DELETED)) {
             del(opaque, w->slots[i].field, w->slots[i].field_len);
@@ -560,9 +612,9 @@ static void flush_members(pql_window *w, pql_window_set_fn set, pql_window_del_f
 static void flush_buckets(pql_window *w, pql_window_set_fn set, pql_window_del_fn del, void *opaque)
 {
     bucket_list *l = &w->buckets;
-    size_t kept = 0;
+    uint32_t kept = 0;
     char field[PQL_I64_MAX_DIGITS + 1];
-    for (size_t i = 0; i < l->len; i++) {
+    for (uint32_t i = 0; i < l->len; i++) {
         bucket_entry *e = &l->v[i];
         if (e->flags & F_DIRTY) {
             size_t n = pql_fmt_i64(field, e->bucket);
@@ -581,7 +633,7 @@ static void flush_buckets(pql_window *w, pql_window_set_fn set, pql_window_del_f
 void pql_window_flush(pql_window *w, pql_window_set_fn set, pql_window_del_fn del, void *opaque)
 {
     if (!w->dirty) return;
-    switch (w->spec.agg) {
+    switch (w->agg) {
     case PQL_AGG_DISTINCT:
         flush_members(w, set, del, opaque);
         break;
@@ -632,11 +684,10 @@ static int load_bucket(pql_window *w, const char *field, size_t field_len, doubl
 {
     int64_t b;
     int created;
-    if (parse_bucket(field, field_len, &b) < 0) return -1;
-    if (w->spec.bucket_ms == 0 && b != 0) return -1;
+    if (parse_bucket(field, field_len, &b) < 0 || !bucket_fits(b)) return -1;
+    if (w->bucket_ms == 0 && b != 0) return -1;
     if (!isfinite(value)) return -1;
-    if ((w->spec.agg == PQL_AGG_COUNT || w->spec.agg == PQL_AGG_DAYS_ACTIVE) && value < 0)
-        return -1;
+    if ((w->agg == PQL_AGG_COUNT || w->agg == PQL_AGG_DAYS_ACTIVE) && value < 0) return -1;
     if (bl_reserve_one(&w->buckets, bl_first_cap(w)) < 0) return -1;
     bucket_entry *e = bl_get(&w->buckets, b, &created);
     e->value = value;
@@ -649,11 +700,11 @@ int pql_window_load(pql_window *w, const char *field, size_t field_len, double v
     int64_t n;
     w->memo_ok = 0;
     w->expired_first = INT64_MIN;
-    switch (w->spec.agg) {
+    switch (w->agg) {
     case PQL_AGG_DISTINCT:
         if (field_len < 2 || field[0] != 'm' || field[1] != ':') return -1;
-        if (double_to_int64(value, &n) < 0) return -1;
-        if (w->spec.bucket_ms == 0 && n != 0) return -1;
+        if (double_to_int64(value, &n) < 0 || !bucket_fits(n)) return -1;
+        if (w->bucket_ms == 0 && n != 0) return -1;
         return member_see(w, field + 2, field_len - 2, n, 0, 0) < 0 ? -1 : 0;
     case PQL_AGG_LAST:
         if (field_len != 1) return -1;

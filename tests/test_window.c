@@ -593,6 +593,56 @@ Test(window, load_rejects_foreign_fields)
     pql_window_destroy(w);
 }
 
+/* Entries keep a bucket in 62 bits (window.c, Size): the most extreme event
+ * times still get their own bucket, flush under it and load back; a stored
+ * bucket no event time can produce is refused, not cut short. */
+Test(window, extreme_event_times_keep_their_bucket)
+{
+    static const int64_t times[] = {INT64_MIN, INT64_MIN + 1, INT64_MAX - 1, INT64_MAX};
+    for (size_t i = 0; i < sizeof times / sizeof times[0]; i++) {
+        int64_t ts = times[i];
+        char want[32];
+        int64_t b = ts / MIN - (ts % MIN != 0 && ts < 0);
+        snprintf(want, sizeof want, "%" PRId64, b);
+        pql_window *w = new_window(PQL_AGG_COUNT, 5 * MIN);
+        cr_assert_eq(pql_window_add(w, ts, ts, 0, NULL, 0), 1);
+        cr_assert_eq(pql_window_add(w, ts, ts, 0, NULL, 0), 1);
+        cr_assert_eq(num_at(w, ts), 2);
+        pairs log = flush_log(w);
+        cr_assert_eq(log.len, 1);
+        expect_set(&log, want, 2);
+        pql_window_spec spec;
+        char err[64];
+        cr_assert_eq(pql_window_spec_init(&spec, PQL_AGG_COUNT, 5 * MIN, err, sizeof err), 0);
+        pql_window *copy = load_copy(&spec, &log);
+        cr_assert_eq(num_at(copy, ts), 2, "%s", want);
+        pql_window_destroy(copy);
+        pql_window_destroy(w);
+        free(log.v);
+
+        w = new_window(PQL_AGG_DISTINCT, 5 * MIN);
+        cr_assert_eq(pql_window_add(w, ts, ts, 0, "u1", 2), 1);
+        log = flush_log(w);
+        cr_assert_eq(log.len, 1);
+        expect_set(&log, "m:u1", (double)b);
+        pql_window_destroy(w);
+        free(log.v);
+    }
+
+    pql_window *w = new_window(PQL_AGG_COUNT, 7 * DAY);
+    cr_expect_eq(pql_window_load(w, "2305843009213693952", 19, 1), -1);  /* 2^61 */
+    cr_expect_eq(pql_window_load(w, "-2305843009213693952", 20, 1), -1); /* -2^61 */
+    cr_expect_eq(pql_window_load(w, "9223372036854775807", 19, 1), -1);  /* INT64_MAX */
+    cr_expect_eq(pql_window_load(w, "2305843009213693951", 19, 1), 0);   /* 2^61 - 1 */
+    cr_expect_eq(num_at(w, 0), 1); /* a bucket after the clock's counts (window.h) */
+    pql_window_destroy(w);
+    w = new_window(PQL_AGG_DISTINCT, 7 * DAY);
+    cr_expect_eq(pql_window_load(w, "m:a", 3, 2305843009213693952.0), -1);
+    cr_expect_eq(pql_window_load(w, "m:a", 3, -2305843009213693952.0), -1);
+    cr_expect_eq(pql_window_load(w, "m:a", 3, 1e15), 0);
+    pql_window_destroy(w);
+}
+
 Test(window, destroy_null)
 {
     pql_window_destroy(NULL);
