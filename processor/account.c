@@ -3,6 +3,7 @@
 #include "account.h"
 
 #include <math.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -12,25 +13,56 @@
 #define NO_TIME      PQL_NO_TIME
 #define TRAIT_ABSENT (-1)
 
+/* A trait.  Its key, a NUL, and for a string value the string and a NUL share
+ * one allocation (`key`): a trait costs one malloc.  The value is kept
+ * unpacked here and handed out as a pql_value by trait_value(). */
 typedef struct trait {
-    char *key;
-    size_t key_len;
-    pql_value value; /* strings owned (value.u.str.ptr malloc'd) */
-    int dirty;
+    char *key; /* owned; a string value follows the key's NUL */
+    union {
+        double num;
+        int b;
+        size_t str_len; /* the string is at key + key_len + 1 */
+    } u;
+    uint32_t key_len;   /* trait_set drops a longer key (none fits in a message) */
+    unsigned char type; /* pql_vtype */
+    unsigned char dirty;
 } trait;
 
+/* A rule's firing state.  The narrow fields hold flags and a tier
+ * (PQL_TIER_*, or -1), so the state packs in 32 bytes. */
 typedef struct rule_state {
-    unsigned seq;       /* how many times it fired: the arming sequence number */
-    int fired;          /* 1: FIRED (waiting for clear), 0: ARMED */
     int64_t fired_at;   /* event time of the last fire, NO_TIME if never */
     int64_t held_since; /* clock when `when` started holding, NO_TIME if not */
-    int tier;           /* tier of the last alert (PQL_TIER_*), -1 if none */
-    int dirty;
+    unsigned seq;       /* how many times it fired: the arming sequence number */
     /* Skipping rules nothing can change (see evaluate): */
     uint32_t eval_gen;         /* a->gen when the rule was last evaluated */
-    unsigned char quiet;       /* that evaluation changed nothing */
+    signed char tier;          /* tier of the last alert (PQL_TIER_*), -1 if none */
+    unsigned char fired;       /* 1: FIRED (waiting for clear), 0: ARMED */
+    unsigned char dirty;       /* changed since the last flush */
+    unsigned char quiet;       /* the last evaluation changed nothing */
     unsigned char clock_bound; /* it waited on the clock (held_for, cooldown) */
 } rule_state;
+
+/* What the account keeps of signal i.  The value as rules last read it holds
+ * while value_ok and the clock is within `reach`, the clocks with the same
+ * first bucket in reach (a value depends on the clock only through it;
+ * checking the range costs no division).  Observing into the window or
+ * loading it clears value_ok; a flush changes no value at the account clock.
+ * Reading a value here touches this array, not the window, which is often
+ * cold in memory.  A window value is a number or null (pql_window_value), so
+ * the value is a double and a null flag rather than a pql_value. */
+typedef struct signal_state {
+    pql_window *window; /* created on first use */
+    double value;       /* when !value_null */
+    struct reach {
+        int64_t from, to; /* [from, to): empty when not computable */
+    } reach;
+    uint32_t changed_gen; /* a->gen when the value last came out different */
+    unsigned char value_ok, value_null;
+    /* Flushing without touching windows nothing changed: an event was
+     * observed into the window since the last flush (pql_account_flush). */
+    unsigned char dirty;
+} signal_state;
 
 /* A rule's reading of the account as it is now. */
 typedef struct verdict {
@@ -47,65 +79,51 @@ typedef struct verdict {
 #define MEMO_NAME_MAX 16
 typedef struct memo {
     char name[MEMO_NAME_MAX];
-    char *value;
-    size_t value_len;
-    int dirty;
+    char *value;        /* owned, NUL-terminated */
+    uint32_t value_len; /* a metrics value or a Redis string (at most 512 MB) */
+    unsigned char dirty;
 } memo;
 
 static memo *memo_find(const pql_account *a, const char *name);
 static void facts_changed(pql_account *a);
 
+/* Wide fields first, narrow last: the struct has no holes, and the id
+ * follows its last byte. */
 struct pql_account {
     const pql_rules *rules;
-    char *id;
-    size_t id_len;
-    int64_t clock;
-    int clock_dirty;
     trait *traits;
-    size_t ntraits;
     char **deleted; /* field names to delete at the next flush (traits, stale fields) */
     size_t ndeleted;
     /* the per-signal and per-rule arrays below share one allocation with the
      * account (see pql_account_new) */
-    pql_window **windows; /* per signal, created on first use */
-    rule_state *rstate;   /* per rule */
-    int64_t signed_up_at, converted_at, pql_at;
-    char *pql_rule;
-    int lifecycle_dirty;
-    memo *memos; /* other modules' fields, "m:<name>" (metrics.c) */
-    size_t nmemos;
-    /* Signal values as rules last read them: sigval[i] holds while
-     * sigval_ok[i] and the clock is within sigreach[i], the clocks with the
-     * same first bucket in reach (a value depends on the clock only through
-     * it; checking the range costs no division).  Observing into window i or
-     * loading it clears sigval_ok[i]; a flush changes no value at the
-     * account clock.  Reading a value here touches these arrays, not the
-     * window, which is often cold in memory. */
-    pql_value *sigval;
-    struct reach {
-        int64_t from, to; /* [from, to): empty when not computable */
-    } * sigreach;
-    uint32_t *sigchg; /* a->gen when sigval[i] last came out different */
-    unsigned char *sigval_ok;
-    /* Flushing without touching windows nothing changed: sigdirty[i] says an
-     * event was observed into window i since the last flush; expired_clock is
-     * the clock every window was expired at by the last flush (NO_TIME:
-     * never).  A window with neither new observations nor a new first bucket
-     * in reach has nothing to expire or write (pql_account_flush). */
-    unsigned char *sigdirty;
-    int64_t expired_clock;
-    /* Generations (see evaluate): gen counts applied events; the others say
-     * when the clock, or the traits and lifecycle, last changed. */
-    uint32_t gen, clock_gen, facts_gen;
-    int paid; /* is_paid(), valid while paid_ok (cleared by facts_changed) */
-    int paid_ok;
-    int evaluate_all; /* pql_account_set_rule_skipping(a, 0) */
+    signal_state *signals; /* per signal */
+    rule_state *rstate;    /* per rule */
     /* where each declared trait (the rules' trait slots) sits in `traits`:
      * index + 1, TRAIT_ABSENT, or 0 = not looked up since the array last
      * changed shape (a trait added or deleted) */
     int32_t *tslot;
-    unsigned batch_mark; /* see pql_account_mark */
-    int64_t ttl_set_at;  /* see pql_account_ttl_set_at */
+    memo *memos; /* other modules' fields, "m:<name>" (metrics.c) */
+    char *pql_rule;
+    size_t id_len;
+    int64_t clock;
+    int64_t signed_up_at, converted_at, pql_at;
+    /* the clock every window was expired at by the last flush (NO_TIME:
+     * never).  A window with neither new observations nor a new first bucket
+     * in reach has nothing to expire or write (pql_account_flush). */
+    int64_t expired_clock;
+    int64_t ttl_set_at; /* see pql_account_ttl_set_at */
+    /* Generations (see evaluate): gen counts applied events; the others say
+     * when the clock, or the traits and lifecycle, last changed. */
+    uint32_t gen, clock_gen, facts_gen;
+    unsigned batch_mark;          /* see pql_account_mark */
+    uint16_t ntraits, traits_cap; /* at most MAX_TRAITS */
+    uint16_t nmemos;              /* a few: their names are constants (metrics.c) */
+    unsigned char clock_dirty;
+    unsigned char lifecycle_dirty;
+    unsigned char paid; /* is_paid(), valid while paid_ok (cleared by facts_changed) */
+    unsigned char paid_ok;
+    unsigned char evaluate_all; /* pql_account_set_rule_skipping(a, 0) */
+    char id[];                  /* NUL-terminated; in the account's allocation */
 };
 
 /* What expression lookups see while an event is applied. */
@@ -134,63 +152,45 @@ static size_t align8(size_t n)
     return (n + 7) & ~(size_t)7;
 }
 
-/* The account and its per-signal, per-rule and per-trait arrays in one block:
- * applying an event touches them all, so they share cache lines and pages. */
-static size_t block_size(size_t ns, size_t nr, size_t nt)
+/* The account, its id and its per-signal, per-rule and per-trait arrays in
+ * one block: applying an event touches them all, so they share cache lines
+ * and pages. */
+static size_t block_size(size_t id_len, size_t ns, size_t nr, size_t nt)
 {
-    return align8(sizeof(pql_account)) + align8(ns * sizeof(pql_value)) +
-           align8(ns * sizeof(struct reach)) + align8(ns * sizeof(uint32_t)) +
-           align8(ns * sizeof(pql_window *)) + align8(nr * sizeof(rule_state)) +
-           align8((nt + 1) * sizeof(int32_t)) + align8(ns) + align8(ns);
+    return align8(offsetof(pql_account, id) + id_len + 1) + align8(ns * sizeof(signal_state)) +
+           align8(nr * sizeof(rule_state)) + align8((nt + 1) * sizeof(int32_t));
 }
 
 pql_account *pql_account_new(const pql_rules *r, const char *id, size_t id_len)
 {
     size_t ns = pql_rules_nsignals(r), nr = pql_rules_nrules(r), nt = pql_rules_ntraits(r);
-    char *p = xcalloc(1, block_size(ns, nr, nt));
+    char *p = xcalloc(1, block_size(id_len, ns, nr, nt));
     pql_account *a = (pql_account *)p;
-    p += align8(sizeof(*a));
-    a->sigval = (pql_value *)p;
-    p += align8(ns * sizeof(pql_value));
-    a->sigreach = (struct reach *)p;
-    p += align8(ns * sizeof(struct reach));
-    a->sigchg = (uint32_t *)p;
-    p += align8(ns * sizeof(uint32_t));
-    a->windows = (pql_window **)p;
-    p += align8(ns * sizeof(pql_window *));
+    p += align8(offsetof(pql_account, id) + id_len + 1);
+    a->signals = (signal_state *)p;
+    p += align8(ns * sizeof(signal_state));
     a->rstate = (rule_state *)p;
     p += align8(nr * sizeof(rule_state));
     a->tslot = (int32_t *)p;
-    p += align8((nt + 1) * sizeof(int32_t));
-    a->sigval_ok = (unsigned char *)p;
-    p += align8(ns);
-    a->sigdirty = (unsigned char *)p;
     a->rules = r;
-    a->id = xmalloc(id_len + 1);
     memcpy(a->id, id, id_len);
     a->id[id_len] = '\0';
     a->id_len = id_len;
     a->clock = NO_TIME;
     a->expired_clock = NO_TIME;
+    for (size_t i = 0; i < ns; i++)
+        a->signals[i].value_null = 1; /* as a zeroed pql_value: null, not 0 */
     for (size_t i = 0; i < nr; i++)
         a->rstate[i].fired_at = a->rstate[i].held_since = NO_TIME;
     a->signed_up_at = a->converted_at = a->pql_at = NO_TIME;
     return a;
 }
 
-static void trait_free_value(trait *t)
-{
-    if (t->value.type == PQL_V_STR) free((char *)t->value.u.str.ptr);
-    t->value = pql_null();
-}
-
 void pql_account_destroy(pql_account *a)
 {
     if (!a) return;
-    for (size_t i = 0; i < a->ntraits; i++) {
+    for (size_t i = 0; i < a->ntraits; i++)
         free(a->traits[i].key);
-        trait_free_value(&a->traits[i]);
-    }
     free(a->traits);
     for (size_t i = 0; i < a->nmemos; i++)
         free(a->memos[i].value);
@@ -199,9 +199,8 @@ void pql_account_destroy(pql_account *a)
         free(a->deleted[i]);
     free(a->deleted);
     for (size_t i = 0; i < pql_rules_nsignals(a->rules); i++)
-        pql_window_destroy(a->windows[i]);
+        pql_window_destroy(a->signals[i].window);
     free(a->pql_rule);
-    free(a->id);
     free(a);
 }
 
@@ -226,6 +225,21 @@ static trait *trait_find(const pql_account *a, const char *key, size_t len)
     return NULL;
 }
 
+/* @returns trait t's value (a string points into t's allocation). */
+static pql_value trait_value(const trait *t)
+{
+    pql_value v = {(pql_vtype)t->type, PQL_FMT_PLAIN, {0}};
+    if (t->type == PQL_V_NUM) {
+        v.u.num = t->u.num;
+    } else if (t->type == PQL_V_BOOL) {
+        v.u.b = t->u.b;
+    } else if (t->type == PQL_V_STR) {
+        v.u.str.ptr = t->key + t->key_len + 1;
+        v.u.str.len = t->u.str_len;
+    }
+    return v;
+}
+
 static void schedule_delete(pql_account *a, const char *prefix, const char *name, size_t len)
 {
     size_t plen = strlen(prefix);
@@ -238,6 +252,20 @@ static void schedule_delete(pql_account *a, const char *prefix, const char *name
     a->deleted[a->ndeleted++] = f;
 }
 
+/* Makes room for n traits (n <= MAX_TRAITS): the array grows by half, from 4,
+ * rather than by one trait per realloc. */
+static void traits_reserve(pql_account *a, size_t n)
+{
+    if (n <= a->traits_cap) return;
+    size_t cap = a->traits_cap + a->traits_cap / 2;
+    if (cap < 4) cap = 4;
+    if (cap < n) cap = n;
+    if (cap > MAX_TRAITS) cap = MAX_TRAITS;
+    a->traits = realloc(a->traits, cap * sizeof(*a->traits));
+    if (!a->traits) abort();
+    a->traits_cap = (uint16_t)cap;
+}
+
 /* Sets (or, for null, deletes) a trait.  @returns 1 if anything changed. */
 static int trait_set(pql_account *a, const char *key, size_t len, pql_value v, int mark_dirty)
 {
@@ -246,41 +274,46 @@ static int trait_set(pql_account *a, const char *key, size_t len, pql_value v, i
         if (!t) return 0;
         if (mark_dirty) schedule_delete(a, "t:", key, len);
         free(t->key);
-        trait_free_value(t);
         *t = a->traits[--a->ntraits];
         memset(a->tslot, 0, pql_rules_ntraits(a->rules) * sizeof(*a->tslot));
         facts_changed(a);
         return 1;
     }
-    if (!t) {
-        if (a->ntraits >= MAX_TRAITS) return 0;
-        a->traits = realloc(a->traits, (a->ntraits + 1) * sizeof(*a->traits));
-        if (!a->traits) abort();
+    if (t) {
+        pql_value cur = trait_value(t);
+        if (cur.type == v.type && ((v.type == PQL_V_NUM && cur.u.num == v.u.num) ||
+                                   (v.type == PQL_V_BOOL && cur.u.b == v.u.b) ||
+                                   (v.type == PQL_V_STR && cur.u.str.len == v.u.str.len &&
+                                    memcmp(cur.u.str.ptr, v.u.str.ptr, v.u.str.len) == 0)))
+            return 0;
+    } else {
+        if (a->ntraits >= MAX_TRAITS || len > UINT32_MAX) return 0;
+        traits_reserve(a, a->ntraits + 1u);
         t = &a->traits[a->ntraits++];
         memset(t, 0, sizeof(*t));
-        t->key = xmalloc(len + 1);
-        memcpy(t->key, key, len);
-        t->key[len] = '\0';
-        t->key_len = len;
+        t->key_len = (uint32_t)len;
         memset(a->tslot, 0, pql_rules_ntraits(a->rules) * sizeof(*a->tslot));
-    } else if (t->value.type == v.type &&
-               ((v.type == PQL_V_NUM && t->value.u.num == v.u.num) ||
-                (v.type == PQL_V_BOOL && t->value.u.b == v.u.b) ||
-                (v.type == PQL_V_STR && t->value.u.str.len == v.u.str.len &&
-                 memcmp(t->value.u.str.ptr, v.u.str.ptr, v.u.str.len) == 0))) {
-        return 0;
+    }
+    /* the key, its NUL, then a string value and its NUL: realloc keeps the key */
+    size_t size = len + 1 + (v.type == PQL_V_STR ? v.u.str.len + 1 : 0);
+    char *mem = realloc(t->key, size);
+    if (!mem) abort();
+    if (!t->key) {
+        memcpy(mem, key, len);
+        mem[len] = '\0';
+    }
+    t->key = mem;
+    if (v.type == PQL_V_NUM) {
+        t->u.num = v.u.num;
+    } else if (v.type == PQL_V_BOOL) {
+        t->u.b = v.u.b;
     } else {
-        trait_free_value(t);
+        memcpy(mem + len + 1, v.u.str.ptr, v.u.str.len);
+        mem[len + 1 + v.u.str.len] = '\0';
+        t->u.str_len = v.u.str.len;
     }
-    if (v.type == PQL_V_STR) {
-        char *s = xmalloc(v.u.str.len + 1);
-        memcpy(s, v.u.str.ptr, v.u.str.len);
-        s[v.u.str.len] = '\0';
-        v.u.str.ptr = s;
-    }
-    v.fmt = PQL_FMT_PLAIN;
-    t->value = v;
-    t->dirty = mark_dirty;
+    t->type = (unsigned char)v.type;
+    t->dirty = (unsigned char)mark_dirty;
     facts_changed(a);
     return 1;
 }
@@ -289,11 +322,12 @@ static int trait_set(pql_account *a, const char *key, size_t len, pql_value v, i
 
 static pql_window *window_of(pql_account *a, size_t i)
 {
-    if (!a->windows[i]) {
-        a->windows[i] = pql_window_new(&pql_rules_signal(a->rules, i)->spec);
-        if (!a->windows[i]) abort();
+    signal_state *sg = &a->signals[i];
+    if (!sg->window) {
+        sg->window = pql_window_new(&pql_rules_signal(a->rules, i)->spec);
+        if (!sg->window) abort();
     }
-    return a->windows[i];
+    return sg->window;
 }
 
 /* The clocks whose first bucket in reach is clock's: the whole line for a
@@ -311,22 +345,23 @@ static struct reach reach_of(const pql_window_spec *spec, int64_t clock)
 
 pql_value pql_account_signal(pql_account *a, size_t i)
 {
-    struct reach *r = &a->sigreach[i];
-    if (!a->sigval_ok[i] || a->clock < r->from || a->clock >= r->to) {
+    signal_state *sg = &a->signals[i];
+    if (!sg->value_ok || a->clock < sg->reach.from || a->clock >= sg->reach.to) {
         const pql_window_spec *spec = &pql_rules_signal(a->rules, i)->spec;
         pql_value v;
-        if (a->windows[i])
-            v = pql_window_value(a->windows[i], a->clock);
+        if (sg->window)
+            v = pql_window_value(sg->window, a->clock);
         else
             v = (spec->agg == PQL_AGG_MAX || spec->agg == PQL_AGG_LAST) ? pql_null() : pql_num(0);
-        if (v.type != a->sigval[i].type ||
-            (v.type == PQL_V_NUM && !(v.u.num == a->sigval[i].u.num)))
-            a->sigchg[i] = a->gen;
-        a->sigval[i] = v;
-        *r = reach_of(spec, a->clock);
-        a->sigval_ok[i] = 1;
+        int is_null = v.type != PQL_V_NUM; /* a window value is a number or null */
+        if (is_null != sg->value_null || (!is_null && !(v.u.num == sg->value)))
+            sg->changed_gen = a->gen;
+        sg->value = is_null ? 0 : v.u.num;
+        sg->value_null = (unsigned char)is_null;
+        sg->reach = reach_of(spec, a->clock);
+        sg->value_ok = 1;
     }
-    return a->sigval[i];
+    return sg->value_null ? pql_null() : pql_num(sg->value);
 }
 
 static const pql_prop *event_prop(const pql_event *ev, const char *key)
@@ -352,7 +387,7 @@ static pql_value lookup(void *opaque, int slot)
             trait *t = trait_find(c->a, name, strlen(name));
             *ts = t ? (int32_t)(t - c->a->traits) + 1 : TRAIT_ABSENT;
         }
-        return *ts > 0 ? c->a->traits[*ts - 1].value : pql_null();
+        return *ts > 0 ? trait_value(&c->a->traits[*ts - 1]) : pql_null();
     }
     case PQL_SLOT_PROP: {
         const pql_prop *p =
@@ -428,8 +463,8 @@ static pql_apply observe(pql_account *a, const pql_event *ev)
         int rc =
             pql_window_add(window_of(a, i), a->clock, ev->timestamp, value, member, member_len);
         if (rc < 0) abort();
-        a->sigval_ok[i] = 0;
-        a->sigdirty[i] = 1;
+        a->signals[i].value_ok = 0;
+        a->signals[i].dirty = 1;
         counted |= rc;
     }
     if (!matched) return PQL_APPLY_UNMATCHED;
@@ -588,7 +623,7 @@ static void emit(pql_account *a, size_t ri, const verdict *v, const char *episod
     pql_value *vals = xmalloc((a->ntraits + 1) * sizeof(*vals));
     for (size_t i = 0; i < a->ntraits; i++) {
         keys[i] = a->traits[i].key;
-        vals[i] = a->traits[i].value;
+        vals[i] = trait_value(&a->traits[i]);
     }
     al.trait_keys = keys;
     al.trait_values = vals;
@@ -637,7 +672,7 @@ static int unchanged_since(pql_account *a, const pql_rule *rule, const rule_stat
     for (size_t k = 0; k < rule->nsignals; k++) {
         size_t s = (size_t)rule->signals[k];
         pql_account_signal(a, s);
-        if (a->sigchg[s] > st->eval_gen) return 0;
+        if (a->signals[s].changed_gen > st->eval_gen) return 0;
     }
     return 1;
 }
@@ -649,7 +684,8 @@ static void next_gen(pql_account *a)
     size_t ns = pql_rules_nsignals(a->rules), nr = pql_rules_nrules(a->rules);
     a->gen = 1;
     a->clock_gen = a->facts_gen = 0;
-    memset(a->sigchg, 0, ns * sizeof(*a->sigchg));
+    for (size_t i = 0; i < ns; i++)
+        a->signals[i].changed_gen = 0;
     for (size_t i = 0; i < nr; i++) {
         a->rstate[i].quiet = 0;
         a->rstate[i].eval_gen = 0;
@@ -826,37 +862,41 @@ void pql_account_flush(pql_account *a, pql_field_set_fn set, pql_field_del_fn de
         del(opaque, a->deleted[i], strlen(a->deleted[i]));
         free(a->deleted[i]);
     }
+    free(a->deleted); /* most flushes delete nothing: keep no array */
+    a->deleted = NULL;
     a->ndeleted = 0;
     for (size_t i = 0; i < a->ntraits; i++) {
         trait *t = &a->traits[i];
         if (!t->dirty) continue;
+        pql_value tv = trait_value(t);
         pql_buf_reset(&c.field);
         pql_buf_append(&c.field, "t:", 2);
         pql_buf_append(&c.field, t->key, t->key_len);
         pql_buf v = {0};
-        if (t->value.type == PQL_V_NUM) {
+        if (tv.type == PQL_V_NUM) {
             num[0] = 'n';
-            size_t n = pql_fmt_num(num + 1, t->value.u.num);
+            size_t n = pql_fmt_num(num + 1, tv.u.num);
             pql_buf_append(&v, num, n + 1);
-        } else if (t->value.type == PQL_V_BOOL) {
-            pql_buf_append(&v, t->value.u.b ? "b1" : "b0", 2);
+        } else if (tv.type == PQL_V_BOOL) {
+            pql_buf_append(&v, tv.u.b ? "b1" : "b0", 2);
         } else {
             pql_buf_append(&v, "s", 1);
-            pql_buf_append(&v, t->value.u.str.ptr, t->value.u.str.len);
+            pql_buf_append(&v, tv.u.str.ptr, tv.u.str.len);
         }
         set(opaque, c.field.data, c.field.len, v.data, v.len);
         pql_buf_free(&v);
         t->dirty = 0;
     }
     for (size_t i = 0; i < pql_rules_nsignals(a->rules); i++) {
-        pql_window *w = a->windows[i];
+        signal_state *sg = &a->signals[i];
+        pql_window *w = sg->window;
         if (!w) continue;
         const pql_window_spec *spec = &pql_rules_signal(a->rules, i)->spec;
         int moved = a->clock != NO_TIME &&
                     (a->expired_clock == NO_TIME ||
                      pql_window_first(spec, a->clock) != pql_window_first(spec, a->expired_clock));
-        if (!a->sigdirty[i] && !moved) continue;
-        a->sigdirty[i] = 0;
+        if (!sg->dirty && !moved) continue;
+        sg->dirty = 0;
         if (a->clock != NO_TIME) pql_window_expire(w, a->clock);
         if (!pql_window_dirty(w)) continue;
         const char *key = pql_rules_signal(a->rules, i)->key;
@@ -924,7 +964,8 @@ int pql_account_dirty(const pql_account *a)
     for (size_t i = 0; i < a->ntraits; i++)
         if (a->traits[i].dirty) return 1;
     for (size_t i = 0; i < pql_rules_nsignals(a->rules); i++)
-        if (a->sigdirty[i] && a->windows[i] && pql_window_dirty(a->windows[i])) return 1;
+        if (a->signals[i].dirty && a->signals[i].window && pql_window_dirty(a->signals[i].window))
+            return 1;
     for (size_t i = 0; i < pql_rules_nrules(a->rules); i++)
         if (a->rstate[i].dirty) return 1;
     for (size_t i = 0; i < a->nmemos; i++)
@@ -986,7 +1027,7 @@ int pql_account_load_field(pql_account *a, const char *f, size_t flen, const cha
             return 0;
         }
         if (parse_double(v, vlen, &d) < 0) return -1;
-        a->sigval_ok[i] = 0;
+        a->signals[i].value_ok = 0;
         a->expired_clock = NO_TIME; /* what is loaded may be out of reach */
         return pql_window_load(window_of(a, (size_t)i), bar + 1, flen - (size_t)(bar + 1 - f), d);
     }
@@ -1002,7 +1043,12 @@ int pql_account_load_field(pql_account *a, const char *f, size_t flen, const cha
         long long fa, hs;
         int tier = -1; /* absent in states written before scored models */
         if (sscanf(buf, "%u %d %lld %lld %d", &seq, &fired, &fa, &hs, &tier) < 4) return -1;
-        a->rstate[i] = (rule_state){seq, fired, fa, hs, tier, 0, 0, 0, 0}; /* not quiet */
+        if (tier < -1 || tier >= PQL_NTIERS) return -1; /* no tier ever written */
+        a->rstate[i] = (rule_state){.seq = seq,
+                                    .fired = fired != 0,
+                                    .fired_at = fa,
+                                    .held_since = hs,
+                                    .tier = (signed char)tier}; /* clean, not quiet */
         return 0;
     }
     if (flen > 2 && f[0] == 'l' && f[1] == ':') {
@@ -1034,13 +1080,14 @@ int pql_account_load_field(pql_account *a, const char *f, size_t flen, const cha
 size_t pql_account_memory(const pql_account *a)
 {
     size_t ns = pql_rules_nsignals(a->rules), nr = pql_rules_nrules(a->rules);
-    size_t n = block_size(ns, nr, pql_rules_ntraits(a->rules)) + a->id_len + 1;
+    size_t n = block_size(a->id_len, ns, nr, pql_rules_ntraits(a->rules));
+    n += a->traits_cap * sizeof(trait);
     for (size_t i = 0; i < a->ntraits; i++) {
-        n += sizeof(trait) + a->traits[i].key_len + 1;
-        if (a->traits[i].value.type == PQL_V_STR) n += a->traits[i].value.u.str.len + 1;
+        n += a->traits[i].key_len + 1;
+        if (a->traits[i].type == PQL_V_STR) n += a->traits[i].u.str_len + 1;
     }
     for (size_t i = 0; i < ns; i++)
-        if (a->windows[i]) n += pql_window_memory(a->windows[i]);
+        if (a->signals[i].window) n += pql_window_memory(a->signals[i].window);
     for (size_t i = 0; i < a->nmemos; i++)
         n += sizeof(memo) + a->memos[i].value_len + 1;
     return n;
@@ -1104,7 +1151,7 @@ size_t pql_account_ntraits(const pql_account *a)
 const char *pql_account_trait(const pql_account *a, size_t i, pql_value *v)
 {
     if (i >= a->ntraits) return NULL;
-    if (v) *v = a->traits[i].value;
+    if (v) *v = trait_value(&a->traits[i]);
     return a->traits[i].key;
 }
 
@@ -1139,6 +1186,6 @@ void pql_account_set_memo(pql_account *a, const char *name, const char *value, s
     m->value = xmalloc(len + 1);
     memcpy(m->value, value, len);
     m->value[len] = '\0';
-    m->value_len = len;
+    m->value_len = (uint32_t)len;
     m->dirty = 1;
 }

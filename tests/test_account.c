@@ -578,3 +578,105 @@ Test(account, paid_by_conversion_event_or_by_plan_trait)
     pql_account_destroy(a);
     pql_rules_destroy(r);
 }
+
+/* ---- traits: many, changed in type and length, deleted and set again ---- */
+
+static void trait_key(int i, char *key, size_t size)
+{
+    /* keys of 8 to 40 bytes: some short, some past any small-size path */
+    snprintf(key, size, "trait_%02d%.*s", i, i % 33, "_abcdefghijklmnopqrstuvwxyz012345");
+}
+
+/* Trait i's value after the story below: phase 0 sets it, phase 1 changes
+ * three in four (to a number, a longer string, a deletion), phase 2 sets the
+ * deleted ones again to a string. */
+static pql_value trait_expected(int i, int phase, char *buf, size_t size)
+{
+    snprintf(buf, size, "value-%d-%.*s", i, i % 20, "xxxxxxxxxxxxxxxxxxxx");
+    pql_value v = i % 3 == 0   ? pql_str(buf, strlen(buf))
+                  : i % 3 == 1 ? pql_num(i * 1.5)
+                               : pql_bool(i % 2);
+    if (phase >= 1 && i % 4 == 0) v = pql_num(-i);
+    if (phase >= 1 && i % 4 == 1) {
+        snprintf(buf, size, "a longer value for %d: %.*s", i, i,
+                 "yyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyy");
+        v = pql_str(buf, strlen(buf));
+    }
+    if (phase == 1 && i % 4 == 2) v = pql_null();
+    if (phase == 2 && i % 4 == 2) {
+        snprintf(buf, size, "again %d", i);
+        v = pql_str(buf, strlen(buf));
+    }
+    return v;
+}
+
+static int value_eq(pql_value x, pql_value y)
+{
+    if (x.type != y.type) return 0;
+    if (x.type == PQL_V_NUM) return x.u.num == y.u.num;
+    if (x.type == PQL_V_BOOL) return x.u.b == y.u.b;
+    if (x.type == PQL_V_STR)
+        return x.u.str.len == y.u.str.len && !memcmp(x.u.str.ptr, y.u.str.ptr, x.u.str.len) &&
+               x.u.str.ptr[x.u.str.len] == '\0';
+    return 1;
+}
+
+/* Checks that account a holds exactly the traits of the story at `phase`. */
+static void assert_traits(pql_account *a, int n, int phase)
+{
+    char key[64], buf[128];
+    size_t held = 0;
+    for (int i = 0; i < n; i++) {
+        trait_key(i, key, sizeof key);
+        pql_value want = trait_expected(i, phase, buf, sizeof buf), got = pql_null();
+        for (size_t k = 0; k < pql_account_ntraits(a); k++) {
+            pql_value v;
+            const char *name = pql_account_trait(a, k, &v);
+            if (!strcmp(name, key)) got = v;
+        }
+        cr_assert(value_eq(got, want), "trait %s at phase %d", key, phase);
+        held += want.type != PQL_V_NULL;
+    }
+    cr_assert_eq(pql_account_ntraits(a), held);
+}
+
+Test(account, many_traits_set_changed_deleted_and_set_again_survive_flush_and_load)
+{
+    enum { N = 40 };
+    pql_rules *r = h_rules(simple);
+    pql_account *a = pql_account_new(r, "acme", 4);
+    fired f = {0};
+    static store s; /* 256 fields of 128 bytes: too large for the stack */
+    memset(&s, 0, sizeof s);
+    char key[64], buf[128];
+    for (int phase = 0; phase < 3; phase++) {
+        for (int i = 0; i < N; i++) {
+            trait_key(i, key, sizeof key);
+            /* unchanged values are set again too: that changes nothing */
+            trait(a, key, trait_expected(i, phase, buf, sizeof buf), T0 + phase, &f);
+        }
+        assert_traits(a, N, phase);
+        pql_account_flush(a, st_set, st_del, &s);
+        cr_assert_not(pql_account_dirty(a));
+    }
+    int ntrait_fields = 0;
+    for (int i = 0; i < s.n; i++)
+        ntrait_fields += !strncmp(s.f[i], "t:", 2);
+    cr_assert_eq(ntrait_fields, (int)pql_account_ntraits(a), "deleted traits are deleted");
+
+    pql_account *b = pql_account_new(r, "acme", 4);
+    for (int i = 0; i < s.n; i++)
+        cr_assert_eq(pql_account_load_field(b, s.f[i], strlen(s.f[i]), s.v[i], strlen(s.v[i])), 0,
+                     "field %s", s.f[i]);
+    assert_traits(b, N, 2);
+    cr_assert_not(pql_account_dirty(b));
+    /* written again from the loaded account, every trait reads the same */
+    trait(b, "extra", pql_num(1), T0 + 3, &f); /* makes b dirty: flush writes only it */
+    static store s2;
+    memset(&s2, 0, sizeof s2);
+    pql_account_flush(b, st_set, st_del, &s2);
+    cr_assert_eq(s2.n, 2, "the clock and the new trait");
+    pql_account_destroy(a);
+    pql_account_destroy(b);
+    pql_rules_destroy(r);
+}
