@@ -81,6 +81,9 @@ typedef struct bench_core_result {
      * accounts cached at its end: everything the cache keeps per account */
     int64_t accounts_cached;
     double heap_per_account;
+    /* what the caches count for them (cache.h, the figure cache.max_memory
+     * bounds) ÷ the same accounts: how close the bound is to the heap */
+    double counted_per_account;
 } bench_core_result;
 
 /** Generates `events` messages of the workload `wo` in memory, spread over

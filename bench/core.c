@@ -166,7 +166,7 @@ int bench_core(const bench_workload_opts *wo, int64_t events, int partitions,
             pql_task *t = tasks[p];
             if (!t->dirty && !t->ntouched) continue;
             out->batches += pql_task_build_batch(t, "bench", topics, 400LL * PQL_MS_DAY, now);
-            pql_task_trim(t, per_task);
+            pql_task_trim(t, per_task, SIZE_MAX);
             out->alerts += (int64_t)t->built_alerts;
             pql_task_committed(t);
             pql_task_alerts_published(t);
@@ -175,12 +175,17 @@ int bench_core(const bench_workload_opts *wo, int64_t events, int partitions,
     }
     double all_s = thread_s() - t0;
     struct mallinfo2 heap1 = mallinfo2();
-    for (int p = 0; p < partitions; p++)
+    size_t counted = 0;
+    for (int p = 0; p < partitions; p++) {
         out->accounts_cached += (int64_t)pql_cache_count(tasks[p]->cache);
-    if (out->accounts_cached)
+        counted += pql_cache_bytes(tasks[p]->cache);
+    }
+    if (out->accounts_cached) {
         out->heap_per_account =
             ((double)(heap1.uordblks + heap1.hblkhd) - (double)(heap0.uordblks + heap0.hblkhd)) /
             (double)out->accounts_cached;
+        out->counted_per_account = (double)counted / (double)out->accounts_cached;
+    }
     out->events = (int64_t)h.n;
     out->decode_us = decode_s * 1e6 / (double)h.n;
     out->build_us = build_s * 1e6 / (double)h.n;

@@ -1080,16 +1080,20 @@ int pql_account_load_field(pql_account *a, const char *f, size_t flen, const cha
 size_t pql_account_memory(const pql_account *a)
 {
     size_t ns = pql_rules_nsignals(a->rules), nr = pql_rules_nrules(a->rules);
-    size_t n = block_size(a->id_len, ns, nr, pql_rules_ntraits(a->rules));
-    n += a->traits_cap * sizeof(trait);
-    for (size_t i = 0; i < a->ntraits; i++) {
-        n += a->traits[i].key_len + 1;
-        if (a->traits[i].type == PQL_V_STR) n += a->traits[i].u.str_len + 1;
-    }
+    size_t n = pql_heap_bytes(block_size(a->id_len, ns, nr, pql_rules_ntraits(a->rules)));
+    if (a->traits_cap) n += pql_heap_bytes(a->traits_cap * sizeof(trait));
+    for (size_t i = 0; i < a->ntraits; i++)
+        n += pql_heap_bytes(a->traits[i].key_len + 1u +
+                            (a->traits[i].type == PQL_V_STR ? a->traits[i].u.str_len + 1 : 0));
     for (size_t i = 0; i < ns; i++)
         if (a->signals[i].window) n += pql_window_memory(a->signals[i].window);
+    if (a->nmemos) n += pql_heap_bytes(a->nmemos * sizeof(memo));
     for (size_t i = 0; i < a->nmemos; i++)
-        n += sizeof(memo) + a->memos[i].value_len + 1;
+        n += pql_heap_bytes(a->memos[i].value_len + 1u);
+    if (a->pql_rule) n += pql_heap_bytes(strlen(a->pql_rule) + 1);
+    if (a->ndeleted) n += pql_heap_bytes(a->ndeleted * sizeof(*a->deleted));
+    for (size_t i = 0; i < a->ndeleted; i++)
+        n += pql_heap_bytes(strlen(a->deleted[i]) + 1);
     return n;
 }
 

@@ -25,6 +25,7 @@ typedef struct node {
     struct node *prev, *next; /* LRU: head = most recent */
     uint64_t hash;
     uint64_t stamp; /* c->moves when it was last put at the front */
+    size_t bytes;   /* counted in c->bytes for this account (node_bytes) */
     size_t id_len;
     char id[]; /* a copy of the account's id */
 } node;
@@ -40,6 +41,7 @@ struct pql_cache {
     size_t count;
     node *head, *tail;
     uint64_t moves; /* nodes put at the front so far */
+    size_t bytes;   /* sum of the nodes' bytes */
 };
 
 static uint64_t hash_id(const char *s, size_t len)
@@ -140,6 +142,13 @@ static void grow(pql_cache *c)
     free(slots);
 }
 
+/* What an account costs the cache: the account's own estimate, the node
+ * (+ malloc's header) and two table slots (the table is 3/8 to 3/4 full). */
+static size_t node_bytes(const node *n)
+{
+    return pql_account_memory(n->a) + sizeof(*n) + n->id_len + 16 + 2 * sizeof(slot);
+}
+
 void pql_cache_put(pql_cache *c, pql_account *a)
 {
     size_t len;
@@ -154,6 +163,24 @@ void pql_cache_put(pql_cache *c, pql_account *a)
     c->slots[find_slot(c, n->id, len, n->hash)] = (slot){n->hash, n};
     lru_push_front(c, n);
     c->count++;
+    n->bytes = node_bytes(n);
+    c->bytes += n->bytes;
+}
+
+void pql_cache_measure(pql_cache *c, const pql_account *a)
+{
+    size_t len;
+    const char *id = pql_account_id(a, &len);
+    node *n = c->slots[find_slot(c, id, len, hash_id(id, len))].n;
+    if (!n || n->a != a) return; /* not cached */
+    c->bytes -= n->bytes;
+    n->bytes = node_bytes(n);
+    c->bytes += n->bytes;
+}
+
+size_t pql_cache_bytes(const pql_cache *c)
+{
+    return c->bytes;
 }
 
 size_t pql_cache_count(const pql_cache *c)
@@ -179,17 +206,18 @@ static void remove_slot(pql_cache *c, size_t i)
     }
 }
 
-size_t pql_cache_evict(pql_cache *c, size_t max, int (*keep)(void *opaque, const pql_account *a),
-                       void *opaque)
+size_t pql_cache_evict(pql_cache *c, size_t max, size_t max_bytes,
+                       int (*keep)(void *opaque, const pql_account *a), void *opaque)
 {
     size_t evicted = 0;
     node *n = c->tail;
-    while (n && c->count > max) {
+    while (n && (c->count > max || c->bytes > max_bytes)) {
         node *prev = n->prev;
         if (!pql_account_dirty(n->a) && !(keep && keep(opaque, n->a))) {
             remove_slot(c, find_slot(c, n->id, n->id_len, n->hash));
             lru_unlink(c, n);
             pql_account_destroy(n->a);
+            c->bytes -= n->bytes;
             free(n);
             c->count--;
             evicted++;

@@ -3,7 +3,14 @@
  * Pure core.  The cache owns its accounts.  Eviction only ever drops clean
  * accounts (everything flushed to Redis), least recently used first (but
  * for the order within the most recent quarter), so write-behind never loses
- * a change. */
+ * a change.
+ *
+ * Bytes: the cache counts what its accounts hold on the heap — each one's
+ * pql_account_memory() as last measured, plus the cache's own node and
+ * table slots for it — so eviction can keep a byte budget as well as a
+ * count.  An account is measured when it is put and again on
+ * pql_cache_measure (task.c: every account a batch touched, at its build),
+ * so the count trails what applying does until the next build. */
 #ifndef PQL_CACHE_H
 #define PQL_CACHE_H
 
@@ -25,10 +32,16 @@ void pql_cache_put(pql_cache *c, pql_account *a);
 
 size_t pql_cache_count(const pql_cache *c);
 
-/** Evicts clean least-recently-used accounts until at most `max` remain (or
- *  only dirty ones and those `keep` says to keep are left; `keep` may be
- *  NULL).  @returns how many were evicted. */
-size_t pql_cache_evict(pql_cache *c, size_t max, int (*keep)(void *opaque, const pql_account *a),
-                       void *opaque);
+/** Measures a cached account again, after it changed. */
+void pql_cache_measure(pql_cache *c, const pql_account *a);
+
+/** @returns the heap bytes counted for the cached accounts (see above). */
+size_t pql_cache_bytes(const pql_cache *c);
+
+/** Evicts clean least-recently-used accounts until at most `max` remain and
+ *  at most `max_bytes` are counted (or only dirty ones and those `keep` says
+ *  to keep are left; `keep` may be NULL).  @returns how many were evicted. */
+size_t pql_cache_evict(pql_cache *c, size_t max, size_t max_bytes,
+                       int (*keep)(void *opaque, const pql_account *a), void *opaque);
 
 #endif

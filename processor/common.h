@@ -63,6 +63,15 @@ typedef struct pql_value {
     } u;
 } pql_value;
 
+/** The heap a malloc(n) takes (glibc: n and an 8-byte header rounded up to
+ *  16, at least 32): how memory estimates (pql_account_memory) count a
+ *  block, so that a cache bound in bytes is close to what the heap holds. */
+static inline size_t pql_heap_bytes(size_t n)
+{
+    size_t c = (n + 8 + 15) & ~(size_t)15;
+    return c < 32 ? 32 : c;
+}
+
 static inline pql_value pql_null(void)
 {
     pql_value v = {PQL_V_NULL, PQL_FMT_PLAIN, {0}};

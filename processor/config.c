@@ -28,12 +28,13 @@
 #include <strings.h>
 
 typedef enum opt_type {
-    T_STR,  /* char *; with `choices`, one of them */
-    T_INT,  /* int, >= min */
-    T_SIZE, /* size_t, >= min */
-    T_DUR,  /* int64_t milliseconds, written with a unit */
-    T_BOOL, /* int 0/1 */
-    T_ENUM, /* int index into `choices` */
+    T_STR,   /* char *; with `choices`, one of them */
+    T_INT,   /* int, >= min */
+    T_SIZE,  /* size_t, >= min */
+    T_BYTES, /* size_t, >= min: bytes, an integer with an optional k, m or g (KiB, MiB, GiB) */
+    T_DUR,   /* int64_t milliseconds, written with a unit */
+    T_BOOL,  /* int 0/1 */
+    T_ENUM,  /* int index into `choices` */
 } opt_type;
 
 typedef struct opt {
@@ -90,6 +91,9 @@ static const opt options[] = {
      "longest wait in milliseconds for the first message of a batch"},
     {"Processing", "cache.max_accounts", NULL, T_INT, OFF(cache_max_accounts), "200000", NULL, 1,
      "accounts kept in memory per process"},
+    {"Processing", "cache.max_memory", NULL, T_BYTES, OFF(cache_max_memory), "1g", NULL, 0,
+     "heap bytes the cached accounts may hold per process (k, m, g: KiB, MiB, GiB; 0: no "
+     "bound but cache.max_accounts)"},
     {"Processing", "processing.lateness", NULL, T_DUR, OFF(lateness_ms), "1d", NULL, 0,
      "how late an event may arrive and still count"},
     {"Processing", "processing.max_future_skew", NULL, T_DUR, OFF(max_future_skew_ms), "1h", NULL,
@@ -245,6 +249,49 @@ static int parse_bool(const char *s, int *out)
     return -1;
 }
 
+/* "123", "64k", "512m", "1g" (binary units, either case) → bytes. */
+static int parse_bytes(const char *s, size_t *out)
+{
+    char *end;
+    if (!isdigit((unsigned char)s[0])) return -1;
+    errno = 0;
+    unsigned long long n = strtoull(s, &end, 10);
+    if (errno == ERANGE) return -1;
+    unsigned shift = 0;
+    switch (*end) {
+    case 'k':
+    case 'K':
+        shift = 10, end++;
+        break;
+    case 'm':
+    case 'M':
+        shift = 20, end++;
+        break;
+    case 'g':
+    case 'G':
+        shift = 30, end++;
+        break;
+    default:
+        break;
+    }
+    if (*end || n > (SIZE_MAX >> shift)) return -1;
+    *out = (size_t)n << shift;
+    return 0;
+}
+
+static void format_bytes(size_t n, char *out, size_t size)
+{
+    static const char units[] = "gmk";
+    for (int i = 0; i < 3; i++) {
+        size_t unit = (size_t)1 << (30 - 10 * i);
+        if (n && n % unit == 0) {
+            snprintf(out, size, "%zu%c", n / unit, units[i]);
+            return;
+        }
+    }
+    snprintf(out, size, "%zu", n);
+}
+
 static int choice_index(const char *const *choices, const char *s)
 {
     for (int i = 0; choices[i]; i++)
@@ -302,6 +349,10 @@ static int set_option(pql_config *c, const opt *o, const char *value, const char
             return *(size_t *)(void *)base = (size_t)n, 0;
         goto bad;
     }
+    case T_BYTES:
+        if (parse_bytes(value, (size_t *)(void *)base) == 0) return 0;
+        snprintf(why, sizeof(why), "is not a size in bytes (examples: 1073741824, 512m, 1g)");
+        goto bad;
     case T_DUR:
         if (!strcmp(value, "0")) return *(int64_t *)(void *)base = 0, 0; /* off / none */
         if (pql_parse_duration(value, strlen(value), (int64_t *)(void *)base) == 0) return 0;
@@ -791,6 +842,10 @@ void pql_config_dump(const pql_config *c, FILE *out)
             break;
         case T_SIZE:
             fprintf(out, "%zu", *(const size_t *)(const void *)base);
+            break;
+        case T_BYTES:
+            format_bytes(*(const size_t *)(const void *)base, buf, sizeof(buf));
+            fputs(buf, out);
             break;
         case T_DUR:
             format_duration(*(const int64_t *)(const void *)base, buf, sizeof(buf));

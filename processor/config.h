@@ -59,6 +59,7 @@ typedef struct pql_config {
     int batch_max_messages;     /* batch.max_messages, default 10000 */
     int batch_max_ms;           /* batch.max_ms, default 100 */
     int cache_max_accounts;     /* cache.max_accounts (per process), default 200000 */
+    size_t cache_max_memory;    /* cache.max_memory (per process, bytes; 0: none), default 1 GiB */
     int64_t lateness_ms;        /* processing.lateness, duration, default "1d" */
     int64_t max_future_skew_ms; /* processing.max_future_skew, default "1h" */
     int64_t max_task_idle_ms;   /* processing.max_task_idle, default "2s": see pipeline.h */

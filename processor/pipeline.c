@@ -876,6 +876,8 @@ static void flush_batches(pql_pipeline *p, int force)
     }
     p->flight.ahead = 0;
     size_t max = (size_t)p->cfg->cache_max_accounts / (size_t)p->npartitions + 1;
+    size_t max_bytes =
+        p->cfg->cache_max_memory ? p->cfg->cache_max_memory / (size_t)p->npartitions : SIZE_MAX;
     for (int32_t i = 0; i < p->npartitions; i++) {
         pql_task *t = p->tasks[i];
         if (!t || t->state != PQL_TASK_RUNNING || p->pending[i]) continue;
@@ -885,7 +887,7 @@ static void flush_batches(pql_pipeline *p, int force)
         } else if (t->dirty || t->ntouched || t->ndelivered) { /* else nothing to write */
             p->pending[i] =
                 (unsigned char)pql_task_build_batch(t, p->cfg->group, p->topics, p->ttl_ms, now);
-            pql_task_trim(t, max);
+            pql_task_trim(t, max, max_bytes);
         }
     }
     if (p->redis_down && !force) return;
@@ -1140,6 +1142,7 @@ static void report(pql_pipeline *p)
         if (!t || t->state != PQL_TASK_RUNNING) continue;
         l.assigned++;
         l.cached_accounts += (int64_t)pql_cache_count(t->cache);
+        l.cached_bytes += (int64_t)pql_cache_bytes(t->cache);
         l.outbox += t->outbox;
     }
     int64_t now = pql_now_ms();

@@ -259,7 +259,10 @@ static void field_del(void *opaque, const char *f, size_t flen)
 
 static void build_account(build_ctx *c, pql_account *a)
 {
-    if (!pql_account_dirty(a)) return;
+    if (!pql_account_dirty(a)) { /* unchanged, or just loaded */
+        pql_cache_measure(c->t->cache, a);
+        return;
+    }
     size_t len;
     const char *id = pql_account_id(a, &len);
     int64_t ttl = 0; /* 0: the script leaves the expiry as it is */
@@ -270,6 +273,7 @@ static void build_account(build_ctx *c, pql_account *a)
     }
     if (pql_store_batch_account(c->t->batch, id, len, ttl) != PQL_OK) abort();
     pql_account_flush(a, field_set, field_del, c);
+    pql_cache_measure(c->t->cache, a); /* after the flush, which frees what expired */
     c->any = 1;
 }
 
@@ -393,8 +397,8 @@ static int in_built_batch(void *opaque, const pql_account *a)
     return t->built_no && pql_account_batch_mark(a) == t->built_no;
 }
 
-void pql_task_trim(pql_task *t, size_t max)
+void pql_task_trim(pql_task *t, size_t max, size_t max_bytes)
 {
     assert(t->ntouched == 0 && "trim only between a build and the next apply");
-    pql_cache_evict(t->cache, max, in_built_batch, t);
+    pql_cache_evict(t->cache, max, max_bytes, in_built_batch, t);
 }

@@ -149,10 +149,10 @@ void pql_task_delivered(pql_task *t, const char *alert_id);
  *  reload from Redis on next touch (a rule-set reload). */
 void pql_task_drop_cache(pql_task *t);
 
-/** Evicts clean accounts beyond `max` from the cache, except those of the
- *  batch just built (until it is committed, a reload from Redis could miss
- *  it).  Only between a batch build and the next apply (nothing touched and
- *  unbuilt). */
-void pql_task_trim(pql_task *t, size_t max);
+/** Evicts clean accounts beyond `max`, or beyond `max_bytes` of counted
+ *  memory (cache.h), from the cache, except those of the batch just built
+ *  (until it is committed, a reload from Redis could miss it).  Only between
+ *  a batch build and the next apply (nothing touched and unbuilt). */
+void pql_task_trim(pql_task *t, size_t max, size_t max_bytes);
 
 #endif

@@ -657,6 +657,10 @@ static int render_locked(const pql_telemetry *t, int64_t now_ms, pql_buf *out)
     if (render_scalar(out, "pqlstream_cached_accounts", "gauge",
                       "Accounts held in memory by this member's tasks.",
                       (double)t->loop.cached_accounts) ||
+        render_scalar(out, "pqlstream_cached_account_bytes", "gauge",
+                      "Heap bytes the cached accounts hold, as the caches count them "
+                      "(bounded by cache.max_memory).",
+                      (double)t->loop.cached_bytes) ||
         render_family(out, "pqlstream_rebalances_total", "counter",
                       "Consumer group rebalance events, by kind (assign, revoke).", &t->rebalances,
                       "kind", NULL) ||

@@ -77,6 +77,7 @@ typedef struct pql_telemetry_loop {
     int32_t assigned;        /* input partition numbers owned (tasks) */
     int32_t partitions;      /* input partitions of the topics */
     int64_t cached_accounts; /* accounts in the task caches */
+    int64_t cached_bytes;    /* heap bytes they hold, as the caches count them (cache.h) */
     int64_t outbox;          /* alerts in the owned outboxes, not yet delivered */
     int64_t alerts_retrying; /* alert produces waiting for a retry */
 } pql_telemetry_loop;

@@ -82,7 +82,7 @@ struct pql_window {
     member_slot *slots;
     uint32_t slot_cap;   /* 0 or a power of two, at most 2^31 */
     uint32_t slot_used;  /* occupied slots, tombstones included */
-    size_t member_bytes; /* heap bytes of the field copies */
+    size_t member_bytes; /* heap bytes of the field copies (pql_heap_bytes) */
     /* LAST */
     int64_t last_t;
     double last_v;
@@ -337,7 +337,7 @@ static int slots_reserve_one(pql_window *w)
 static void slot_remove_at(pql_window *w, size_t i)
 {
     size_t mask = w->slot_cap - 1;
-    w->member_bytes -= w->slots[i].field_len + 1;
+    w->member_bytes -= pql_heap_bytes(w->slots[i].field_len + 1u);
     free(w->slots[i].field);
     w->slot_used--;
     size_t hole = i;
@@ -401,7 +401,7 @@ static int member_see(pql_window *w, const char *member, size_t len, int64_t b, 
     s->last = b;
     s->flags = flags;
     w->slot_used++;
-    w->member_bytes += len + 3;
+    w->member_bytes += pql_heap_bytes(len + 3);
     member_count_move(w, 0, 0, b);
     if (w->memo_ok) w->memo_num += b >= w->memo_first;
     return 1;
@@ -731,10 +731,8 @@ int pql_window_dirty(const pql_window *w)
 
 size_t pql_window_memory(const pql_window *w)
 {
-    /* + ~16 bytes of allocator overhead per block */
-    size_t n = sizeof(*w) + 16;
-    if (w->buckets.cap) n += w->buckets.cap * sizeof(bucket_entry) + 16;
-    if (w->slot_cap) n += w->slot_cap * sizeof(member_slot) + 16;
-    n += w->member_bytes + w->slot_used * 16;
+    size_t n = pql_heap_bytes(sizeof(*w)) + w->member_bytes;
+    if (w->buckets.cap) n += pql_heap_bytes(w->buckets.cap * sizeof(bucket_entry));
+    if (w->slot_cap) n += pql_heap_bytes(w->slot_cap * sizeof(member_slot));
     return n;
 }

@@ -97,6 +97,7 @@ Test(config, defaults)
     cr_expect_eq(c.batch_max_messages, 50000);
     cr_expect_eq(c.batch_max_ms, 100);
     cr_expect_eq(c.cache_max_accounts, 200000);
+    cr_expect_eq(c.cache_max_memory, (size_t)1 << 30);
     cr_expect_eq(c.lateness_ms, PQL_MS_DAY);
     cr_expect_eq(c.max_future_skew_ms, PQL_MS_HOUR);
     cr_expect_eq(c.state_ttl_ms, 400 * PQL_MS_DAY);
@@ -403,6 +404,43 @@ Test(config, bad_values_by_flag_and_env)
     cr_expect_str_eq(errbuf, "unknown flag '-v' (options are --key=value)");
     char *argv3[] = {"pqlstream", "--group=a", "--", "--not-a-flag", NULL};
     cr_expect_eq(pql_config_parse_flags(&c, 4, argv3, errbuf, sizeof(errbuf)), 3);
+    pql_config_term(&c);
+}
+
+Test(config, byte_sizes_take_binary_units)
+{
+    static const struct {
+        const char *in;
+        size_t bytes;
+        const char *dumped;
+    } ok[] = {{"0", 0, "0"},
+              {"1000", 1000, "1000"},
+              {"64k", 64 << 10, "64k"},
+              {"512M", (size_t)512 << 20, "512m"},
+              {"2g", (size_t)2 << 30, "2g"},
+              {"1536m", (size_t)1536 << 20, "1536m"},
+              {"1048576", 1 << 20, "1m"}};
+    pql_config c;
+    pql_config_init(&c);
+    for (size_t i = 0; i < sizeof ok / sizeof ok[0]; i++) {
+        cr_assert_eq(pql_config_set(&c, "cache.max_memory", ok[i].in, errbuf, sizeof(errbuf)), 0,
+                     "%s: %s", ok[i].in, errbuf);
+        cr_expect_eq(c.cache_max_memory, ok[i].bytes, "%s", ok[i].in);
+        char *out = capture_dump(&c), want[64];
+        snprintf(want, sizeof want, "\ncache.max_memory=%s\n", ok[i].dumped);
+        cr_expect_not_null(strstr(out, want), "%s dumped as: %s", ok[i].in, out);
+        free(out);
+    }
+    static const char *bad[] = {"", "1.5g", "-1", "1t", "1gb", " 1g", "g", "99999999999g"};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        cr_expect_eq(pql_config_set(&c, "cache.max_memory", bad[i], errbuf, sizeof(errbuf)), -1,
+                     "'%s' accepted", bad[i]);
+        char want[160];
+        snprintf(want, sizeof want,
+                 "--cache.max_memory: '%s' is not a size in bytes (examples: 1073741824, 512m, 1g)",
+                 bad[i]);
+        cr_expect_str_eq(errbuf, want);
+    }
     pql_config_term(&c);
 }
 

@@ -72,3 +72,63 @@ Test(task, account_expiry_is_refreshed_once_per_ttl_64th)
     pql_task_destroy(t);
     pql_rules_destroy(rules);
 }
+
+static void visit(pql_task *t, pql_account *a, const char *user, int64_t offset)
+{
+    pql_event ev = {0};
+    size_t len;
+    ev.kind = PQL_INPUT_USAGE;
+    ev.account_id = pql_account_id(a, &len);
+    ev.account_id_len = len;
+    ev.user_id = user;
+    ev.user_id_len = strlen(user);
+    ev.event = "login";
+    ev.event_len = 5;
+    ev.timestamp = 1700000000000LL + offset;
+    pql_task_apply(t, &ev, PQL_TOPIC_USAGE, offset, 1700000000000LL, 1);
+}
+
+/* What a batch adds to its accounts is counted at its build, and trimming to
+ * a byte budget spares the batch not yet committed, then evicts the least
+ * recently used down to the budget. */
+Test(task, trim_keeps_the_cache_under_a_byte_budget_but_spares_the_batch_in_flight)
+{
+    pql_rules *rules = h_rules("version: 1\n"
+                               "signals:\n"
+                               "  users: { distinct: user_id, of: \"*\", window: 30d }\n");
+    pql_task *t = running_task();
+    const char *topics[PQL_NTOPICS] = {"usage", "accounts"};
+    pql_account *a[40];
+    int64_t off = 0;
+    char id[16], user[16];
+    for (int i = 0; i < 40; i++) {
+        int n = snprintf(id, sizeof id, "acct-%02d", i);
+        pql_task_adopt(t, a[i] = pql_account_new(rules, id, (size_t)n));
+    }
+    size_t empty = pql_cache_bytes(t->cache);
+    for (int i = 0; i < 40; i++) /* acct-39 is the most recent */
+        for (int u = 0; u < 10; u++) {
+            snprintf(user, sizeof user, "u%d", u);
+            visit(t, a[i], user, off++);
+        }
+    cr_assert_eq(pql_cache_bytes(t->cache), empty, "not counted before the build");
+    cr_assert(pql_task_build_batch(t, "g", topics, TTL_MS, 5000000));
+    size_t full = pql_cache_bytes(t->cache);
+    cr_assert_gt(full, empty + 40 * 10 * 24, "ten members each: %zu -> %zu", empty, full);
+
+    pql_task_trim(t, SIZE_MAX, full / 4);
+    cr_assert_eq(pql_cache_count(t->cache), 40, "the batch in flight stays");
+    pql_task_committed(t);
+    visit(t, a[39], "u10", off++); /* the next batch: acct-39 alone */
+    cr_assert(pql_task_build_batch(t, "g", topics, TTL_MS, 5000001));
+    pql_task_trim(t, SIZE_MAX, full / 4);
+    size_t left = pql_cache_count(t->cache);
+    cr_assert_leq(pql_cache_bytes(t->cache), full / 4);
+    cr_assert(left >= 9 && left <= 10, "a quarter of 40 about equal accounts: %zu", left);
+    for (int i = 0; i < 40; i++) {
+        snprintf(id, sizeof id, "acct-%02d", i);
+        cr_assert_eq(pql_task_account(t, id, 7) != NULL, i >= 40 - (int)left, "%s", id);
+    }
+    pql_task_destroy(t);
+    pql_rules_destroy(rules);
+}
