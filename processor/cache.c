@@ -143,10 +143,10 @@ static void grow(pql_cache *c)
 }
 
 /* What an account costs the cache: the account's own estimate, the node
- * (+ malloc's header) and two table slots (the table is 3/8 to 3/4 full). */
+ * and two table slots (the table is 3/8 to 3/4 full). */
 static size_t node_bytes(const node *n)
 {
-    return pql_account_memory(n->a) + sizeof(*n) + n->id_len + 16 + 2 * sizeof(slot);
+    return pql_account_memory(n->a) + pql_heap_bytes(sizeof(*n) + n->id_len) + 2 * sizeof(slot);
 }
 
 void pql_cache_put(pql_cache *c, pql_account *a)
