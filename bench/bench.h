@@ -77,13 +77,12 @@ int bench_live_step(bench_workload *w, rd_kafka_t *rk, const char *usage_topic,
 typedef struct bench_core_result {
     int64_t events, batches, alerts;
     double decode_us, apply_us, build_us, total_us;
-    /* heap bytes the run left allocated (malloc's count, mallinfo2) ÷ the
-     * accounts cached at its end: everything the cache keeps per account */
+    /* Memory (malloc's count, mallinfo2; see core.c): the heap freed by
+     * emptying the caches at the end ÷ the accounts cached, what the caches
+     * counted for them (cache.h, the figure cache.max_memory bounds), and
+     * what the run left allocated besides the accounts, per task. */
     int64_t accounts_cached;
-    double heap_per_account;
-    /* what the caches count for them (cache.h, the figure cache.max_memory
-     * bounds) ÷ the same accounts: how close the bound is to the heap */
-    double counted_per_account;
+    double heap_per_account, counted_per_account, heap_per_task;
 } bench_core_result;
 
 /** Generates `events` messages of the workload `wo` in memory, spread over

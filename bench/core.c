@@ -11,11 +11,14 @@
  *            write built (pql_task_build_batch: dirty fields formatted),
  *            then committed as if Redis applied it, and the cache trimmed
  *
- * Memory: malloc's count of bytes in use (mallinfo2) just before the second
- * run and at its end, divided by the accounts then cached.  Everything that
- * run allocated and kept is there (accounts, windows, cache nodes and table,
- * the tasks' buffers): exact, where a process's RSS carries the allocator's
- * and librdkafka's noise.
+ * Memory, from malloc's count of bytes in use (mallinfo2): exact, where a
+ * process's RSS carries the allocator's and librdkafka's noise.
+ *   - per cached account: what emptying the caches at the end frees, ÷ the
+ *     accounts they held (accounts, windows, members, traits, cache nodes);
+ *   - what the caches count for the same accounts (cache.h: the figure
+ *     cache.max_memory bounds);
+ *   - per task: what the second run left allocated besides the accounts
+ *     (batch, alert and metric buffers kept for reuse, the cache tables).
  *
  * Each stage is timed in thread CPU time.  Decode is timed alone in a first
  * run over all the messages; the second run does all three and times the
@@ -139,6 +142,7 @@ int bench_core(const bench_workload_opts *wo, int64_t events, int partitions,
     double decode_s = thread_s() - t0;
 
     struct mallinfo2 heap0 = mallinfo2();
+    size_t counted = 0;
     /* Run 2: decode, apply, build every `batch` messages. */
     const char *topics[PQL_NTOPICS] = {"bench-usage", "bench-accounts"};
     int64_t offsets[PQL_NTOPICS] = {0, 0};
@@ -175,17 +179,25 @@ int bench_core(const bench_workload_opts *wo, int64_t events, int partitions,
     }
     double all_s = thread_s() - t0;
     struct mallinfo2 heap1 = mallinfo2();
-    size_t counted = 0;
     for (int p = 0; p < partitions; p++) {
         out->accounts_cached += (int64_t)pql_cache_count(tasks[p]->cache);
         counted += pql_cache_bytes(tasks[p]->cache);
+        pql_cache_evict(tasks[p]->cache, 0, 0, NULL, NULL); /* all clean: committed */
+        if (pql_cache_count(tasks[p]->cache)) {
+            snprintf(errstr, errstr_size, "task %d kept %zu accounts after its last commit", p,
+                     pql_cache_count(tasks[p]->cache));
+            goto out;
+        }
     }
+    struct mallinfo2 heap2 = mallinfo2();
+    double held = (double)(heap1.uordblks + heap1.hblkhd) - (double)(heap0.uordblks + heap0.hblkhd);
+    double freed =
+        (double)(heap1.uordblks + heap1.hblkhd) - (double)(heap2.uordblks + heap2.hblkhd);
     if (out->accounts_cached) {
-        out->heap_per_account =
-            ((double)(heap1.uordblks + heap1.hblkhd) - (double)(heap0.uordblks + heap0.hblkhd)) /
-            (double)out->accounts_cached;
+        out->heap_per_account = freed / (double)out->accounts_cached;
         out->counted_per_account = (double)counted / (double)out->accounts_cached;
     }
+    out->heap_per_task = (held - freed) / partitions;
     out->events = (int64_t)h.n;
     out->decode_us = decode_s * 1e6 / (double)h.n;
     out->build_us = build_s * 1e6 / (double)h.n;

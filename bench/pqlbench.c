@@ -1045,10 +1045,10 @@ int main(int argc, char **argv)
             }
             printf("  run %d: decode %.3f µs + apply %.3f µs + build %.3f µs = %.3f µs per event "
                    "(%.0f events/s per core); %lld batches, %lld alerts; %lld accounts cached, "
-                   "%.0f heap bytes each (the caches count %.0f)\n",
+                   "%.0f heap bytes each (the caches count %.0f), %.0f KB per task besides\n",
                    i + 1, cr.decode_us, cr.apply_us, cr.build_us, cr.total_us, 1e6 / cr.total_us,
                    (long long)cr.batches, (long long)cr.alerts, (long long)cr.accounts_cached,
-                   cr.heap_per_account, cr.counted_per_account);
+                   cr.heap_per_account, cr.counted_per_account, cr.heap_per_task / 1024);
             fig_add(&core_decode, cr.decode_us);
             fig_add(&core_apply, cr.apply_us);
             fig_add(&core_build, cr.build_us);
@@ -1253,7 +1253,7 @@ int main(int argc, char **argv)
         row("  apply (rules, windows, alerts) per event", &core_apply, "µs", NULL);
         row("  batch build per event", &core_build, "µs", NULL);
         row("  heap per cached account (malloc's count)", &core_heap, "B",
-            "all the core's cache keeps, ÷ accounts");
+            "freed by emptying the caches, ÷ accounts");
         row("  the same as the caches count it", &core_counted, "B",
             "what cache.max_memory bounds");
     }
