@@ -67,6 +67,8 @@ static void teardown(void)
 static const char *rules_watch = "0";
 /* max.poll.interval.ms for the next start() */
 static const char *max_poll_ms = "300000";
+/* cache.max_memory for the next start() */
+static const char *cache_max_memory = "1g";
 
 static h_proc *start(const char *group, const char *alerts, const char *batch)
 {
@@ -75,7 +77,8 @@ static h_proc *start(const char *group, const char *alerts, const char *batch)
         "PQLSTREAM_RULES", rules_path, "PQLSTREAM_GROUP", group, "PQLSTREAM_TOPIC_ALERTS", alerts,
         "PQLSTREAM_BATCH_MAX_MESSAGES", batch, "PQLSTREAM_KAFKA_SESSION_TIMEOUT_MS", "6000",
         "PQLSTREAM_KAFKA_HEARTBEAT_INTERVAL_MS", "500", "PQLSTREAM_KAFKA_MAX_POLL_INTERVAL_MS",
-        max_poll_ms, "PQLSTREAM_RULES_WATCH", rules_watch, NULL);
+        max_poll_ms, "PQLSTREAM_RULES_WATCH", rules_watch, "PQLSTREAM_CACHE_MAX_MEMORY",
+        cache_max_memory, NULL);
 }
 
 /* Waits until Redis holds every input offset of `group`, failing at once
@@ -148,35 +151,96 @@ static json_t *find_alert(h_msgs *m, const char *account, const char *rule, int 
 
 TestSuite(pipeline, .init = setup, .fini = teardown, .timeout = 240);
 
-Test(pipeline, exact_alerts_for_a_scripted_stream)
+/* Event k (0..16) of the scripted stream below, to partition `part` (-1:
+ * by key).  Per account, k follows event time. */
+static void produce_scripted(int k, int32_t part, int64_t t)
 {
-    int64_t t = pql_now_ms() - PQL_MS_HOUR;
+    switch (k) {
     /* acme: signs up, 3 logins, then an invite crosses `team` */
-    h_produce_usage(kafka, USAGE, -1, "acme", "signed_up", "u1", t, H_NO_PROPS);
-    h_produce_usage(kafka, USAGE, -1, "acme", "login", "u1", t + 1000, H_NO_PROPS);
-    h_produce_usage(kafka, USAGE, -1, "acme", "login", "u2", t + 2000, H_NO_PROPS);
-    h_produce_usage(kafka, USAGE, -1, "acme", "login", "u1", t + 3000, H_NO_PROPS);
-    h_produce_usage(kafka, USAGE, -1, "acme", "teammate_invited", "u1", t + 4000,
-                    H_PROPS(H_STR("email", "b@acme.io")));
-    h_produce_usage(kafka, USAGE, -1, "acme", "login", "u2", t + 5000, H_NO_PROPS); /* no re-fire */
+    case 0:
+        h_produce_usage(kafka, USAGE, part, "acme", "signed_up", "u1", t, H_NO_PROPS);
+        break;
+    case 1:
+        h_produce_usage(kafka, USAGE, part, "acme", "login", "u1", t + 1000, H_NO_PROPS);
+        break;
+    case 2:
+        h_produce_usage(kafka, USAGE, part, "acme", "login", "u2", t + 2000, H_NO_PROPS);
+        break;
+    case 3:
+        h_produce_usage(kafka, USAGE, part, "acme", "login", "u1", t + 3000, H_NO_PROPS);
+        break;
+    case 4:
+        h_produce_usage(kafka, USAGE, part, "acme", "teammate_invited", "u1", t + 4000,
+                        H_PROPS(H_STR("email", "b@acme.io")));
+        break;
+    case 5: /* no re-fire */
+        h_produce_usage(kafka, USAGE, part, "acme", "login", "u2", t + 5000, H_NO_PROPS);
+        break;
     /* globex: only 2 logins → nothing */
-    h_produce_usage(kafka, USAGE, -1, "globex", "login", "u1", t, H_NO_PROPS);
-    h_produce_usage(kafka, USAGE, -1, "globex", "login", "u1", t + 1, H_NO_PROPS);
+    case 6:
+        h_produce_usage(kafka, USAGE, part, "globex", "login", "u1", t, H_NO_PROPS);
+        break;
+    case 7:
+        h_produce_usage(kafka, USAGE, part, "globex", "login", "u1", t + 1, H_NO_PROPS);
+        break;
     /* initech: converted → a PQL rule does not apply */
-    h_produce_usage(kafka, USAGE, -1, "initech", "subscription_started", "u1", t, H_NO_PROPS);
-    for (int i = 0; i < 3; i++)
-        h_produce_usage(kafka, USAGE, -1, "initech", "login", "u1", t + 1 + i, H_NO_PROPS);
-    h_produce_usage(kafka, USAGE, -1, "initech", "teammate_invited", "u1", t + 9, H_NO_PROPS);
+    case 8:
+        h_produce_usage(kafka, USAGE, part, "initech", "subscription_started", "u1", t, H_NO_PROPS);
+        break;
+    case 9:
+    case 10:
+    case 11:
+        h_produce_usage(kafka, USAGE, part, "initech", "login", "u1", t + 1 + (k - 9), H_NO_PROPS);
+        break;
+    case 12:
+        h_produce_usage(kafka, USAGE, part, "initech", "teammate_invited", "u1", t + 9, H_NO_PROPS);
+        break;
     /* hooli: paid, 2 seats, 2 active users → seats at 100% */
-    h_produce_account(kafka, ACCTS, -1, "hooli", t,
-                      H_PROPS(H_NUM("seats", 2), H_STR("plan", "team")));
-    h_produce_usage(kafka, USAGE, -1, "hooli", "subscription_started", "u1", t, H_NO_PROPS);
-    h_produce_usage(kafka, USAGE, -1, "hooli", "login", "u1", t + 10, H_NO_PROPS);
-    h_produce_usage(kafka, USAGE, -1, "hooli", "login", "u2", t + 20, H_NO_PROPS);
-    h_flush(kafka);
+    case 13:
+        h_produce_account(kafka, ACCTS, part, "hooli", t,
+                          H_PROPS(H_NUM("seats", 2), H_STR("plan", "team")));
+        break;
+    case 14:
+        h_produce_usage(kafka, USAGE, part, "hooli", "subscription_started", "u1", t, H_NO_PROPS);
+        break;
+    case 15:
+        h_produce_usage(kafka, USAGE, part, "hooli", "login", "u1", t + 10, H_NO_PROPS);
+        break;
+    case 16:
+        h_produce_usage(kafka, USAGE, part, "hooli", "login", "u2", t + 20, H_NO_PROPS);
+        break;
+    default:
+        cr_assert_fail("no event %d", k);
+    }
+}
 
-    h_proc *p = start("g1", "pql-alerts", "1000");
-    wait_done(p, "g1", 60000);
+/* The stream of exact_alerts_for_a_scripted_stream, processed by group
+ * `group` in batches of up to `batch` messages: its alerts, counters and
+ * outbox, checked exactly.  Produced to partition `part` (-1: by key), all
+ * before the processor starts, or with `rounds`, one event per account at a
+ * time (each account keeps its own order), each round processed and written
+ * before the next is produced. */
+static void scripted_stream(const char *group, const char *batch, int32_t part, int rounds)
+{
+    static const int round_of[][5] = {{0, 6, 8, 13, -1}, {1, 7, 9, 14, -1}, {2, 10, 15, -1},
+                                      {3, 11, 16, -1},   {4, 12, -1},       {5, -1}};
+    int64_t t = pql_now_ms() - PQL_MS_HOUR;
+    h_proc *p = NULL;
+    if (rounds) {
+        p = start(group, "pql-alerts", batch);
+        for (size_t r = 0; r < sizeof round_of / sizeof round_of[0]; r++) {
+            for (int i = 0; round_of[r][i] >= 0; i++)
+                produce_scripted(round_of[r][i], part, t);
+            h_flush(kafka);
+            wait_done(p, group, 60000);
+        }
+    } else {
+        for (int k = 0; k < 17; k++)
+            produce_scripted(k, part, t);
+        h_flush(kafka);
+        p = start(group, "pql-alerts", batch);
+        wait_done(p, group, 60000);
+    }
 
     h_msgs *m = NULL;
     for (int i = 0; i < 100; i++) { /* alerts are produced right after the write */
@@ -226,16 +290,52 @@ Test(pipeline, exact_alerts_for_a_scripted_stream)
     h_msgs_free(m);
 
     /* state: acme's rule fired once and is waiting to clear; counters exact */
-    cr_assert_eq(sum_counter("g1", "consumed"), 17);
-    cr_assert_eq(sum_counter("g1", "alerts_pql"), 1);
-    cr_assert_eq(sum_counter("g1", "alerts_expansion"), 1);
-    cr_assert_eq(sum_counter("g1", "dead_lettered"), 0);
+    cr_assert_eq(sum_counter(group, "consumed"), 17);
+    cr_assert_eq(sum_counter(group, "alerts_pql"), 1);
+    cr_assert_eq(sum_counter(group, "alerts_expansion"), 1);
+    cr_assert_eq(sum_counter(group, "dead_lettered"), 0);
     /* delivered alerts leave the outbox (removed with a later write) */
     int empty = 0;
-    for (int i = 0; i < 100 && !(empty = outbox_len("g1") == 0); i++)
+    for (int i = 0; i < 100 && !(empty = outbox_len(group) == 0); i++)
         h_sleep_ms(100);
     H_ASSERT_PROC(p, empty, "outbox not emptied after delivery");
     cr_assert_eq(h_proc_stop(p), 0, "SIGTERM must exit 0");
+}
+
+Test(pipeline, exact_alerts_for_a_scripted_stream)
+{
+    scripted_stream("g1", "1000", -1, 0);
+}
+
+/* Redis's count of a command since it started (INFO commandstats). */
+static long long redis_calls(const char *cmd)
+{
+    redisContext *c = rc_connect();
+    redisReply *r = redisCommand(c, "INFO commandstats");
+    cr_assert(r && r->type == REDIS_REPLY_STRING);
+    char key[64];
+    snprintf(key, sizeof key, "cmdstat_%s:calls=", cmd);
+    const char *at = strstr(r->str, key);
+    long long n = at ? atoll(at + strlen(key)) : 0;
+    freeReplyObject(r);
+    redisFree(c);
+    return n;
+}
+
+/* cache.max_memory of 1 byte: every clean account leaves the cache after
+ * each build but for those of the batch in flight, and is loaded again from
+ * Redis at its next event.  The four accounts on one partition, one message
+ * per batch, produced in rounds of one event each: in each round the first
+ * message's build evicts the others, so rounds 2 to 5 (each with two
+ * accounts or more) reload at least one account.  The alerts, counters and
+ * outbox are those of the run that keeps everything. */
+Test(pipeline, evicting_every_account_after_each_write_changes_no_alert)
+{
+    cache_max_memory = "1";
+    scripted_stream("g-evict", "1", 0, 1);
+    long long loads = redis_calls("hgetall");
+    cr_assert_geq(loads, 4 + 4, "4 first loads and a reload in each of rounds 2-5: %lld HGETALL",
+                  loads);
 }
 
 Test(pipeline, bad_input_goes_to_the_dlq_with_headers)
