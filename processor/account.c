@@ -180,8 +180,10 @@ pql_account *pql_account_new(const pql_rules *r, const char *id, size_t id_len)
     a->expired_clock = NO_TIME;
     for (size_t i = 0; i < ns; i++)
         a->signals[i].value_null = 1; /* as a zeroed pql_value: null, not 0 */
-    for (size_t i = 0; i < nr; i++)
+    for (size_t i = 0; i < nr; i++) {
         a->rstate[i].fired_at = a->rstate[i].held_since = NO_TIME;
+        a->rstate[i].tier = -1; /* no alert yet: 0 would read as PQL_TIER_HIGH */
+    }
     a->signed_up_at = a->converted_at = a->pql_at = NO_TIME;
     return a;
 }

@@ -680,3 +680,40 @@ Test(account, many_traits_set_changed_deleted_and_set_again_survive_flush_and_lo
     pql_account_destroy(b);
     pql_rules_destroy(r);
 }
+
+/* A rule that never fired has no tier (-1; 0 is PQL_TIER_HIGH), in a new
+ * account and in one loaded from a stored state written before it fired. */
+Test(account, a_rule_that_never_fired_has_no_tier)
+{
+    pql_rules *r = h_rules("version: 1\n"
+                           "signals:\n"
+                           "  logins: { count: login, window: 7d }\n"
+                           "pql:\n"
+                           "  - name: steady\n"
+                           "    when: logins >= 2\n"
+                           "    held_for: 1d\n");
+    pql_account *a = pql_account_new(r, "acme", 4);
+    pql_rule_view v;
+    pql_account_rule_view(a, 0, &v);
+    cr_assert_eq(v.fired_tier, -1);
+    fired f = {0};
+    usage(a, "login", "u1", T0, &f);
+    usage(a, "login", "u1", T0 + 1, &f); /* holds from now: the state is written, no alert */
+    cr_assert_eq(f.n, 0);
+    static store s;
+    memset(&s, 0, sizeof s);
+    pql_account_flush(a, st_set, st_del, &s);
+    int rule_fields = 0;
+    for (int i = 0; i < s.n; i++)
+        rule_fields += !strcmp(s.f[i], "r:steady");
+    cr_assert_eq(rule_fields, 1, "the held state is stored");
+    pql_account *b = pql_account_new(r, "acme", 4);
+    for (int i = 0; i < s.n; i++)
+        cr_assert_eq(pql_account_load_field(b, s.f[i], strlen(s.f[i]), s.v[i], strlen(s.v[i])), 0);
+    pql_account_rule_view(b, 0, &v);
+    cr_assert_eq(v.fired_tier, -1);
+    cr_assert_eq(v.fired, 0);
+    pql_account_destroy(a);
+    pql_account_destroy(b);
+    pql_rules_destroy(r);
+}
