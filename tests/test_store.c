@@ -219,6 +219,38 @@ Test(store, batch_writes_everything)
     pql_store_batch_destroy(b);
 }
 
+/* Many deltas to one counter hash in one batch add up exactly: 4,500 fields
+ * (9,000 deltas, past what one unpack() in the script could take), each
+ * twice, some already stored, one brought back to 0, one far past 32 bits. */
+Test(store, many_counter_deltas_in_one_hash_add_up_exactly)
+{
+    enum { N = 4500 };
+    freeReplyObject(raw("HSET pql:{" G ":2}:c:wide f7 100 f4499 -3 f10 10"));
+    pql_claim c = claim(2);
+    pql_store_batch *b = pql_store_batch_new();
+    pql_store_batch_begin(b, G, 2, c.epoch, c.seq);
+    char f[16];
+    for (int round = 0; round < 2; round++)
+        for (int i = 0; i < N; i++) {
+            snprintf(f, sizeof f, "f%d", i);
+            int64_t d = i == 10 ? -5 : i == 11 ? 2000000000000LL : i % 7 - 3;
+            cr_assert_eq(pql_store_batch_incr(b, "wide", f, d), PQL_OK);
+        }
+    cr_assert_eq(commit1(b), PQL_OK);
+    pql_store_batch_destroy(b);
+    cr_assert_eq(raw_int("HLEN %s", "pql:{" G ":2}:c:wide"), N);
+    for (int i = 0; i < N; i++) {
+        snprintf(f, sizeof f, "f%d", i);
+        long long want = i == 10 ? 0 : i == 11 ? 4000000000000LL : 2 * (i % 7 - 3);
+        if (i == 7) want += 100;
+        if (i == N - 1) want -= 3;
+        redisReply *r = raw("HGET pql:{" G ":2}:c:wide %s", f);
+        cr_assert(r->type == REDIS_REPLY_STRING, "%s missing", f);
+        cr_assert_eq(atoll(r->str), want, "%s = %s, want %lld", f, r->str, want);
+        freeReplyObject(r);
+    }
+}
+
 static pql_store_batch *sample_batch(int32_t p, int64_t epoch, int64_t seq)
 {
     pql_store_batch *b = pql_store_batch_new();
