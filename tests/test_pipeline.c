@@ -151,67 +151,47 @@ static json_t *find_alert(h_msgs *m, const char *account, const char *rule, int 
 
 TestSuite(pipeline, .init = setup, .fini = teardown, .timeout = 240);
 
-/* Event k (0..16) of the scripted stream below, to partition `part` (-1:
- * by key).  Per account, k follows event time. */
+/* The scripted stream, in event order per account: acme signs up, logs in 3
+ * times, then an invite crosses `team` (the last login does not re-fire);
+ * globex: only 2 logins, nothing; initech converted, so a PQL rule does not
+ * apply; hooli (an AccountUpdate first: paid, 2 seats) has 2 active users,
+ * seats at 100%. */
+static const struct {
+    const char *account, *event, *user; /* event NULL: hooli's AccountUpdate */
+    int64_t dt;                         /* event time - t */
+} script[17] = {
+    {"acme", "signed_up", "u1", 0},
+    {"acme", "login", "u1", 1000},
+    {"acme", "login", "u2", 2000},
+    {"acme", "login", "u1", 3000},
+    {"acme", "teammate_invited", "u1", 4000}, /* with an email property */
+    {"acme", "login", "u2", 5000},
+    {"globex", "login", "u1", 0},
+    {"globex", "login", "u1", 1},
+    {"initech", "subscription_started", "u1", 0},
+    {"initech", "login", "u1", 1},
+    {"initech", "login", "u1", 2},
+    {"initech", "login", "u1", 3},
+    {"initech", "teammate_invited", "u1", 9},
+    {"hooli", NULL, NULL, 0},
+    {"hooli", "subscription_started", "u1", 0},
+    {"hooli", "login", "u1", 10},
+    {"hooli", "login", "u2", 20},
+};
+
+/* Produces script[k] to partition `part` (-1: by key). */
 static void produce_scripted(int k, int32_t part, int64_t t)
 {
-    switch (k) {
-    /* acme: signs up, 3 logins, then an invite crosses `team` */
-    case 0:
-        h_produce_usage(kafka, USAGE, part, "acme", "signed_up", "u1", t, H_NO_PROPS);
-        break;
-    case 1:
-        h_produce_usage(kafka, USAGE, part, "acme", "login", "u1", t + 1000, H_NO_PROPS);
-        break;
-    case 2:
-        h_produce_usage(kafka, USAGE, part, "acme", "login", "u2", t + 2000, H_NO_PROPS);
-        break;
-    case 3:
-        h_produce_usage(kafka, USAGE, part, "acme", "login", "u1", t + 3000, H_NO_PROPS);
-        break;
-    case 4:
-        h_produce_usage(kafka, USAGE, part, "acme", "teammate_invited", "u1", t + 4000,
-                        H_PROPS(H_STR("email", "b@acme.io")));
-        break;
-    case 5: /* no re-fire */
-        h_produce_usage(kafka, USAGE, part, "acme", "login", "u2", t + 5000, H_NO_PROPS);
-        break;
-    /* globex: only 2 logins → nothing */
-    case 6:
-        h_produce_usage(kafka, USAGE, part, "globex", "login", "u1", t, H_NO_PROPS);
-        break;
-    case 7:
-        h_produce_usage(kafka, USAGE, part, "globex", "login", "u1", t + 1, H_NO_PROPS);
-        break;
-    /* initech: converted → a PQL rule does not apply */
-    case 8:
-        h_produce_usage(kafka, USAGE, part, "initech", "subscription_started", "u1", t, H_NO_PROPS);
-        break;
-    case 9:
-    case 10:
-    case 11:
-        h_produce_usage(kafka, USAGE, part, "initech", "login", "u1", t + 1 + (k - 9), H_NO_PROPS);
-        break;
-    case 12:
-        h_produce_usage(kafka, USAGE, part, "initech", "teammate_invited", "u1", t + 9, H_NO_PROPS);
-        break;
-    /* hooli: paid, 2 seats, 2 active users → seats at 100% */
-    case 13:
-        h_produce_account(kafka, ACCTS, part, "hooli", t,
+    const char *acct = script[k].account;
+    int64_t ts = t + script[k].dt;
+    if (!script[k].event)
+        h_produce_account(kafka, ACCTS, part, acct, ts,
                           H_PROPS(H_NUM("seats", 2), H_STR("plan", "team")));
-        break;
-    case 14:
-        h_produce_usage(kafka, USAGE, part, "hooli", "subscription_started", "u1", t, H_NO_PROPS);
-        break;
-    case 15:
-        h_produce_usage(kafka, USAGE, part, "hooli", "login", "u1", t + 10, H_NO_PROPS);
-        break;
-    case 16:
-        h_produce_usage(kafka, USAGE, part, "hooli", "login", "u2", t + 20, H_NO_PROPS);
-        break;
-    default:
-        cr_assert_fail("no event %d", k);
-    }
+    else if (k == 4)
+        h_produce_usage(kafka, USAGE, part, acct, script[k].event, script[k].user, ts,
+                        H_PROPS(H_STR("email", "b@acme.io")));
+    else
+        h_produce_usage(kafka, USAGE, part, acct, script[k].event, script[k].user, ts, H_NO_PROPS);
 }
 
 /* The stream of exact_alerts_for_a_scripted_stream, processed by group

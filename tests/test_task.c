@@ -16,19 +16,28 @@ static pql_task *running_task(void)
     return t;
 }
 
-static void login(pql_task *t, pql_account *a, int64_t offset)
+/* Applies a login by `user` (NULL: none) at event time 1700000000000 +
+ * offset, at input offset `offset`. */
+static void visit(pql_task *t, pql_account *a, const char *user, int64_t offset)
 {
     pql_event ev = {0};
     size_t len;
     ev.kind = PQL_INPUT_USAGE;
     ev.account_id = pql_account_id(a, &len);
     ev.account_id_len = len;
+    ev.user_id = user;
+    ev.user_id_len = user ? strlen(user) : 0;
     ev.event = "login";
     ev.event_len = 5;
     ev.event_id = "e";
     ev.event_id_len = 1;
     ev.timestamp = 1700000000000LL + offset;
     pql_task_apply(t, &ev, PQL_TOPIC_USAGE, offset, 1700000000000LL, 1);
+}
+
+static void login(pql_task *t, pql_account *a, int64_t offset)
+{
+    visit(t, a, NULL, offset);
 }
 
 /* The expiry of an account's hash is set at its first write by this process,
@@ -71,21 +80,6 @@ Test(task, account_expiry_is_refreshed_once_per_ttl_64th)
 
     pql_task_destroy(t);
     pql_rules_destroy(rules);
-}
-
-static void visit(pql_task *t, pql_account *a, const char *user, int64_t offset)
-{
-    pql_event ev = {0};
-    size_t len;
-    ev.kind = PQL_INPUT_USAGE;
-    ev.account_id = pql_account_id(a, &len);
-    ev.account_id_len = len;
-    ev.user_id = user;
-    ev.user_id_len = strlen(user);
-    ev.event = "login";
-    ev.event_len = 5;
-    ev.timestamp = 1700000000000LL + offset;
-    pql_task_apply(t, &ev, PQL_TOPIC_USAGE, offset, 1700000000000LL, 1);
 }
 
 /* What a batch adds to its accounts is counted at its build, and trimming to
