@@ -31,7 +31,7 @@ typedef enum opt_type {
     T_STR,   /* char *; with `choices`, one of them */
     T_INT,   /* int, >= min */
     T_SIZE,  /* size_t, >= min */
-    T_BYTES, /* size_t, >= min: bytes, an integer with an optional k, m or g (KiB, MiB, GiB) */
+    T_BYTES, /* size_t bytes: an integer with an optional k, m or g (KiB, MiB, GiB); no min */
     T_DUR,   /* int64_t milliseconds, written with a unit */
     T_BOOL,  /* int 0/1 */
     T_ENUM,  /* int index into `choices` */
