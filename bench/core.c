@@ -19,6 +19,8 @@
  *     cache.max_memory bounds);
  *   - per task: what the second run left allocated besides the accounts
  *     (batch, alert and metric buffers kept for reuse, the cache tables).
+ * Where another allocator serves malloc (a sanitizer's, a preloaded one),
+ * mallinfo2 sees none of it: the heap figures are then NAN, "not measured".
  *
  * Each stage is timed in thread CPU time.  Decode is timed alone in a first
  * run over all the messages; the second run does all three and times the
@@ -32,6 +34,7 @@
 #include "task.h"
 
 #include <malloc.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -193,11 +196,14 @@ int bench_core(const bench_workload_opts *wo, int64_t events, int partitions,
     double held = (double)(heap1.uordblks + heap1.hblkhd) - (double)(heap0.uordblks + heap0.hblkhd);
     double freed =
         (double)(heap1.uordblks + heap1.hblkhd) - (double)(heap2.uordblks + heap2.hblkhd);
+    out->heap_per_account = out->heap_per_task = NAN; /* malloc did not count them */
     if (out->accounts_cached) {
-        out->heap_per_account = freed / (double)out->accounts_cached;
         out->counted_per_account = (double)counted / (double)out->accounts_cached;
+        if (freed > 0) {
+            out->heap_per_account = freed / (double)out->accounts_cached;
+            out->heap_per_task = (held - freed) / partitions;
+        }
     }
-    out->heap_per_task = (held - freed) / partitions;
     out->events = (int64_t)h.n;
     out->decode_us = decode_s * 1e6 / (double)h.n;
     out->build_us = build_s * 1e6 / (double)h.n;
