@@ -59,6 +59,7 @@ typedef struct bench_opts {
     const char *pql_args[16];
     int npql_args;
     int skip_core, skip_raw, skip_redis, skip_latency, skip_scaling, skip_accounts;
+    int core_only; /* the core figure alone: no broker, no Redis, no pqlstream */
 } bench_opts;
 
 static void usage(FILE *out)
@@ -88,6 +89,9 @@ static void usage(FILE *out)
             "  --workdir DIR       logs and the Redis data (bench-data)\n"
             "  --pqlstream PATH    the binary (build/pqlstream)\n"
             "  --rules PATH        the rule set (rules)\n"
+            "  --core-only         the core figure alone, in this process: no broker, Redis\n"
+            "                      or pqlstream (for valgrind --tool=callgrind/cachegrind,\n"
+            "                      whose counts repeat where timings do not)\n"
             "  --smoke             tiny sizes, sanity checks, < 1 minute (ctest)\n",
             MAX_REPS);
 }
@@ -145,6 +149,8 @@ static int parse_args(bench_opts *o, int argc, char **argv)
             exit(0);
         } else if (!strcmp(a, "--smoke")) {
             o->smoke = 1;
+        } else if (!strcmp(a, "--core-only")) {
+            o->core_only = 1;
         } else if (!strcmp(a, "--phases") && v) {
             const char *l = argv[++i];
             o->skip_core = !strstr(l, "core");
@@ -202,6 +208,7 @@ static int parse_args(bench_opts *o, int argc, char **argv)
         }
 #undef ARG
     }
+    if (o->core_only) o->skip_core = 0; /* whatever --phases said */
     if (o->reps < 1 || o->reps > MAX_REPS || o->max_procs < 1 || o->max_procs > MAX_PROCS ||
         o->events < 1000 || o->accounts < 1 || o->partitions < 1 || o->latency_partitions < 1) {
         fprintf(stderr,
@@ -1034,13 +1041,14 @@ int main(int argc, char **argv)
     if (!realpath(o->pqlstream, b.binary_abs))
         snprintf(b.binary_abs, sizeof b.binary_abs, "%s", o->pqlstream);
     print_machine(&b, argc, argv);
-    if (setup(&b) < 0) goto out;
+    if (!o->core_only && setup(&b) < 0) goto out;
 
     /* -- the workload -- */
     printf("\n[1/8] workload: %lld messages, %d accounts (Zipf s=%.2f), %d days, seed %llu\n",
            (long long)o->events, o->accounts, o->zipf, o->days, (unsigned long long)o->seed);
     bench_workload_opts wo = {o->accounts, o->zipf, o->days, o->seed};
-    if (!(w = bench_workload_new(&wo)) || produce_input(&b, w, &main_in, o->events) < 0) goto out;
+    if (!(w = bench_workload_new(&wo))) goto out;
+    if (!o->core_only && produce_input(&b, w, &main_in, o->events) < 0) goto out;
 
     /* -- the pure core on one thread -- */
     figure core_total, core_decode, core_apply, core_build, core_eps, core_heap, core_counted;
@@ -1082,6 +1090,17 @@ int main(int argc, char **argv)
                     check(&failures, "core heap bytes per account", cr.heap_per_account);
             }
         }
+    }
+
+    if (o->core_only) {
+        if (core_total.n)
+            printf("\ncore: decode %.3f + apply %.3f + build %.3f = %.3f µs per event (median of "
+                   "%d); %.0f heap bytes per cached account, the caches count %.0f\n",
+                   fig_median(&core_decode), fig_median(&core_apply), fig_median(&core_build),
+                   fig_median(&core_total), o->reps, fig_median(&core_heap),
+                   fig_median(&core_counted));
+        rc = failures ? 1 : 0;
+        goto out;
     }
 
     /* -- A: raw floor -- */
