@@ -3,16 +3,17 @@
  * How one message is read:
  *   1. The framing (plain, Confluent, AUTO) picks a plan: one writer schema
  *      resolved against our reader schema, prepared once per schema.
- *   2. pql_avro_check_bytes() walks the bytes against the writer schema:
- *      bounds, size limits and trailing bytes, without allocating (avro_bin.h
- *      says why avro-c must never see unchecked bytes).
- *   3. When the writer schema is our reader schema (the common case), the
- *      checked bytes are read in one pass straight into the pql_event
- *      (read_direct: strings point into the message, no copy, no avro-c);
- *      the profile showed avro_value_read at a quarter of the decode.
- *      Otherwise avro-c reads them into the plan's generic value of the
- *      reader schema, reused from record to record, through a resolved
- *      writer.  The resolved
+ *   2. When the writer schema is our reader schema (the common case), the
+ *      bytes are read in one pass straight into the pql_event, checked as
+ *      they are read (read_direct: strings point into the message, no copy,
+ *      no avro-c; the profile showed avro_value_read at a quarter of the
+ *      decode).  Bytes it refuses go to step 3 for the error's wording.
+ *   3. Otherwise pql_avro_check_bytes() walks the bytes against the writer
+ *      schema first: bounds, size limits and trailing bytes, without
+ *      allocating (avro_bin.h says why avro-c must never see unchecked
+ *      bytes); it names what is wrong, where.  Then avro-c reads them into
+ *      the plan's generic value of the reader schema, reused from record to
+ *      record, through a resolved writer.  The resolved
  *      writer value is made fresh for every record: avro-c 1.11.1's resolved
  *      map wrapper never clears its cache of children on reset, so a reused
  *      value grows and slows with every record (FACTS.md).
@@ -517,13 +518,21 @@ static pql_err extract(pql_decoder *d, plan *p, pql_event *out, char *errstr, si
 
 /* ---- the direct reader (writer schema == our reader schema) --------------
  *
- * Runs only on bytes pql_avro_check_bytes() accepted for exactly our schema,
- * so every length is in bounds and every union index valid; it still never
- * reads past `end` (a failed assumption is a decode error, not a crash). */
+ * One pass over the bytes, checking as it reads: it accepts exactly what
+ * pql_avro_check_bytes() accepts for our schema (every varint at most 10
+ * bytes, every length and block count in bounds and within limits.max_string
+ * and limits.max_properties, every union index valid, no trailing byte) and
+ * never reads past `end`.  It does not say what was wrong: on the first
+ * problem it stops (c->bad) and decode_with() runs the checker over the same
+ * bytes for the error a user reads, with its byte offset and field path.
+ * So a valid message is walked once instead of twice (the check was 64% of
+ * a decode's instructions), and a bad one gets the same error as before.
+ * test_decode holds the two to the same verdict on mutated messages. */
 
 typedef struct cursor {
     const uint8_t *p, *end;
     int bad;
+    size_t max_string, max_entries; /* the decoder's limits */
 } cursor;
 
 static int64_t cur_long(cursor *c)
@@ -541,7 +550,7 @@ static int64_t cur_long(cursor *c)
 static const char *cur_string(cursor *c, size_t *len)
 {
     int64_t n = cur_long(c);
-    if (n < 0 || (uint64_t)n > (uint64_t)(c->end - c->p)) {
+    if (n < 0 || (uint64_t)n > (uint64_t)(c->end - c->p) || (uint64_t)n > c->max_string) {
         c->bad = 1;
         *len = 0;
         return "";
@@ -586,14 +595,20 @@ static pql_value cur_value(cursor *c)
 static pql_err cur_props(pql_decoder *d, cursor *c, pql_event *out, char *errstr, size_t size)
 {
     size_t n = 0;
+    uint64_t total = 0; /* entries in every block, repeated keys included */
     for (;;) {
         int64_t count = cur_long(c);
         if (c->bad || count == 0) break;
         if (count < 0) {
+            if (count == INT64_MIN || cur_long(c) < 0) { /* the block's byte size */
+                c->bad = 1;
+                break;
+            }
             count = -count;
-            (void)cur_long(c); /* the block's byte size */
         }
-        if ((uint64_t)count > (uint64_t)(c->end - c->p)) { /* an entry takes a byte or more */
+        /* an entry takes a byte or more; the limit counts every block's */
+        total += (uint64_t)count;
+        if ((uint64_t)count > (uint64_t)(c->end - c->p) || total > c->max_entries) {
             c->bad = 1;
             break;
         }
@@ -625,13 +640,21 @@ static pql_err cur_props(pql_decoder *d, cursor *c, pql_event *out, char *errstr
 static pql_err read_direct(pql_decoder *d, const uint8_t *buf, size_t len, pql_event *out,
                            char *errstr, size_t size)
 {
-    cursor c = {buf, buf + len, 0};
+    cursor c = {buf, buf + len, 0, d->limits.max_string, d->limits.max_properties};
     memset(out, 0, sizeof *out);
     out->kind = d->kind;
     if (d->kind == PQL_INPUT_USAGE) {
         out->event_id = cur_string(&c, &out->event_id_len);
         out->account_id = cur_string(&c, &out->account_id_len);
-        if (cur_long(&c) == 1) out->user_id = cur_string(&c, &out->user_id_len);
+        switch (cur_long(&c)) { /* user_id: [null, string] */
+        case 0:
+            break;
+        case 1:
+            out->user_id = cur_string(&c, &out->user_id_len);
+            break;
+        default:
+            c.bad = 1;
+        }
         out->event = cur_string(&c, &out->event_len);
     } else {
         out->account_id = cur_string(&c, &out->account_id_len);
@@ -639,21 +662,29 @@ static pql_err read_direct(pql_decoder *d, const uint8_t *buf, size_t len, pql_e
     out->timestamp = cur_long(&c);
     pql_err err = cur_props(d, &c, out, errstr, size);
     if (err) return err;
-    if (c.bad || c.p != c.end) { /* the check passed these bytes: a bug of ours */
-        pql_set_err(errstr, size, "record could not be read after its check (byte %zu of %zu)",
-                    (size_t)(c.p - buf), len);
-        return PQL_ERR_DECODE;
-    }
+    if (c.bad || c.p != c.end) return PQL_ERR_DECODE; /* decode_with() says why */
     return validate(d, out, errstr, size);
 }
 
 static pql_err decode_with(pql_decoder *d, plan *p, const uint8_t *buf, size_t len, pql_event *out,
                            char *errstr, size_t size)
 {
-    pql_err err = pql_avro_check_bytes(p->check, buf, len, d->limits.max_string,
-                                       d->limits.max_properties, errstr, size);
-    if (err) return err;
-    if (p->direct && !d->generic) return read_direct(d, buf, len, out, errstr, size);
+    pql_err err;
+    if (p->direct && !d->generic) {
+        if ((err = read_direct(d, buf, len, out, errstr, size)) != PQL_ERR_DECODE) return err;
+        /* the bytes are not a valid record, or the limits refuse them */
+        if ((err = pql_avro_check_bytes(p->check, buf, len, d->limits.max_string,
+                                        d->limits.max_properties, errstr, size)))
+            return err;
+        pql_set_err(errstr, size, /* the checker passed what the reader refused: ours */
+                    "record could not be read although it checks as valid Avro (%zu bytes): "
+                    "please report it with the message",
+                    len);
+        return PQL_ERR_DECODE;
+    }
+    if ((err = pql_avro_check_bytes(p->check, buf, len, d->limits.max_string,
+                                    d->limits.max_properties, errstr, size)))
+        return err;
     avro_reader_memory_set_source(d->in, (const char *)buf, (int64_t)len);
     int rc;
     if (p->resolver) {

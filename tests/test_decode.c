@@ -854,12 +854,23 @@ static void random_record(pql_input_kind kind, pql_buf *b)
 #undef RAND_TEXT
 }
 
+/* The direct reader checks as it reads and leaves the error's wording to the
+ * checker (decode.c): with limits the random records cross (strings of up to
+ * 39 bytes, up to 10 properties), its limit checks are held to the same
+ * verdict and message as well. */
 Test(decode, direct_reader_equals_avro_c)
 {
-    for (int kind = PQL_INPUT_USAGE; kind <= PQL_INPUT_ACCOUNT; kind++) {
-        pql_decoder *direct = decoder((pql_input_kind)kind, PQL_WIRE_AVRO, NULL);
-        pql_decoder *generic = decoder((pql_input_kind)kind, PQL_WIRE_AVRO, NULL);
+    pql_limits tight = {.max_message = 1 << 20, .max_string = 20, .max_properties = 6};
+    for (int run = 0; run < 4; run++) {
+        int kind = run % 2 ? PQL_INPUT_ACCOUNT : PQL_INPUT_USAGE;
+        const pql_limits *lim = run < 2 ? NULL : &tight;
+        pql_decoder *direct =
+            pql_decoder_new((pql_input_kind)kind, PQL_WIRE_AVRO, NULL, lim, err, sizeof err);
+        pql_decoder *generic =
+            pql_decoder_new((pql_input_kind)kind, PQL_WIRE_AVRO, NULL, lim, err, sizeof err);
+        cr_assert(direct && generic, "%s", err);
         pql_decoder_set_generic(generic, 1);
+        int limited = 0;
         int ok = 0, refused = 0;
         for (int i = 0; i < 20000; i++) {
             pql_buf b = {0};
@@ -879,10 +890,13 @@ Test(decode, direct_reader_equals_avro_c)
             } else {
                 cr_assert_str_eq(err, err2, "record %d", i);
                 refused++;
+                limited += r1 == PQL_ERR_LIMIT;
             }
             pql_buf_free(&b);
         }
-        cr_assert(ok > 5000 && refused > 1000, "kind %d: %d read, %d refused", kind, ok, refused);
+        cr_assert(ok > (lim ? 1000 : 5000) && refused > 1000, "run %d: %d read, %d refused", run,
+                  ok, refused);
+        cr_assert(!lim || limited > 1000, "run %d: only %d refused by a limit", run, limited);
         pql_decoder_destroy(direct);
         pql_decoder_destroy(generic);
     }
