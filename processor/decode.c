@@ -535,7 +535,7 @@ typedef struct cursor {
     size_t max_string, max_entries; /* the decoder's limits */
 } cursor;
 
-static int64_t cur_long(cursor *c)
+static int64_t cur_long_slow(cursor *c)
 {
     uint64_t v = 0;
     for (int shift = 0; shift < 70 && c->p < c->end; shift += 7) {
@@ -545,6 +545,16 @@ static int64_t cur_long(cursor *c)
     }
     c->bad = 1;
     return 0;
+}
+
+/* Most varints here are one byte (lengths, union indexes, counts). */
+static inline int64_t cur_long(cursor *c)
+{
+    if (c->p < c->end && !(*c->p & 0x80)) {
+        uint8_t b = *c->p++;
+        return (int64_t)(b >> 1) ^ -(int64_t)(b & 1);
+    }
+    return cur_long_slow(c);
 }
 
 static const char *cur_string(cursor *c, size_t *len)
