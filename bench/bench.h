@@ -97,6 +97,8 @@ int bench_core(const bench_workload_opts *wo, int64_t events, int partitions,
 
 /** CPU seconds (utime + stime) of process `pid` from /proc; -1 when gone. */
 double bench_proc_cpu(pid_t pid);
+/** Minor page faults of a process so far, or -1. */
+double bench_proc_minflt(pid_t pid);
 /** Peak resident set (VmHWM) of `pid` in bytes; -1 when gone. */
 int64_t bench_proc_hwm(pid_t pid);
 

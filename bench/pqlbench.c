@@ -315,6 +315,7 @@ typedef struct pql_run {
     double rt_per_event, cmds_per_event, client_cmds_per_event, evalsha_per_event;
     double in_bytes_per_event, redis_cpu_us_per_event;
     double cpu_s_per_m, peak_rss, used_mem;
+    double faults_per_event; /* minor page faults of pqlstream (fresh memory touched) */
     double cores_pql, cores_redis, cores_bench; /* CPU busy / wall time during the run */
     int64_t stats[BENCH_NSTATS];
     int64_t keys;
@@ -478,10 +479,13 @@ static int measure_pqlstream(bench *b, const input *in, int n, const char *perf,
     if (wait_progress(b, &pg, procs, n, 0, 120) < 0) goto stop;
 
     bench_redis_info i0, i1;
-    double cpu0[MAX_PROCS], t0 = bench_mono_s(), bench_cpu0 = bench_proc_cpu(getpid());
+    double cpu0[MAX_PROCS], flt0[MAX_PROCS], t0 = bench_mono_s(),
+                                             bench_cpu0 = bench_proc_cpu(getpid());
     bench_redis_info_read(&b->r, &i0);
-    for (int i = 0; i < n; i++)
+    for (int i = 0; i < n; i++) {
         cpu0[i] = bench_proc_cpu(procs[i].pid);
+        flt0[i] = bench_proc_minflt(procs[i].pid);
+    }
     if (perf) {
         char pid[32], err[256];
         snprintf(pid, sizeof pid, "%d", (int)procs[0].pid);
@@ -494,9 +498,10 @@ static int measure_pqlstream(bench *b, const input *in, int n, const char *perf,
     if (wait_progress(b, &pg, procs, n, 1, TIMEOUT_S) < 0) goto stop;
     double t1 = bench_mono_s(), bench_cpu1 = bench_proc_cpu(getpid());
     bench_redis_info_read(&b->r, &i1);
-    double cpu = 0;
+    double cpu = 0, flt = 0;
     for (int i = 0; i < n; i++) {
         cpu += bench_proc_cpu(procs[i].pid) - cpu0[i];
+        flt += bench_proc_minflt(procs[i].pid) - flt0[i];
         double hwm = (double)bench_proc_hwm(procs[i].pid);
         out->peak_rss = hwm > out->peak_rss ? hwm : out->peak_rss;
         out->revocations += bench_proc_log_count(&procs[i], "msg=\"partitions revoked\"");
@@ -513,6 +518,7 @@ static int measure_pqlstream(bench *b, const input *in, int n, const char *perf,
     out->events = in->total;
     out->seconds = t1 - t0;
     out->events_per_s = ev / out->seconds;
+    out->faults_per_event = flt / ev;
     /* server-side deltas, minus what the bench itself sent in between */
     int64_t own = i1.own_cmds - i0.own_cmds;
     out->cmds_per_event = (double)(i1.commands - i0.commands - own) / ev;
@@ -1144,7 +1150,8 @@ int main(int argc, char **argv)
     /* -- C: pqlstream, one process -- */
     printf("[5/8] pqlstream, 1 process, from all partitions claimed to the last offset in "
            "Redis\n");
-    static figure eps[MAX_PROCS + 1], ratio, rt, cmds, evalsha, client_cmds, rss, cpu, inb, rcpu;
+    static figure eps[MAX_PROCS + 1], ratio, rt, cmds, evalsha, client_cmds, rss, cpu, inb, rcpu,
+        faults;
     pql_run last;
     char last_group[64] = "";
     for (int i = 0; i < o->reps; i++) {
@@ -1152,15 +1159,17 @@ int main(int argc, char **argv)
                               sizeof last_group) < 0)
             goto out;
         printf("  run %d: %.0f events/s in %.1f s; %.4f round trips, %.4f commands, %.4f "
-               "EVALSHA per event; peak RSS %.0f MB; %.2f CPU s per M events; alerts %lld PQL + "
+               "EVALSHA per event; peak RSS %.0f MB; %.2f CPU s per M events; %.3f page faults "
+               "per event; alerts %lld PQL + "
                "%lld expansion; late %lld; dead letters %lld; revocations %d; cores busy: "
                "pqlstream %.2f, redis-server %.2f, "
                "pqlbench (mock cluster) %.2f\n",
                i + 1, last.events_per_s, last.seconds, last.rt_per_event, last.cmds_per_event,
                last.evalsha_per_event, last.peak_rss / 1048576, last.cpu_s_per_m,
-               (long long)last.stats[BENCH_ALERTS_PQL], (long long)last.stats[BENCH_ALERTS_EXP],
-               (long long)last.stats[BENCH_LATE], (long long)last.stats[BENCH_DEAD],
-               last.revocations, last.cores_pql, last.cores_redis, last.cores_bench);
+               last.faults_per_event, (long long)last.stats[BENCH_ALERTS_PQL],
+               (long long)last.stats[BENCH_ALERTS_EXP], (long long)last.stats[BENCH_LATE],
+               (long long)last.stats[BENCH_DEAD], last.revocations, last.cores_pql,
+               last.cores_redis, last.cores_bench);
         fig_add(&eps[1], last.events_per_s);
         if (raw.n) fig_add(&ratio, last.events_per_s / raw.v[i < raw.n ? i : raw.n - 1]);
         fig_add(&rt, last.rt_per_event);
@@ -1169,6 +1178,7 @@ int main(int argc, char **argv)
         fig_add(&evalsha, last.evalsha_per_event);
         fig_add(&rss, last.peak_rss / 1048576);
         fig_add(&cpu, last.cpu_s_per_m);
+        fig_add(&faults, last.faults_per_event);
         fig_add(&inb, last.in_bytes_per_event);
         fig_add(&rcpu, last.redis_cpu_us_per_event);
         if (o->smoke) {
@@ -1312,6 +1322,8 @@ int main(int argc, char **argv)
     row("  redis-server CPU per event", &rcpu, "µs", NULL);
     row("  pqlstream peak RSS (VmHWM)", &rss, "MB", NULL);
     row("  pqlstream CPU per million events", &cpu, "s", NULL);
+    row("  pqlstream minor page faults per event", &faults, "",
+        "fresh memory touched: allocator churn");
     figure f50 = {.v = {lat.p50}, .n = !o->skip_latency},
            f99 = {.v = {lat.p99}, .n = !o->skip_latency},
            fmax = {.v = {lat.max}, .n = !o->skip_latency};

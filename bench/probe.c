@@ -32,7 +32,8 @@ static void sleep_ms(int ms)
 
 /* ---- /proc ------------------------------------------------------------------ */
 
-double bench_proc_cpu(pid_t pid)
+/* utime + stime (s) and minor page faults of a process, from /proc/<pid>/stat. */
+static int proc_stat(pid_t pid, double *cpu_s, double *minflt)
 {
     char path[64], buf[1024];
     snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
@@ -41,13 +42,29 @@ double bench_proc_cpu(pid_t pid)
     size_t n = fread(buf, 1, sizeof buf - 1, f);
     fclose(f);
     buf[n] = '\0';
-    /* fields after the command name "(…)": state is field 3, utime 14, stime 15 */
+    /* fields after the command name "(…)": state is field 3, minflt 10,
+       utime 14, stime 15 */
     char *p = strrchr(buf, ')');
     if (!p) return -1;
-    unsigned long long utime = 0, stime = 0;
-    if (sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %llu %llu", &utime, &stime) != 2)
+    unsigned long long flt = 0, utime = 0, stime = 0;
+    if (sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %llu %*u %*u %*u %llu %llu", &flt, &utime,
+               &stime) != 3)
         return -1;
-    return (double)(utime + stime) / (double)sysconf(_SC_CLK_TCK);
+    *cpu_s = (double)(utime + stime) / (double)sysconf(_SC_CLK_TCK);
+    *minflt = (double)flt;
+    return 0;
+}
+
+double bench_proc_minflt(pid_t pid)
+{
+    double cpu, flt;
+    return proc_stat(pid, &cpu, &flt) < 0 ? -1 : flt;
+}
+
+double bench_proc_cpu(pid_t pid)
+{
+    double cpu, flt;
+    return proc_stat(pid, &cpu, &flt) < 0 ? -1 : cpu;
 }
 
 int64_t bench_proc_hwm(pid_t pid)
