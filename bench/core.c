@@ -161,12 +161,12 @@ int bench_core(const bench_workload_opts *wo, int64_t events, int partitions,
             if (pql_decoder_decode(dec[m->kind], h.arena.data + m->off, m->len, &ev, err,
                                    sizeof err) != PQL_OK)
                 goto out;
-            if (!pql_task_account(t, ev.account_id, ev.account_id_len)) {
-                pql_account *a = pql_account_new(rules, ev.account_id, ev.account_id_len);
-                if (!a) goto out;
+            pql_account *a = pql_task_account(t, ev.account_id, ev.account_id_len);
+            if (!a) {
+                if (!(a = pql_account_new(rules, ev.account_id, ev.account_id_len))) goto out;
                 pql_task_adopt(t, a);
             }
-            pql_task_apply(t, &ev, m->kind, offsets[m->kind]++, now, 0);
+            pql_task_apply_to(t, a, &ev, m->kind, offsets[m->kind]++, now, 0);
         }
         double b0 = thread_s();
         for (int p = 0; p < partitions; p++) {

@@ -620,12 +620,15 @@ static int prefetch(pql_pipeline *p)
     return rc;
 }
 
-/* An account whose id differs from the message key (or no key): load alone. */
-static int ensure_account(pql_pipeline *p, pql_task *t, const pql_event *ev)
+/* The event's account: cached (prefetch loaded it by the message key), or
+ * else, when its id differs from the key (or there is none), loaded alone.
+ * NULL when Redis failed. */
+static pql_account *ensure_account(pql_pipeline *p, pql_task *t, const pql_event *ev)
 {
-    if (pql_task_account(t, ev->account_id, ev->account_id_len)) return 0;
-    pql_account *a = adopt_new(p, t, ev->account_id, ev->account_id_len);
-    return load_accounts(p, &a, &t->partition, 1);
+    pql_account *a = pql_task_account(t, ev->account_id, ev->account_id_len);
+    if (a) return a;
+    a = adopt_new(p, t, ev->account_id, ev->account_id_len);
+    return load_accounts(p, &a, &t->partition, 1) < 0 ? NULL : a;
 }
 
 static void dead_letter(pql_pipeline *p, pql_task *t, rd_kafka_message_t *m, int ti, pql_err code,
@@ -663,11 +666,12 @@ static void process_message(pql_pipeline *p, pql_task *t, rd_kafka_message_t *m,
         dead_letter(p, t, m, ti, PQL_ERR_INVALID, err);
         return;
     }
-    if (ensure_account(p, t, &ev) < 0) {
+    pql_account *a = ensure_account(p, t, &ev);
+    if (!a) {
         t->redis_failed = 1; /* abandon the batch, re-read it when Redis is back */
         return;
     }
-    pql_task_apply(t, &ev, ti, m->offset, now, p->cfg->output_json);
+    pql_task_apply_to(t, a, &ev, ti, m->offset, now, p->cfg->output_json);
 }
 
 /* t's batch cannot be written: a dead letter was not delivered (its offsets

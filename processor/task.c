@@ -206,6 +206,13 @@ pql_apply pql_task_apply(pql_task *t, const pql_event *ev, int topic, int64_t of
     CHECK(t);
     pql_account *a = pql_cache_get(t->cache, ev->account_id, ev->account_id_len);
     assert(a && "pipeline loads the account before applying");
+    return pql_task_apply_to(t, a, ev, topic, offset, now_ms, json);
+}
+
+pql_apply pql_task_apply_to(pql_task *t, pql_account *a, const pql_event *ev, int topic,
+                            int64_t offset, int64_t now_ms, int json)
+{
+    CHECK(t && a);
     alert_ctx c = {t, json};
     pql_metrics_mark before;
     if (t->metrics) pql_metrics_mark_of(a, &before);
