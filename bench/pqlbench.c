@@ -1228,16 +1228,24 @@ int main(int argc, char **argv)
 
     /* -- E: scaling -- */
     printf("[7/8] scaling: 2..%d pqlstream processes in one group\n", o->max_procs);
-    int revoked_scaling = 0;
+    /* A run during which a rebalance moved partitions does not measure n
+       processes sharing the work (a member's session timed out on the busy
+       host, say; seen at 474k and 740k events/s "for" 2 and 3 processes): it
+       is discarded and run again, up to --reps more times. */
+    int discarded[MAX_PROCS + 1] = {0};
     for (int n = 2; n <= (o->skip_scaling ? 1 : o->max_procs); n++)
-        for (int i = 0; i < o->reps; i++) {
+        for (int i = 0; eps[n].n < o->reps && i < 2 * o->reps; i++) {
             pql_run r;
             if (measure_pqlstream(&b, &main_in, n, NULL, &r, NULL, 0) < 0) goto out;
             printf("  %d processes, run %d: %.0f events/s in %.1f s (revocations during the run: "
-                   "%d); cores busy: pqlstream %.2f, redis-server %.2f, pqlbench %.2f\n",
-                   n, i + 1, r.events_per_s, r.seconds, r.revocations, r.cores_pql, r.cores_redis,
-                   r.cores_bench);
-            revoked_scaling += r.revocations;
+                   "%d%s); cores busy: pqlstream %.2f, redis-server %.2f, pqlbench %.2f\n",
+                   n, i + 1, r.events_per_s, r.seconds, r.revocations,
+                   r.revocations ? ", discarded: a rebalance during the span" : "", r.cores_pql,
+                   r.cores_redis, r.cores_bench);
+            if (r.revocations) {
+                discarded[n]++;
+                continue;
+            }
             fig_add(&eps[n], r.events_per_s);
             if (o->smoke) check(&failures, "scaling events/s", r.events_per_s);
         }
@@ -1322,8 +1330,7 @@ int main(int argc, char **argv)
     row("  redis-server CPU per event", &rcpu, "µs", NULL);
     row("  pqlstream peak RSS (VmHWM)", &rss, "MB", NULL);
     row("  pqlstream CPU per million events", &cpu, "s", NULL);
-    row("  pqlstream minor page faults per event", &faults, "",
-        "fresh memory touched: allocator churn");
+    row("  pqlstream minor page faults per event", &faults, "", "fresh memory touched");
     figure f50 = {.v = {lat.p50}, .n = !o->skip_latency},
            f99 = {.v = {lat.p99}, .n = !o->skip_latency},
            fmax = {.v = {lat.max}, .n = !o->skip_latency};
@@ -1343,9 +1350,12 @@ int main(int argc, char **argv)
     for (int n = 2; n <= (o->skip_scaling ? 1 : o->max_procs); n++) {
         char name[96];
         snprintf(name, sizeof name, "pqlstream, %d processes: events/s", n);
+        char why[96] = "";
+        if (discarded[n])
+            snprintf(why, sizeof why, "; %d run%s discarded (a rebalance during the span)",
+                     discarded[n], discarded[n] > 1 ? "s" : "");
         snprintf(note, sizeof note, "×%.2f of 1 process%s",
-                 fig_median(&eps[n]) / fig_median(&eps[1]),
-                 revoked_scaling ? "; a rebalance happened during a run" : "");
+                 fig_median(&eps[n]) / fig_median(&eps[1]), why);
         row(name, &eps[n], "/s", note);
     }
     for (int s = 0; s < (o->skip_accounts ? 0 : o->nscales); s++) {
