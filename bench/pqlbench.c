@@ -1354,8 +1354,11 @@ int main(int argc, char **argv)
         if (discarded[n])
             snprintf(why, sizeof why, "; %d run%s discarded (a rebalance during the span)",
                      discarded[n], discarded[n] > 1 ? "s" : "");
-        snprintf(note, sizeof note, "×%.2f of 1 process%s",
-                 fig_median(&eps[n]) / fig_median(&eps[1]), why);
+        if (eps[n].n)
+            snprintf(note, sizeof note, "×%.2f of 1 process%s",
+                     fig_median(&eps[n]) / fig_median(&eps[1]), why);
+        else
+            snprintf(note, sizeof note, "no run without a rebalance during the span%s", why);
         row(name, &eps[n], "/s", note);
     }
     for (int s = 0; s < (o->skip_accounts ? 0 : o->nscales); s++) {
