@@ -166,7 +166,7 @@ int bench_core(const bench_workload_opts *wo, int64_t events, int partitions,
                 if (!(a = pql_account_new(rules, ev.account_id, ev.account_id_len))) goto out;
                 pql_task_adopt(t, a);
             }
-            pql_task_apply_to(t, a, &ev, m->kind, offsets[m->kind]++, now, 0);
+            pql_task_apply(t, a, &ev, m->kind, offsets[m->kind]++, now, 0);
         }
         double b0 = thread_s();
         for (int p = 0; p < partitions; p++) {

@@ -671,7 +671,7 @@ static void process_message(pql_pipeline *p, pql_task *t, rd_kafka_message_t *m,
         t->redis_failed = 1; /* abandon the batch, re-read it when Redis is back */
         return;
     }
-    pql_task_apply_to(t, a, &ev, ti, m->offset, now, p->cfg->output_json);
+    pql_task_apply(t, a, &ev, ti, m->offset, now, p->cfg->output_json);
 }
 
 /* t's batch cannot be written: a dead letter was not delivered (its offsets

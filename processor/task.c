@@ -200,17 +200,8 @@ static void advance(pql_task *t, int topic, int64_t offset)
     t->dirty = 1;
 }
 
-pql_apply pql_task_apply(pql_task *t, const pql_event *ev, int topic, int64_t offset,
-                         int64_t now_ms, int json)
-{
-    CHECK(t);
-    pql_account *a = pql_cache_get(t->cache, ev->account_id, ev->account_id_len);
-    assert(a && "pipeline loads the account before applying");
-    return pql_task_apply_to(t, a, ev, topic, offset, now_ms, json);
-}
-
-pql_apply pql_task_apply_to(pql_task *t, pql_account *a, const pql_event *ev, int topic,
-                            int64_t offset, int64_t now_ms, int json)
+pql_apply pql_task_apply(pql_task *t, pql_account *a, const pql_event *ev, int topic,
+                         int64_t offset, int64_t now_ms, int json)
 {
     CHECK(t && a);
     alert_ctx c = {t, json};

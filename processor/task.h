@@ -104,16 +104,13 @@ pql_account *pql_task_account(pql_task *t, const char *id, size_t len);
  *  owns it. */
 void pql_task_adopt(pql_task *t, pql_account *a);
 
-/** Applies a decoded event read at (topic, offset): the account must be in
- *  the cache (pipeline.c loads it first).  Alerts fired are encoded (JSON if
- *  `json`, else Avro) and kept for the batch.  @returns the apply outcome. */
-pql_apply pql_task_apply(pql_task *t, const pql_event *ev, int topic, int64_t offset,
-                         int64_t now_ms, int json);
-
-/** The same with the event's account `a` already in hand (as
- *  pql_task_account() returned it): one cache look-up less per event. */
-pql_apply pql_task_apply_to(pql_task *t, pql_account *a, const pql_event *ev, int topic,
-                            int64_t offset, int64_t now_ms, int json);
+/** Applies a decoded event read at (topic, offset) to its account `a`, which
+ *  must be in the task's cache (pipeline.c loads it first and passes what
+ *  pql_task_account() returned: one look-up per event).  Alerts fired are
+ *  encoded (JSON if `json`, else Avro) and kept for the batch.  @returns the
+ *  apply outcome. */
+pql_apply pql_task_apply(pql_task *t, pql_account *a, const pql_event *ev, int topic,
+                         int64_t offset, int64_t now_ms, int json);
 
 /** Records that the message at (topic, offset) was consumed without state
  *  change (dead-lettered or skipped), so the stored offset moves past it. */

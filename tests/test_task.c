@@ -32,7 +32,7 @@ static void visit(pql_task *t, pql_account *a, const char *user, int64_t offset)
     ev.event_id = "e";
     ev.event_id_len = 1;
     ev.timestamp = 1700000000000LL + offset;
-    pql_task_apply(t, &ev, PQL_TOPIC_USAGE, offset, 1700000000000LL, 1);
+    pql_task_apply(t, a, &ev, PQL_TOPIC_USAGE, offset, 1700000000000LL, 1);
 }
 
 static void login(pql_task *t, pql_account *a, int64_t offset)
