@@ -203,7 +203,14 @@ static void advance(pql_task *t, int topic, int64_t offset)
 pql_apply pql_task_apply(pql_task *t, pql_account *a, const pql_event *ev, int topic,
                          int64_t offset, int64_t now_ms, int json)
 {
-    CHECK(t && a);
+    CHECK(t);
+    assert(a && "pipeline loads the account before applying");
+#ifndef NDEBUG
+    size_t id_len;
+    const char *id = pql_account_id(a, &id_len);
+    assert(id_len == ev->account_id_len && memcmp(id, ev->account_id, id_len) == 0 &&
+           "the account is the event's");
+#endif
     alert_ctx c = {t, json};
     pql_metrics_mark before;
     if (t->metrics) pql_metrics_mark_of(a, &before);
