@@ -679,22 +679,22 @@ static pql_err read_direct(pql_decoder *d, const uint8_t *buf, size_t len, pql_e
 static pql_err decode_with(pql_decoder *d, plan *p, const uint8_t *buf, size_t len, pql_event *out,
                            char *errstr, size_t size)
 {
+    int direct = p->direct && !d->generic;
     pql_err err;
-    if (p->direct && !d->generic) {
-        if ((err = read_direct(d, buf, len, out, errstr, size)) != PQL_ERR_DECODE) return err;
-        /* the bytes are not a valid record, or the limits refuse them */
-        if ((err = pql_avro_check_bytes(p->check, buf, len, d->limits.max_string,
-                                        d->limits.max_properties, errstr, size)))
-            return err;
-        pql_set_err(errstr, size, /* the checker passed what the reader refused: ours */
+    /* The direct reader checks as it reads.  Bytes it refuses (not a valid
+       record, or over the limits), and every other plan's, go to the
+       checker, which says what is wrong and where. */
+    if (direct && (err = read_direct(d, buf, len, out, errstr, size)) != PQL_ERR_DECODE) return err;
+    if ((err = pql_avro_check_bytes(p->check, buf, len, d->limits.max_string,
+                                    d->limits.max_properties, errstr, size)))
+        return err;
+    if (direct) { /* the checker passed what the reader refused: ours */
+        pql_set_err(errstr, size,
                     "record could not be read although it checks as valid Avro (%zu bytes): "
                     "please report it with the message",
                     len);
         return PQL_ERR_DECODE;
     }
-    if ((err = pql_avro_check_bytes(p->check, buf, len, d->limits.max_string,
-                                    d->limits.max_properties, errstr, size)))
-        return err;
     avro_reader_memory_set_source(d->in, (const char *)buf, (int64_t)len);
     int rc;
     if (p->resolver) {
